@@ -1,0 +1,133 @@
+"""``higgs-accel``: train, report, logs rebuild. Bad input exits with status 2 and one line naming the culprit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name
+
+TRAIN_EPILOG = """\
+Values apply in this order: --config YAML, then key=value overrides, then --section.key flags.
+Examples:
+  higgs-accel train --preset tiny --output-dir runs/demo
+  higgs-accel train --config run.yaml train.lr=1e-4 lora.r=32
+  accelerate launch --config_file accelerate_config.yaml -m higgs_accel train --config run.yaml
+"""
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="fine-tune with LoRA", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune Higgs Audio v2 with LoRA adapters. Every config key is an option.")
+    p.add_argument("--config", help="YAML file with sections model, lora, data, train, log")
+    p.add_argument("--preset", choices=["tiny"], help="embedded tiny model, codec and data (no download)")
+    p.add_argument("--output-dir", help="same as --train.output_dir")
+    p.add_argument("--resume", help="'latest' or a checkpoint dir")
+    p.add_argument("--log-level", choices=["debug", "info", "warning"], help="same as --log.level")
+    p.add_argument("--no-report", action="store_true", help="skip writing RUN_DIR/report at the end")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    keys = all_keys()
+    for section in SECTIONS:
+        group = p.add_argument_group(f"{section} options")
+        for key, (f, _) in keys.items():
+            if key.startswith(section + "."):
+                default = f.default if f.default is not f.default_factory else f.default_factory()
+                choices = f.metadata.get("choices")
+                extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+                group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=_metavar(key),
+                                   help=f"{f.metadata['doc']}{extra}; default: {default!r}")
+    return p
+
+
+def _metavar(key: str) -> str:
+    name = type_name(key)
+    if name.startswith("a list"):
+        return "A,B,..."
+    return {"true or false": "BOOL", "an integer": "INT", "a number": "FLOAT"}.get(name, "STR")
+
+
+def _run_overrides(args: argparse.Namespace) -> list[tuple[str, object, str]]:
+    out = []
+    for text in args.overrides:
+        key, value = parse_override(text)
+        out.append((key, value, "command line"))
+    shortcuts = {"preset": args.preset, "train.output_dir": args.output_dir, "resume": args.resume,
+                 "log.level": args.log_level}
+    out += [(k, v, "command line") for k, v in shortcuts.items() if v is not None]
+    out += [(k, v, f"--{k}") for k, v in vars(args).items() if "." in k and k in all_keys()]
+    return out
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, _run_overrides(args))
+    from .loop import train
+
+    run_dir = train(cfg)
+    if not args.no_report and _is_main():
+        from analysis.report import write_report
+
+        paths = write_report(run_dir)
+        print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def cmd_report(args) -> int:
+    from analysis.__main__ import main as analysis_main
+
+    return analysis_main(["report", *args.rest])
+
+
+def cmd_logs(args) -> int:
+    from .rebuild import rebuild_parquet
+
+    n = rebuild_parquet(args.run_dir)
+    print(f"rebuilt {n} event tables under {args.run_dir}/events from events.jsonl", file=sys.stderr)
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    # key=value overrides may come after flags too, which argparse's positional matching does not allow.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="higgs-accel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub).set_defaults(func=cmd_train)
+    rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
+                         add_help=False)
+    rep.add_argument("rest", nargs=argparse.REMAINDER)
+    rep.set_defaults(func=cmd_report)
+    logs = sub.add_parser("logs", help="event-log maintenance")
+    logs_sub = logs.add_subparsers(dest="logs_command", required=True)
+    rb = logs_sub.add_parser("rebuild", help="rebuild the Parquet tables of RUN_DIR from events.jsonl")
+    rb.add_argument("run_dir")
+    rb.set_defaults(func=cmd_logs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"higgs-accel: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

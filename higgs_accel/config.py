@@ -1,0 +1,310 @@
+"""Typed run configuration: dataclasses, loaded from YAML, overridden by ``key=value``, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key (and file) at fault."""
+
+
+def _opt(default, doc: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class ModelConfig:
+    base: str = _opt("", "HiggsAudioV2ForConditionalGeneration: hub id or local dir (set by --preset tiny)")
+    audio_tokenizer: str = _opt("", "HiggsAudioV2TokenizerModel codec: hub id or local dir")
+    text_tokenizer: str = _opt("", "text tokenizer: hub id or local dir (default: model.base)")
+    dtype: str = _opt("fp32", "weights dtype of the base model", choices=("fp32", "bf16"))
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    attn_implementation: str = _opt("sdpa", "attention kernel", choices=("eager", "sdpa", "flash_attention_2"))
+
+
+@dataclass
+class LoraConfig:
+    r: int = _opt(16, "LoRA rank")
+    alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _opt(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module-name suffixes to adapt; the MLP names match both the text `mlp` and the DualFFN `audio_mlp`",
+    )
+    modules_to_save: list[str] = _opt([], "modules trained in full and saved with the adapter, e.g. audio_lm_head")
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str = _opt("", "JSONL manifest of training samples (set by --preset tiny)")
+    val_manifest: str = _opt("", "JSONL manifest of validation samples (empty: use val_fraction)")
+    val_fraction: float = _opt(0.0, "fraction of the training manifest held out for validation, split by seed")
+    system_prompt: str = _opt("Generate audio following instruction.", "system turn of every sample")
+    train_on_prompt: bool = _opt(False, "also put text targets on the system and user turns")
+    train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
+    min_seconds: float = _opt(0.0, "skip audio shorter than this")
+    max_seconds: float = _opt(30.0, "skip audio longer than this")
+    num_workers: int = _opt(0, "DataLoader worker processes")
+    codes_cache: str = _opt("", "dir of cached codec codes (default: RUN_DIR/codes)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _opt("runs/run", "run directory: events, checkpoints, adapter, report")
+    overwrite: bool = _opt(False, "replace a finished or crashed run already in output_dir")
+    seed: int = _opt(42, "seed for weights of new LoRA layers, data order and dropout")
+    max_steps: int = _opt(0, "optimizer steps to run (0: run `epochs` epochs)")
+    epochs: int = _opt(1, "epochs to run when max_steps is 0")
+    batch_size: int = _opt(4, "samples per micro-batch per process")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(2e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    scheduler: str = _opt("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
+    mixed_precision: str = _opt("", "autocast precision; empty: what `accelerate launch` / its config file says",
+                                choices=("", "no", "bf16", "fp16"))
+    text_weight: float = _opt(1.0, "weight of the text loss in the total loss")
+    audio_weight: float = _opt(1.0, "weight of the audio loss in the total loss")
+    audio_reduction: str = _opt("sum", "how the 8 codebook losses combine (sum: transformers)", choices=("sum", "mean"))
+    eval_every: int = _opt(0, "evaluate every N optimizer steps (0: only at the end)")
+    save_every: int = _opt(0, "checkpoint every N optimizer steps (0: never)")
+
+
+@dataclass
+class LogConfig:
+    log_steps: int = _opt(10, "console line and prediction slices every N optimizer steps")
+    level: str = _opt("info", "console level", choices=("debug", "info", "warning"))
+    slice_samples: int = _opt(2, "samples per prediction-vs-label slice")
+    slice_k: int = _opt(5, "first and last K tokens of each slice")
+    slice_codebooks: list[int] = _opt([0, 1, 2, 3, 4, 5, 6, 7], "codebooks shown in audio slices")
+    parquet_flush_events: int = _opt(500, "write a Parquet part at least every N events")
+    parquet_flush_seconds: float = _opt(30.0, "... or at least every N seconds")
+    log_with: list[str] = _opt([], "accelerate trackers fed from the same events (tensorboard, wandb, ...)")
+
+
+@dataclass
+class RunConfig:
+    preset: str = _opt("", "embedded default to run without downloads", choices=("", "tiny"))
+    resume: str = _opt("", "continue from a checkpoint: 'latest' or a checkpoint dir")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "lora", "data", "train", "log")
+
+# What `--preset tiny` changes; the model, codec and data paths are filled in when the assets are built.
+TINY_PRESET = {
+    "train.max_steps": 100,
+    "train.batch_size": 4,
+    "train.lr": 5e-3,
+    "train.warmup_steps": 5,
+    "train.eval_every": 25,
+    "train.save_every": 50,
+    "lora.r": 16,
+    "lora.alpha": 32,
+    "lora.dropout": 0.0,
+    # The tiny model's heads are random: a LoRA on the backbone alone cannot move them far in 100 steps.
+    "lora.modules_to_save": ["audio_lm_head", "text_lm_head"],
+    "log.log_steps": 20,
+}
+
+
+def all_keys() -> dict[str, tuple[dataclasses.Field, object]]:
+    """Every dotted key (``train.lr``) with its dataclass field and the type hint of that field."""
+    keys = {}
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            section = f.default_factory
+            sub_hints = typing.get_type_hints(section)
+            for sub in dataclasses.fields(section):
+                keys[f"{f.name}.{sub.name}"] = (sub, sub_hints[sub.name])
+        else:
+            keys[f.name] = (f, hints[f.name])
+    return keys
+
+
+def _coerce(key: str, value, where: str):
+    f, tp = all_keys()[key]
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, list):
+            raise bad
+        try:
+            return [_scalar(item, v) for v in value]
+        except (TypeError, ValueError):
+            raise bad from None
+    try:
+        value = _scalar(tp, value)
+    except (TypeError, ValueError):
+        raise bad from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _scalar(tp, value):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError
+        return "" if value is None else str(value)
+    raise TypeError
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def type_name(key: str) -> str:
+    return _type_name(all_keys()[key][1])
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key in SECTIONS:
+            flat.update(_flatten(v, where, f"{key}."))
+        elif key in SECTIONS:
+            raise ConfigError(f"{where}: '{key}' must be a mapping of its keys")
+        elif isinstance(v, dict):
+            close = difflib.get_close_matches(key, SECTIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown section '{key}'{hint}; sections are {', '.join(SECTIONS)}")
+        else:
+            flat[key] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"command line: override '{text}' must look like key=value, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: list[tuple[str, object, str]] = ()) -> RunConfig:
+    """Build a RunConfig from an optional YAML file and ``(key, value, where)`` overrides, in order."""
+    values: dict[str, tuple[object, str]] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, train, log)")
+        for k, v in _flatten(tree, path).items():
+            values[k] = (v, path)
+    for key, value, where in overrides:
+        values[key] = (value, where)
+    if values.get("preset", ("", ""))[0] == "tiny":
+        for k, v in TINY_PRESET.items():
+            values.setdefault(k, (v, "preset tiny"))
+
+    keys = all_keys()
+    cfg = RunConfig()
+    for key, (value, where) in values.items():
+        if key not in keys:
+            raise _unknown(key, where)
+        value = _coerce(key, value, where)
+        target = getattr(cfg, key.split(".")[0]) if "." in key else cfg
+        setattr(target, key.split(".")[-1], value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks across keys, each naming the key at fault."""
+    t = cfg.train
+    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "lora.r": cfg.lora.r,
+                "log.log_steps": cfg.log.log_steps, "log.slice_k": cfg.log.slice_k,
+                "log.parquet_flush_events": cfg.log.parquet_flush_events}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {v}")
+    for key, v in {"train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
+                   "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.lr": t.lr,
+                   "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples}.items():
+        if v < 0:
+            raise ConfigError(f"'{key}' must not be negative, got {v}")
+    if t.max_steps == 0 and t.epochs < 1:
+        raise ConfigError("'train.epochs' must be at least 1 when train.max_steps is 0")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
+    if bad := [c for c in cfg.log.slice_codebooks if not 0 <= c < 8]:
+        raise ConfigError(f"'log.slice_codebooks' holds codebooks outside 0..7: {bad}")
+    if not cfg.lora.target_modules:
+        raise ConfigError("'lora.target_modules' must name at least one module")
+    if not cfg.preset:
+        for key, v in {"model.base": cfg.model.base, "model.audio_tokenizer": cfg.model.audio_tokenizer,
+                       "data.train_manifest": cfg.data.train_manifest}.items():
+            if not v:
+                raise ConfigError(f"'{key}' is required (or use --preset tiny)")
+        if not Path(cfg.data.train_manifest).is_file():
+            raise ConfigError(f"'data.train_manifest': file not found: {cfg.data.train_manifest}")
+        if cfg.data.val_manifest and not Path(cfg.data.val_manifest).is_file():
+            raise ConfigError(f"'data.val_manifest': file not found: {cfg.data.val_manifest}")
+        for key in ("model.base", "model.audio_tokenizer"):
+            _check_model_ref(key, getattr(cfg.model, key.split(".")[1]))
+
+
+def _check_model_ref(key: str, ref: str) -> None:
+    """A local path must exist; anything else must at least look like a hub id (owner/name)."""
+    p = Path(ref)
+    looks_local = ref.startswith((".", "/", "~")) or p.exists() or ref.count("/") != 1
+    if looks_local and not p.expanduser().is_dir():
+        raise ConfigError(f"'{key}': model dir not found: {ref}")

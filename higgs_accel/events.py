@@ -1,0 +1,241 @@
+"""The structured event log: one structlog processor chain, configured here and nowhere else.
+
+Every event is one ``EventLog.emit(name, **fields)`` call. The chain adds the common fields (run_id, seq,
+rank, schema_version, step, epoch, phase), an ISO UTC timestamp and the level, turns non-finite floats into
+null plus a ``nonfinite`` list, hands the event to the side sinks (Parquet, console, trackers) and renders one
+JSON line into ``RUN_DIR/events.jsonl``. Only the main process has sinks; the others drop their events.
+A failing sink never stops training: the error becomes one ``log_error`` event and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import structlog
+
+SCHEMA_VERSION = 1
+EVENTS_FILE = "events.jsonl"
+PARQUET_DIR = "events"
+
+
+def finite_fields(_, __, event: dict) -> dict:
+    """No NaN/inf literals in JSON: non-finite floats become null and are named in ``nonfinite``."""
+    bad = [k for k, v in event.items() if isinstance(v, float) and not math.isfinite(v)]
+    for k in bad:
+        event[k] = None
+    if bad:
+        event["nonfinite"] = bad
+    return event
+
+
+def read_last_seq(path: Path) -> int:
+    """The last ``seq`` in an existing log (a resumed run continues it); a torn last line is skipped."""
+    if not path.is_file():
+        return -1
+    last = -1
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                last = json.loads(raw)["seq"]
+            except (ValueError, KeyError):
+                continue
+    return last
+
+
+class _Common:
+    """Adds the fields every event carries; ``seq`` is monotonic over the whole run, resumes included."""
+
+    def __init__(self, run_id: str, rank: int, first_seq: int):
+        self.run_id, self.rank, self.seq = run_id, rank, first_seq
+
+    def __call__(self, _, __, event: dict) -> dict:
+        event.setdefault("step", 0)
+        event.setdefault("epoch", 0)
+        event.setdefault("phase", "train")
+        event.update(run_id=self.run_id, seq=self.seq, rank=self.rank, schema_version=SCHEMA_VERSION)
+        self.seq += 1
+        return event
+
+
+FIRST_KEYS = ("event", "ts", "level", "step", "epoch", "phase", "seq", "run_id", "rank", "schema_version")
+
+
+def ordered(_, __, event: dict) -> dict:
+    """Common fields first, so a line reads well in a terminal as well as in jq."""
+    return {**{k: event[k] for k in FIRST_KEYS if k in event}, **event}
+
+
+class _FanOut:
+    """Passes each finished event to the side sinks; a sink that raises is reported, never propagated."""
+
+    def __init__(self, sinks: list, on_error):
+        self.sinks, self.on_error = sinks, on_error
+
+    def __call__(self, _, __, event: dict) -> dict:
+        for sink in self.sinks:
+            try:
+                sink.write(event)
+            except Exception as e:  # noqa: BLE001 - logging must never stop training
+                self.on_error(type(sink).__name__, e)
+        return event
+
+
+class _MainOnly:
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+
+    def __call__(self, _, __, event: dict) -> dict:
+        if not self.is_main:
+            raise structlog.DropEvent
+        return event
+
+
+class EventLog:
+    """Owns the JSON-lines file and the side sinks of one run; ``emit`` is the single emission point."""
+
+    def __init__(self, run_dir: str | Path, run_id: str, rank: int = 0, is_main: bool = True, sinks: list = ()):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.sinks = list(sinks)
+        self._reported: set[tuple[str, str]] = set()
+        self._pending_errors: list[dict] = []
+        self._file = None
+        first_seq = 0
+        if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path = self.run_dir / EVENTS_FILE
+            first_seq = read_last_seq(path) + 1
+            self._file = open(path, "a", encoding="utf-8")
+        structlog.configure(
+            processors=[
+                _MainOnly(is_main),
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                _Common(run_id, rank, first_seq),
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+                finite_fields,
+                ordered,
+                _FanOut(self.sinks, self._sink_failed),
+                structlog.processors.JSONRenderer(serializer=_dumps),
+            ],
+            logger_factory=structlog.WriteLoggerFactory(file=self._file or open(os.devnull, "w")),
+            cache_logger_on_first_use=False,
+        )
+        self._log = structlog.get_logger()
+
+    def bind(self, **fields) -> None:
+        """Set fields (step, epoch, phase) carried by every later event."""
+        structlog.contextvars.bind_contextvars(**fields)
+
+    def emit(self, event: str, level: str = "info", **fields) -> None:
+        try:
+            getattr(self._log, level)(event, **fields)
+        except Exception as e:  # noqa: BLE001 - e.g. disk full on the log dir
+            self._sink_failed("JsonLines", e)
+        self._flush_errors()
+
+    def _sink_failed(self, sink: str, error: Exception) -> None:
+        key = (sink, type(error).__name__)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        self._pending_errors.append(dict(sink=sink, error_type=type(error).__name__, error=str(error)[:500]))
+
+    def _flush_errors(self) -> None:
+        while self._pending_errors:
+            fields = self._pending_errors.pop(0)
+            try:
+                self._log.warning("log_error", **fields)
+            except Exception:  # noqa: BLE001 - the JSON file itself is failing; the other sinks got it
+                pass
+
+    def flush(self) -> None:
+        """Write buffered side-sink data (a Parquet part) now: at eval, checkpoint and run end."""
+        for sink in self.sinks:
+            try:
+                sink.flush()
+            except Exception as e:  # noqa: BLE001
+                self._sink_failed(type(sink).__name__, e)
+        self._flush_errors()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:  # noqa: BLE001
+                self._sink_failed(type(sink).__name__, e)
+        self._flush_errors()
+        structlog.contextvars.clear_contextvars()
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def _dumps(obj, **kw) -> str:
+    kw.setdefault("default", str)
+    return json.dumps(obj, allow_nan=False, ensure_ascii=False, **kw)
+
+
+class LibraryLogHandler(logging.Handler):
+    """Routes transformers / accelerate / peft / warnings logs into the same chain as ``library_log`` events."""
+
+    def __init__(self, log: EventLog):
+        super().__init__(level=logging.WARNING)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("higgs_accel"):
+            return
+        try:
+            self.log.emit("library_log", level="warning" if record.levelno < logging.ERROR else "error",
+                          logger=record.name, message=record.getMessage()[:2000])
+        except Exception:  # noqa: BLE001
+            pass
+
+
+LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "torch", "py.warnings", "datasets")
+
+
+def capture_library_logs(log: EventLog, is_main: bool) -> LibraryLogHandler:
+    """Once per process: library warnings become events on the main process and are silenced elsewhere."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+    logging.captureWarnings(True)
+    handler = LibraryLogHandler(log)
+    for name in LIBRARY_LOGGERS:
+        lg = logging.getLogger(name)
+        for h in [h for h in lg.handlers if isinstance(h, LibraryLogHandler)]:
+            lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING if is_main else logging.ERROR)
+        lg.propagate = False
+    if not is_main:
+        warnings.filterwarnings("ignore")
+    return handler
+
+
+class Stopwatch:
+    """Wall time between calls, for step timing."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+def console_stream():
+    return sys.stderr

@@ -1,0 +1,318 @@
+"""The training loop: plain Accelerate, read top to bottom. Setup lives in ``setup``; the loop in ``train``."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import ConfigError, RunConfig
+from .data import CodeCache, EpochSampler, HiggsDataset, SpecialIds, collate, load_splits, prepare_codes
+from .events import EVENTS_FILE, PARQUET_DIR, EventLog, capture_library_logs
+from .losses import N_STATS, summarize
+from .model import DualLossModel, add_lora, count_parameters, load_base_model, load_codec, load_text_tokenizer
+from .sinks import ConsoleSink, ParquetSink, TrackerSink
+from .slices import build_slices
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: object
+    log: EventLog
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: object
+    val_loader: object
+    total_steps: int
+    start: dict
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run (or resume) one fine-tuning run; return its run dir. Every event goes through ``run.log.emit``."""
+    run = setup(cfg)
+    acc, log, t = run.accelerator, run.log, cfg.train
+    step, epoch, consumed = run.start["step"], run.start["epoch"], run.start["batches_in_epoch"]
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    stats = torch.zeros(N_STATS, device=acc.device)
+    started, tick = time.time(), time.perf_counter()
+    status, error = "crashed", None
+    try:
+        run.model.train()
+        while step < run.total_steps:
+            batches = acc.skip_first_batches(run.train_loader, consumed) if consumed else run.train_loader
+            batches.set_epoch(epoch)  # accelerate's loaders count epochs themselves; a resumed one must be told
+            for batch in batches:
+                consumed += 1
+                with acc.accumulate(run.model):
+                    out = run.model(batch)
+                    acc.backward(out.loss)
+                    stats += out.stats
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+                    run.optimizer.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                run.scheduler.step()
+                step += 1
+                log.bind(step=step, epoch=epoch, phase="train")
+                now = time.perf_counter()
+                log_train_step(run, stats, grad_norm, now - tick, out, batch, step)
+                stats.zero_()
+                if t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
+                    evaluate(run, step)
+                if t.save_every and step % t.save_every == 0:
+                    save(run, step, epoch, consumed)
+                tick = time.perf_counter()
+                if step >= run.total_steps:
+                    break
+            else:
+                epoch, consumed = epoch + 1, 0
+        evaluate(run, step)
+        adapter = ckpt.save_adapter(acc, run.model, run.run_dir)
+        log.emit("adapter_saved", path=str(adapter))
+        status = "finished"
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        log.emit("run_end", level="info" if status == "finished" else "error", status=status, error=error,
+                 elapsed_s=time.time() - started, total_steps=run.total_steps, completed_steps=step)
+        log.close()
+    return run.run_dir
+
+
+def log_train_step(run: Run, stats, grad_norm, step_time: float, out, batch, step: int) -> None:
+    """One device-to-host read for all metrics of the step, then one event (plus slices on log steps)."""
+    cfg, acc = run.cfg, run.accelerator
+    summed = acc.reduce(torch.cat([stats, grad_norm.detach().float().reshape(1) / acc.num_processes]), "sum")
+    values = summed.tolist()
+    metrics = summarize(values[:-1], cfg.train.text_weight, cfg.train.audio_weight, cfg.train.audio_reduction)
+    run.log.emit("train_step", **metrics, lr=run.scheduler.get_last_lr()[0], grad_norm=values[-1],
+                 step_time_s=step_time, samples_per_s=metrics["samples"] / max(step_time, 1e-9),
+                 tokens_per_s=metrics["tokens"] / max(step_time, 1e-9), peak_mem_mb=peak_memory_mb())
+    if step % cfg.log.log_steps == 0 and acc.is_main_process:
+        emit_slices(run, out, batch)
+
+
+def emit_slices(run: Run, out, batch) -> None:
+    lc = run.cfg.log
+    try:
+        rows = build_slices(out, batch, run.tokenizer, lc.slice_samples, lc.slice_k, lc.slice_codebooks)
+    except Exception as e:  # noqa: BLE001 - a slice that cannot be built never stops training
+        run.log.emit("log_error", level="warning", sink="pred_slice", error_type=type(e).__name__, error=str(e))
+        return
+    for row in rows:
+        run.log.emit("pred_slice", **row)
+
+
+@torch.no_grad()
+def evaluate(run: Run, step: int) -> None:
+    if run.val_loader is None:
+        return
+    acc = run.accelerator
+    run.log.bind(phase="eval")
+    run.model.eval()
+    stats = torch.zeros(N_STATS, device=acc.device)
+    first = None
+    for batch in run.val_loader:
+        out = run.model(batch)
+        stats += out.stats
+        first = first or (out, batch)
+    run.model.train()
+    values = acc.reduce(stats, "sum").tolist()
+    t = run.cfg.train
+    run.log.emit("eval", **summarize(values, t.text_weight, t.audio_weight, t.audio_reduction))
+    if first and acc.is_main_process:
+        emit_slices(run, *first)
+    run.log.flush()
+    run.log.bind(phase="train")
+
+
+def save(run: Run, step: int, epoch: int, consumed: int) -> None:
+    state = {"step": step, "epoch": epoch, "batches_in_epoch": consumed, "run_id": run.start["run_id"]}
+    path = ckpt.save_checkpoint(run.accelerator, run.model, run.run_dir, state)
+    run.log.emit("checkpoint", path=str(path), adapter=str(path / ckpt.ADAPTER))
+    run.log.flush()
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup(cfg: RunConfig) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, set_seed
+    from transformers import get_scheduler
+
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    acc = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision or None,
+                      log_with=cfg.log.log_with or None, project_dir=str(run_dir))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise ConfigError(f"launched as {launched} processes but accelerate sees {acc.num_processes}: each would "
+                          "train alone and write the same run dir. Without GPUs use `ACCELERATE_USE_CPU=1 accelerate "
+                          "launch --multi_gpu --num_processes N --num_machines 1 ...`")
+    resume_from = prepare_run_dir(cfg, run_dir, acc)
+    start = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": uuid.uuid4().hex[:12]}
+    if resume_from:
+        start = ckpt.read_state(resume_from)
+    start["run_id"] = broadcast_object_list([start["run_id"]])[0]
+
+    sinks = []
+    if acc.is_main_process:
+        sinks = [ParquetSink(run_dir / PARQUET_DIR, cfg.log.parquet_flush_events, cfg.log.parquet_flush_seconds),
+                 ConsoleSink(0, cfg.log.log_steps, cfg.log.level)]
+        if cfg.log.log_with:
+            acc.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
+            sinks.append(TrackerSink(acc))
+    log = EventLog(run_dir, start["run_id"], rank=acc.process_index, is_main=acc.is_main_process, sinks=sinks)
+    capture_library_logs(log, acc.is_main_process)
+    log.bind(step=start["step"], epoch=start["epoch"], phase="train")
+    if cfg.preset == "tiny":
+        from .tiny import ensure_tiny_assets
+
+        with acc.main_process_first():
+            for key, value in ensure_tiny_assets(run_dir / "tiny").items():
+                section, name = key.split(".")
+                if not getattr(getattr(cfg, section), name):
+                    setattr(getattr(cfg, section), name, value)
+
+    set_seed(t.seed)
+    tokenizer, codec = load_text_tokenizer(cfg.model), load_codec(cfg.model)
+    base = load_base_model(cfg.model)
+    ids = SpecialIds.from_parts(tokenizer, base.config)
+    cache = CodeCache(cfg.data.codes_cache or run_dir / "codes", codec.to(acc.device))
+    train_samples, val_samples, skips = load_splits(cfg.data, t.seed)
+    with acc.main_process_first():
+        train_samples, train_skips = prepare_codes(train_samples, cache, cfg.data)
+        val_samples, val_skips = prepare_codes(val_samples, cache, cfg.data)
+    report_data(log, "train", train_samples, skips + train_skips)
+    report_data(log, "val", val_samples, val_skips)
+    if not train_samples:
+        raise ConfigError(f"'data.train_manifest': no usable sample in {cfg.data.train_manifest}")
+    del codec
+    model = DualLossModel(add_lora(base, cfg.lora, cfg.model.gradient_checkpointing), ids,
+                          t.text_weight, t.audio_weight, t.audio_reduction)
+    trainable, total = count_parameters(model)
+
+    # Loaders draw their worker seeds from their own generator, never from the global RNG: otherwise each new
+    # iterator (an eval, a resumed epoch) would shift the dropout masks and break exact resume.
+    loader = partial(torch.utils.data.DataLoader, batch_size=t.batch_size, num_workers=cfg.data.num_workers,
+                     collate_fn=partial(collate, pad_id=ids.pad, stream_eos=ids.stream_eos),
+                     generator=torch.Generator().manual_seed(t.seed))
+    train_loader = loader(HiggsDataset(train_samples, cache, tokenizer, ids, cfg.data),
+                          sampler=EpochSampler(len(train_samples), t.seed))
+    val_loader = loader(HiggsDataset(val_samples, cache, tokenizer, ids, cfg.data)) if val_samples else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                  weight_decay=t.weight_decay, fused=torch.cuda.is_available() or None)
+    model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = acc.prepare(val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    acc.register_for_checkpointing(scheduler)
+    ckpt.keep_trainable_only(acc)
+    for sink in sinks:
+        if isinstance(sink, ConsoleSink):
+            sink.total = total_steps
+
+    log.emit("run_start", config=cfg.to_dict(), run_dir=str(run_dir), versions=versions(), git_commit=git_commit(),
+             device=str(acc.device), hardware=hardware(), world_size=acc.num_processes,
+             mixed_precision=acc.mixed_precision, trainable_params=trainable, total_params=total,
+             total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(train_samples),
+             val_samples=len(val_samples), resumed=bool(resume_from))
+    if resume_from:
+        ckpt.load_checkpoint(acc, resume_from)
+        log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
+    return Run(cfg, run_dir, acc, log, model, tokenizer, optimizer, scheduler, train_loader, val_loader,
+               total_steps, start)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
+    """Refuse to mix two runs in one dir; return the checkpoint to resume from, if any."""
+    resume_from = ckpt.find_checkpoint(run_dir, cfg.resume) if cfg.resume else None
+    if acc.is_main_process:
+        if not resume_from and (run_dir / EVENTS_FILE).exists():
+            if not cfg.train.overwrite:
+                raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; pass --resume latest to "
+                                  f"continue it, train.overwrite=true to replace it, or another --output-dir")
+            for name in (EVENTS_FILE, PARQUET_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report"):
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    acc.wait_for_everyone()
+    return resume_from
+
+
+def report_data(log: EventLog, split: str, kept: list, skips: list) -> None:
+    for s in skips:
+        log.emit("data_skip", level="warning", split=split, source=s.source, line=s.line, reason=s.reason,
+                 detail=s.detail)
+    log.emit("data_summary", split=split, kept=len(kept), skipped=len(skips),
+             skipped_by_reason=dict(Counter(s.reason for s in skips)))
+
+
+def versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "peft": peft.__version__}
+
+
+def hardware() -> dict:
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
+    return info
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,50 @@
+"""Prediction-vs-label slices: what the model predicts next to what it should, built from one batch."""
+
+from __future__ import annotations
+
+import torch
+
+from .data import IGNORE
+from .losses import LossOutput
+
+
+def _ends(pos: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, k: int) -> dict:
+    out = {}
+    for part, sl in (("first", slice(0, k)), ("last", slice(max(len(pos) - k, 0), len(pos)))):
+        out[f"{part}_pos"] = pos[sl].tolist()
+        out[f"{part}_pred"] = pred[sl].tolist()
+        out[f"{part}_label"] = label[sl].tolist()
+    out["n_targets"] = len(pos)
+    out["n_match"] = int((pred == label).sum())
+    return out
+
+
+def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, codebooks: list[int]) -> list[dict]:
+    """Fields of the pred_slice events for the first ``samples`` samples of the batch; moves only those tensors
+    to the CPU, and only on the steps that log slices."""
+    text_where, text_pred, text_label = out.text_where.cpu(), out.text_pred.cpu(), out.text_label.cpu()
+    audio_where, audio_pred, audio_label = out.audio_where.cpu(), out.audio_pred.cpu(), out.audio_label.cpu()
+    has = audio_label != IGNORE
+    batch_match = ((audio_pred == audio_label) & has).sum(0).tolist()
+    batch_targets = has.sum(0).tolist()
+    text_shapes = dict(logits_shape=out.text_logits_shape, labels_shape=list(batch["labels"].shape))
+    audio_shapes = dict(logits_shape=out.audio_logits_shape, labels_shape=list(batch["audio_labels"].shape))
+
+    def decode(ids):
+        return [tokenizer.decode([i]) for i in ids]
+
+    rows = []
+    for b in range(min(samples, len(batch["input_ids"]))):
+        sel = text_where[:, 0] == b
+        row = _ends(text_where[sel, 1], text_pred[sel], text_label[sel], k)
+        for part in ("first", "last"):
+            row[f"{part}_pred_text"] = decode(row[f"{part}_pred"])
+            row[f"{part}_label_text"] = decode(row[f"{part}_label"])
+        rows.append(dict(modality="text", sample=b, codebook=None, **row, **text_shapes))
+        in_b = audio_where[:, 0] == b
+        for c in codebooks:
+            sel = in_b & has[:, c]
+            row = _ends(audio_where[sel, 1], audio_pred[sel, c], audio_label[sel, c], k)
+            rows.append(dict(modality="audio", sample=b, codebook=c, **row, batch_match=batch_match[c],
+                             batch_targets=batch_targets[c], **audio_shapes))
+    return rows

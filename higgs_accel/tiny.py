@@ -1,0 +1,135 @@
+"""The embedded tiny default: a random Higgs Audio v2 model, text tokenizer, audio codec and speech-like data.
+
+Everything is saved to a local dir and read back through the same ``from_pretrained`` path a real checkpoint
+takes, so the tiny preset exercises the real loading and data code without any download.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|AUDIO_OUT|>", "<|audio_out_bos|>", "<|audio_eos|>", "<|reserved_special_token_6|>",
+    "<|scene_desc_start|>", "<|scene_desc_end|>", "<|finetune_right_pad_id|>",
+]
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars hum softly above "
+         "quiet rivers and old green hills where small birds sing every morning").split()
+SAMPLE_RATE = 24000
+ASSETS_VERSION = "1"
+
+
+def build_text_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS), "Generate audio following instruction.", "system user assistant\n\n"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token=PAD_TOKEN)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_codec(out_dir: Path):
+    """A ~0.9 M-parameter codec at 25 frames/s with 8 codebooks of 1024 codes, like the real one."""
+    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+
+    cfg = HiggsAudioV2TokenizerConfig(
+        target_bandwidths=[0.5, 1, 1.5, 2],
+        codebook_dim=8,
+        acoustic_model_config=dict(encoder_hidden_size=8, decoder_hidden_size=64, hidden_size=16,
+                                   downsampling_ratios=[8, 5, 4, 2, 3], upsampling_ratios=[8, 5, 4, 2, 3]),
+        semantic_model_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   conv_dim=[16] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
+    )
+    codec = HiggsAudioV2TokenizerModel(cfg).eval()
+    # Random codebooks start at zero, which would map every frame to code 0; spread them out.
+    for q in codec.quantizer.quantizers:
+        q.codebook.embed.normal_(0.0, 0.02)
+        q.codebook.embed_avg.copy_(q.codebook.embed)
+    codec.save_pretrained(out_dir)
+    return codec
+
+
+def build_model(out_dir: Path, tokenizer):
+    from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    cfg = HiggsAudioV2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        num_codebooks=8, codebook_size=1026, audio_stream_bos_id=1024, audio_stream_eos_id=1025,
+        audio_token_id=ids("<|AUDIO_OUT|>"), audio_bos_token_id=ids("<|audio_out_bos|>"),
+        audio_delay_token_id=ids("<|reserved_special_token_6|>"), pad_token_id=ids(PAD_TOKEN),
+        bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|eot_id|>"),
+    )
+    model = HiggsAudioV2ForConditionalGeneration(cfg, use_text_head=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def speech_like(text: str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Voiced syllables whose pitch and length follow the words, with pauses: enough structure to learn."""
+    pieces = []
+    for word in text.split():
+        seed = sum(map(ord, word))
+        f0 = 110 + (seed % 13) * 10
+        dur = 0.12 + (len(word) % 4) * 0.04
+        t = np.arange(int(dur * sample_rate)) / sample_rate
+        glide = f0 * (1 + 0.1 * np.sin(2 * np.pi * (seed % 5 + 1) * t))
+        phase = 2 * np.pi * np.cumsum(glide) / sample_rate
+        voice = sum(np.sin(h * phase) / h for h in range(1, 6))
+        envelope = np.sin(np.pi * t / dur) ** 2
+        pieces.append(0.25 * voice * envelope + 0.003 * rng.standard_normal(t.size))
+        pieces.append(np.zeros(int(0.04 * sample_rate)))
+    return np.concatenate(pieces).astype(np.float32)
+
+
+def build_data(out_dir: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    """Audio files and JSONL manifests; a few files use another rate or stereo so the real audio path runs."""
+    rng = np.random.default_rng(seed)
+    pick = random.Random(seed)
+    (out_dir / "wav").mkdir(parents=True, exist_ok=True)
+    manifests = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        lines = []
+        for i in range(n):
+            text = " ".join(pick.choice(WORDS) for _ in range(pick.randint(3, 6))).capitalize() + "."
+            name = f"wav/{split}-{i:03d}.wav"
+            sr = 16000 if i % 5 == 3 else SAMPLE_RATE
+            wave = speech_like(text, rng, sr)
+            if i % 7 == 5:
+                wave = np.stack([wave, 0.8 * wave], axis=1)
+            sf.write(out_dir / name, wave, sr)
+            lines.append(json.dumps({"audio": name, "text": text, "speaker": "tiny"}))
+        manifests[split] = out_dir / f"{split}.jsonl"
+        manifests[split].write_text("\n".join(lines) + "\n")
+    return manifests["train"], manifests["val"]
+
+
+def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
+    """Build the assets under ``root`` once (reused by resume and by later runs); return their paths."""
+    paths = {"model.base": root / "model", "model.audio_tokenizer": root / "codec",
+             "data.train_manifest": root / "data" / "train.jsonl", "data.val_manifest": root / "data" / "val.jsonl"}
+    ready = root / "READY"
+    if not (ready.is_file() and ready.read_text() == ASSETS_VERSION):
+        torch.manual_seed(seed)
+        tok = build_text_tokenizer(root / "model")
+        build_model(root / "model", tok)
+        build_codec(root / "codec")
+        build_data(root / "data", seed=seed)
+        ready.write_text(ASSETS_VERSION)
+    return {k: str(v) for k, v in paths.items()}

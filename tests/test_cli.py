@@ -1,0 +1,109 @@
+"""The command line as a user meets it: help, bad input (exit 2, one line, no traceback), launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from higgs_accel.cli import _run_overrides, parse_args
+from higgs_accel.config import ConfigError, all_keys, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "higgs_accel", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_help_documents_every_option():
+    out = cli("train", "--help").stdout
+    for key in all_keys():
+        if "." in key:
+            assert f"--{key}" in out, key
+    assert "--preset" in out and "--resume" in out and "--config" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.lrr=1"], "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["train.batch_size=two"], "'train.batch_size' must be an integer"),
+    (["--train.scheduler", "cosin"], "'train.scheduler' must be one of"),
+    (["lora.r=0"], "'lora.r' must be at least 1"),
+    (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+])
+def test_bad_values_exit_2_with_one_line(args, message, tmp_path):
+    r = cli("train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"), *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+def test_missing_model_dir_and_manifest_are_named(tmp_path, tiny):
+    manifest = tiny["data.train_manifest"]
+    r = cli("train", f"model.base={tmp_path}/missing", f"model.audio_tokenizer={tiny['model.audio_tokenizer']}",
+            f"data.train_manifest={manifest}", "--output-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and f"'model.base': model dir not found: {tmp_path}/missing" in r.stderr
+    r = cli("train", f"model.base={tiny['model.base']}", f"model.audio_tokenizer={tiny['model.audio_tokenizer']}",
+            "data.train_manifest=none.jsonl", "--output-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and "'data.train_manifest': file not found: none.jsonl" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("train:\n  lr: [1, 2]\n")
+    with pytest.raises(ConfigError, match=f"{bad}: 'train.lr' must be a number"):
+        load_config(str(bad), [("preset", "tiny", "cli")])
+    bad.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian' \\(did you mean 'train'\\?\\)"):
+        load_config(str(bad), [])
+    bad.write_text("train: {lr: 1\n")
+    with pytest.raises(ConfigError, match=f"{bad}:\\d+: not valid YAML"):
+        load_config(str(bad), [])
+
+
+def test_yaml_then_overrides_then_flags(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("preset: tiny\ntrain:\n  lr: 0.1\n  batch_size: 2\nlora:\n  target_modules: [q_proj]\n")
+    args = parse_args(["train", "--config", str(cfg_file), "train.lr=0.2", "--train.batch_size", "3",
+                       "lora.target_modules=q_proj,v_proj"])
+    cfg = load_config(args.config, _run_overrides(args))
+    assert cfg.train.lr == 0.2 and cfg.train.batch_size == 3 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.slow
+def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): one writer, world size 2, metrics over both."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "-m", "higgs_accel", "train", "--preset", "tiny", "--output-dir",
+                        str(run_dir), "train.max_steps=4", "train.eval_every=2", "train.save_every=2"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["world_size"] for e in events if e["event"] == "run_start"] == [2]
+    steps = [e for e in events if e["event"] == "train_step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(e["samples"] == 8 for e in steps)  # 4 per process, summed over both
+    assert {e["rank"] for e in events} == {0}
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "report").is_dir()
+
+
+def test_config_file_trap_is_refused(tmp_path):
+    """A MULTI_GPU config run without GPUs would start lone processes: refuse it with a clear line."""
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                        str(REPO / "accelerate_config.yaml"), "--num_processes", "2", "-m", "higgs_accel", "train",
+                        "--preset", "tiny", "--output-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode != 0
+    assert "launched as 2 processes but accelerate sees 1" in r.stderr
+    assert not (tmp_path / "run" / "events.jsonl").exists()

@@ -1,0 +1,158 @@
+"""The data path against transformers' own HiggsAudioV2Processor, and the label rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2Config, HiggsAudioV2Processor
+
+from higgs_accel.config import ModelConfig
+from higgs_accel.data import (
+    IGNORE,
+    TARGET,
+    CodeCache,
+    Sample,
+    SpecialIds,
+    build_example,
+    chat_prompt,
+    collate,
+    load_audio,
+    read_manifest,
+)
+from higgs_accel.model import load_codec
+
+SYSTEM = "Generate audio following instruction."
+
+
+@pytest.fixture(scope="module")
+def parts(tiny, codes_cache):
+    tok = AutoTokenizer.from_pretrained(tiny["model.base"])
+    codec = load_codec(ModelConfig(audio_tokenizer=tiny["model.audio_tokenizer"]))
+    ids = SpecialIds.from_parts(tok, HiggsAudioV2Config.from_pretrained(tiny["model.base"]))
+    processor = HiggsAudioV2Processor(DacFeatureExtractor(sampling_rate=24000, hop_length=960), tok, codec)
+    samples, skips = read_manifest(tiny["data.train_manifest"])
+    assert not skips
+    return tok, CodeCache(codes_cache, codec), ids, processor, samples
+
+
+def _ours(parts, sample, train_on_prompt=True, train_eos=False):
+    tok, cache, ids, _, _ = parts
+    ref = cache.codes(sample.ref_audio) if sample.ref_audio else None
+    return build_example(sample, cache.codes(sample.audio), ref, tok, ids, SYSTEM, train_on_prompt, train_eos)
+
+
+def _theirs(parts, sample):
+    _, cache, _, processor, _ = parts
+    audio = [load_audio(p, 24000) for p in (sample.ref_audio, sample.audio) if p is not None]
+    return processor(text=[chat_prompt(sample, SYSTEM) + TARGET], audio=audio, output_labels=True, return_tensors="pt")
+
+
+def _with_reference(sample: Sample, other: Sample) -> Sample:
+    return Sample(source=sample.source, line=sample.line, audio=sample.audio, text=sample.text,
+                  ref_audio=other.audio, ref_text=other.text, scene="A quiet room.")
+
+
+def test_matches_transformers_processor(parts):
+    """Same text ids, delayed audio frames, frame mask and (where conventions agree) labels."""
+    _, _, ids, _, samples = parts
+    for sample in (samples[0], samples[3], _with_reference(samples[1], samples[2])):
+        ours, theirs = _ours(parts, sample), _theirs(parts, sample)
+        assert torch.equal(ours["input_ids"], theirs["input_ids"][0])
+        assert torch.equal(ours["audio_input_ids"], theirs["audio_input_ids"][0])
+        assert theirs["audio_input_ids_mask"][0].all() and len(theirs["audio_input_ids_mask"][0]) == len(
+            ours["audio_input_ids"])
+        # transformers leaves delay placeholders as text labels; we never make a placeholder a text target.
+        their_labels = theirs["labels"][0].clone()
+        their_labels[their_labels == ids.delay] = IGNORE
+        assert torch.equal(ours["labels"], their_labels)
+        # With EOS not trained, target audio labels equal the processor's (which masks every BOS and EOS);
+        # reference audio is never a target in ours.
+        n_target = len(ours["audio_labels"]) - (0 if sample.ref_audio is None else len(
+            _theirs(parts, Sample(sample.source, 0, sample.ref_audio, "x"))["audio_input_ids"][0]))
+        assert torch.equal(ours["audio_labels"][-n_target:], theirs["audio_labels"][0][-n_target:])
+        assert (ours["audio_labels"][:-n_target] == IGNORE).all()
+
+
+def test_delay_pattern_shape_for_one_second(parts, tmp_path):
+    """1 s at 24 kHz -> 25 frames + stream BOS + stream EOS + 7 delay frames, as FACTS records."""
+    tok, cache, ids, processor, _ = parts
+    t = np.arange(24000) / 24000
+    sf.write(tmp_path / "one.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 24000)
+    sample = Sample("m.jsonl", 1, tmp_path / "one.wav", "one second")
+    ex = _ours(parts, sample)
+    assert ex["audio_input_ids"].shape == (34, 8)
+    assert (ex["audio_input_ids"][0] == ids.stream_bos).all()
+    assert ex["audio_input_ids"][1, 1:].eq(ids.stream_bos).all() and ex["audio_input_ids"][1, 0] < 1024
+    assert (ex["audio_input_ids"][-1] == ids.stream_eos).all()
+
+
+def test_audio_labels_follow_the_original_collator(parts):
+    """Per codebook: no BOS target, every code a target, exactly one EOS target at the end of its own stream."""
+    _, cache, ids, _, samples = parts
+    sample = samples[0]
+    codes = cache.codes(sample.audio)
+    labels = _ours(parts, sample, train_eos=True)["audio_labels"]
+    t = codes.shape[1]
+    for c in range(8):
+        col = labels[:, c]
+        assert (col == ids.stream_bos).sum() == 0
+        assert (col == ids.stream_eos).sum() == 1
+        assert col[c + t + 1] == ids.stream_eos
+        assert torch.equal(col[c + 1:c + 1 + t], torch.as_tensor(codes[c].astype(np.int64)))
+        assert (col[:c + 1] == IGNORE).all() and (col[c + t + 2:] == IGNORE).all()
+    without = _ours(parts, sample, train_eos=False)["audio_labels"]
+    assert (without == ids.stream_eos).sum() == 0
+
+
+def test_text_targets_only_in_the_target_assistant_turn(parts):
+    tok, _, ids, _, samples = parts
+    sample = _with_reference(samples[1], samples[2])
+    ex = _ours(parts, sample, train_on_prompt=False)
+    targets = tok.convert_ids_to_tokens(ex["labels"][ex["labels"] != IGNORE].tolist())
+    assert targets == ["<|audio_eos|>", "<|eot_id|>"]
+    # the two target tokens follow the last (target) audio, not the reference turn
+    last_audio = (ex["input_ids"] == ids.delay).nonzero().max()
+    assert ((ex["labels"] != IGNORE).nonzero().min() > last_audio)
+    with_prompt = _ours(parts, sample, train_on_prompt=True)
+    assert (with_prompt["labels"] != IGNORE).sum() > 10
+    assert not torch.isin(with_prompt["labels"], torch.tensor([ids.audio, ids.delay, ids.audio_bos])).any()
+
+
+def test_collate_pads_right_and_masks(parts):
+    _, _, ids, _, samples = parts
+    items = [_ours(parts, s) for s in samples[:3]]
+    batch = collate(items, ids.pad, ids.stream_eos)
+    for i, item in enumerate(items):
+        n, f = len(item["input_ids"]), len(item["audio_input_ids"])
+        assert batch["attention_mask"][i].sum() == n and batch["audio_input_ids_mask"][i].sum() == f
+        assert (batch["labels"][i, n:] == IGNORE).all() and (batch["audio_labels"][i, f:] == IGNORE).all()
+        assert (batch["input_ids"][i, n:] == ids.pad).all()
+    placeholders = torch.isin(batch["input_ids"], torch.tensor([ids.audio, ids.delay])).sum()
+    assert placeholders == batch["audio_input_ids_mask"].sum()
+
+
+def test_bad_manifest_lines_are_named(tmp_path):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(2400, dtype=np.float32), 24000)
+    lines = [json.dumps({"audio": "a.wav", "text": "fine"}), "{not json", json.dumps({"audio": "a.wav"}),
+             json.dumps({"audio": "a.wav", "text": "  "})]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    samples, skips = read_manifest(manifest)
+    assert [s.line for s in samples] == [1]
+    assert [(s.line, s.reason) for s in skips] == [(2, "invalid_json"), (3, "missing_field"), (4, "empty_text"),
+                                                    (5, "not_utf8")]
+    assert all(s.source == str(manifest) for s in skips)
+
+
+def test_audio_is_downmixed_and_resampled(tmp_path):
+    t = np.arange(16000) / 16000
+    mono = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    sf.write(tmp_path / "s.wav", np.stack([mono, mono], axis=1), 16000)
+    wave = load_audio(Path(tmp_path / "s.wav"), 24000)
+    assert wave.dtype == np.float32 and wave.ndim == 1 and abs(len(wave) - 24000) <= 1

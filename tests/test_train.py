@@ -1,0 +1,148 @@
+"""Training end to end on the tiny preset: learning, trainable parameters, adapters, resume, run files."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from higgs_accel.config import ConfigError
+from higgs_accel.data import SpecialIds, collate
+from tests.conftest import make_config, of, read_events, train_run
+
+
+def test_overfits_four_samples(tmp_path, tiny, codes_cache):
+    manifest = tmp_path / "four.jsonl"
+    lines = open(tiny["data.train_manifest"]).read().splitlines()[:4]
+    root = tiny["data.train_manifest"].rsplit("/", 1)[0]
+    manifest.write_text("\n".join(json.dumps({**json.loads(x), "audio": f"{root}/{json.loads(x)['audio']}"})
+                                  for x in lines) + "\n")
+    events = train_run(tmp_path / "run", tiny, codes_cache, data__train_manifest=str(manifest),
+                       data__val_manifest="", train__max_steps=60, train__save_every=0, train__eval_every=0,
+                       train__lr=1e-2)
+    losses = [e["loss"] for e in of(events, "train_step")]
+    assert len(losses) == 60
+    assert min(losses[-5:]) <= 0.5 * losses[0], (losses[0], losses[-5:])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny, codes_cache):
+    run_dir = tmp_path_factory.mktemp("finished")
+    events = train_run(run_dir, tiny, codes_cache, train__max_steps=6, train__save_every=3, train__eval_every=3,
+                       log__log_steps=2, lora__modules_to_save=[], lora__dropout=0.1)
+    return run_dir, events
+
+
+def test_only_lora_parameters_train(tiny, codes_cache, tmp_path):
+    from higgs_accel.model import add_lora, load_base_model
+
+    cfg = make_config(tmp_path, tiny, codes_cache, lora__modules_to_save=["audio_lm_head"])
+    model = add_lora(load_base_model(cfg.model), cfg.lora)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "audio_lm_head.modules_to_save" in n for n in names)
+    for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate_proj", "audio_mlp.gate_proj",
+                 "audio_mlp.up_proj", "audio_mlp.down_proj", "mlp.down_proj"):
+        assert any(f"{kind}.lora_A" in n for n in names), kind
+    assert not any("text_lm_head" in n or "embed" in n for n in names)
+
+
+def test_events_and_run_files(finished):
+    run_dir, events = finished
+    steps = of(events, "train_step")
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    for e in steps:
+        for key in ("event", "ts", "run_id", "seq", "step", "loss", "text_loss", "audio_loss", "lr", "grad_norm",
+                    "audio_loss_cb7", "audio_acc_cb0", "tokens", "audio_frames", "step_time_s", "peak_mem_mb"):
+            assert key in e, key
+        assert abs(e["loss"] - (e["text_loss"] + e["audio_loss"])) < 1e-4
+        assert abs(e["audio_loss"] - sum(e[f"audio_loss_cb{c}"] for c in range(8))) < 1e-4
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert len({e["run_id"] for e in events}) == 1
+    start = of(events, "run_start")[0]
+    assert 0 < start["trainable_params"] < start["total_params"] and start["world_size"] == 1
+    assert of(events, "run_end")[0]["status"] == "finished"
+    assert [e["step"] for e in of(events, "eval")] == [3, 6]
+    slices = of(events, "pred_slice")
+    assert {(e["phase"], e["step"]) for e in slices} == {("train", 2), ("train", 4), ("train", 6), ("eval", 3),
+                                                         ("eval", 6)}
+    text = [e for e in slices if e["modality"] == "text"][0]
+    assert text["first_label_text"][0] == "<|audio_eos|>" and len(text["first_pos"]) == len(text["first_pred"])
+    assert {e["codebook"] for e in slices if e["modality"] == "audio"} == set(range(8))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    table = pq.read_table(run_dir / "events" / "train_step")
+    assert table.num_rows == 6 and str(table.schema.field("loss").type) == "double"
+    assert pq.read_table(run_dir / "events" / "pred_slice").schema.field("first_pred").type == pa.list_(pa.int32())
+    # checkpoints hold the trainable weights only, not the frozen base model
+    saved = load_file(run_dir / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+
+
+def test_adapter_reloads_with_peft_and_reproduces_logits(finished, tiny, codes_cache):
+    from peft import PeftModel
+
+    from higgs_accel.data import CodeCache, HiggsDataset, read_manifest
+    from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
+
+    run_dir, _ = finished
+    cfg = make_config(run_dir, tiny, codes_cache, lora__modules_to_save=[], lora__dropout=0.1)
+    tok = load_text_tokenizer(cfg.model)
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg.model), run_dir / "adapter").eval()
+    ids = SpecialIds.from_parts(tok, reloaded.config)
+    samples, _ = read_manifest(tiny["data.val_manifest"])
+    ds = HiggsDataset(samples, CodeCache(codes_cache, load_codec(cfg.model)), tok, ids, cfg.data)
+    batch = collate([ds[0], ds[1]], ids.pad, ids.stream_eos)
+    # The same weights loaded the way training holds them: a fresh LoRA model with the saved adapter state.
+    from peft import set_peft_model_state_dict
+
+    fresh = add_lora(load_base_model(cfg.model), cfg.lora)
+    set_peft_model_state_dict(fresh, load_file(run_dir / "adapter" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        a = DualLossModel(reloaded, ids).eval()(batch)
+        b = DualLossModel(fresh.eval(), ids).eval()(batch)
+        base = DualLossModel(add_lora(load_base_model(cfg.model), cfg.lora).eval(), ids).eval()(batch)
+    assert torch.allclose(a.loss, b.loss, atol=1e-6)
+    assert not torch.allclose(a.loss, base.loss, atol=1e-3), "the adapter should change the model"
+
+
+def test_resume_continues_exactly(finished, tmp_path, tiny, codes_cache):
+    """6 steps straight == 3 steps, then a fresh process state resumed from the step-3 checkpoint, 3 more."""
+    run_dir, events = finished
+    resumed_dir = tmp_path / "resumed"
+    resumed = train_run(resumed_dir, tiny, codes_cache, train__max_steps=6, train__save_every=3,
+                        train__eval_every=3, log__log_steps=2, lora__modules_to_save=[], lora__dropout=0.1,
+                        resume=str(run_dir / "checkpoints" / "step-00000003"))
+    straight = {e["step"]: e for e in of(events, "train_step")}
+    again = {e["step"]: e for e in of(resumed, "train_step")}
+    assert sorted(again) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "text_loss", "audio_loss", "lr", "grad_norm"):
+            assert abs(straight[step][key] - again[step][key]) < 1e-6, (step, key)
+    a = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert of(resumed, "run_resume")[0]["from_step"] == 3
+
+
+def test_resume_latest_in_the_same_dir_appends(tmp_path, tiny, codes_cache):
+    run_dir = tmp_path / "run"
+    train_run(run_dir, tiny, codes_cache, train__max_steps=4, train__save_every=2, train__eval_every=0)
+    first = read_events(run_dir)
+    events = train_run(run_dir, tiny, codes_cache, train__max_steps=4, train__save_every=2, train__eval_every=0,
+                       resume="latest")
+    assert events[: len(first)] == first
+    later = events[len(first):]
+    assert of(later, "run_resume")[0]["from_step"] == 4 and not of(later, "train_step")
+    assert [e["seq"] for e in events] == list(range(len(events)))
+
+
+def test_refuses_to_mix_two_runs(tmp_path, tiny, codes_cache):
+    train_run(tmp_path, tiny, codes_cache, train__max_steps=1, train__eval_every=0, train__save_every=0)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_run(tmp_path, tiny, codes_cache, train__max_steps=1)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train_run(tmp_path, tiny, codes_cache, train__max_steps=1, resume="latest")
