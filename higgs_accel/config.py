@@ -45,16 +45,26 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    train_manifest: str = _opt("", "JSONL manifest of training samples (set by --preset tiny)")
-    val_manifest: str = _opt("", "JSONL manifest of validation samples (empty: use val_fraction)")
+    train_manifest: str = _opt("", "training data: a JSONL manifest, a `datasets` save_to_disk dir or an audiofolder")
+    val_manifest: str = _opt("", "validation data, same kinds (empty: hold out val_fraction of the training data)")
     val_fraction: float = _opt(0.0, "fraction of the training manifest held out for validation, split by seed")
     system_prompt: str = _opt("Generate audio following instruction.", "system turn of every sample")
     train_on_prompt: bool = _opt(False, "also put text targets on the system and user turns")
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
+    strict: bool = _opt(False, "fail before training, listing every bad sample, instead of skipping them")
+    group_by_length: bool = _opt(True, "batch samples of similar length together (less padding)")
+    max_tokens_per_batch: int = _opt(0, "cap padded positions per batch instead of a fixed batch size (0: off)")
     num_workers: int = _opt(0, "DataLoader worker processes")
-    codes_cache: str = _opt("", "dir of cached codec codes (default: RUN_DIR/codes)")
+    codes_cache: str = _opt("", "dir of cached codec codes (default: $HIGGS_ACCEL_CACHE or ~/.cache/higgs_accel)")
+    audio_field: str = _opt("audio", "manifest field with the audio path (relative to the manifest) or column")
+    text_field: str = _opt("text", "field with the transcript")
+    speaker_field: str = _opt("speaker", "field with the speaker id (optional)")
+    ref_audio_field: str = _opt("ref_audio", "field with voice-cloning reference audio (optional)")
+    ref_text_field: str = _opt("ref_text", "field with the reference audio's transcript")
+    scene_field: str = _opt("scene", "field with a scene description added to the system turn (optional)")
+    system_field: str = _opt("system", "field with a per-sample system prompt (optional)")
 
 
 @dataclass
@@ -278,7 +288,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be at least 1, got {v}")
     for key, v in {"train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
                    "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.lr": t.lr,
-                   "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples}.items():
+                   "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples,
+                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch}.items():
         if v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
     if t.max_steps == 0 and t.epochs < 1:
@@ -294,10 +305,10 @@ def validate(cfg: RunConfig) -> None:
                        "data.train_manifest": cfg.data.train_manifest}.items():
             if not v:
                 raise ConfigError(f"'{key}' is required (or use --preset tiny)")
-        if not Path(cfg.data.train_manifest).is_file():
-            raise ConfigError(f"'data.train_manifest': file not found: {cfg.data.train_manifest}")
-        if cfg.data.val_manifest and not Path(cfg.data.val_manifest).is_file():
-            raise ConfigError(f"'data.val_manifest': file not found: {cfg.data.val_manifest}")
+        for key in ("data.train_manifest", "data.val_manifest"):
+            path = getattr(cfg.data, key.split(".")[1])
+            if path and not Path(path).exists():
+                raise ConfigError(f"'{key}': file not found: {path}")
         for key in ("model.base", "model.audio_tokenizer"):
             _check_model_ref(key, getattr(cfg.model, key.split(".")[1]))
 

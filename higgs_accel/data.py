@@ -1,10 +1,16 @@
-"""Data: manifest -> audio -> codec codes (cached) -> Higgs chat tokens with the delay pattern -> padded batches."""
+"""Data in: JSONL manifests, saved `datasets` datasets and audiofolders -> checked samples -> padded batches.
+
+Audio is read through soundfile (wav, flac, ogg, mp3, any rate and channel count), downmixed to mono and
+resampled to the codec's rate. Every bad sample becomes a ``Skip`` that names the file and line (or dataset
+index) and the reason; it never stops a run.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import csv
+import dataclasses
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,22 +18,70 @@ import numpy as np
 import soundfile as sf
 import torch
 
-IGNORE = -100
-AUDIO_PLACEHOLDER = "<|AUDIO_OUT|>"
+from .chat import IGNORE, build_example
+from .config import ConfigError
+
+MANIFEST_SUFFIXES = (".jsonl", ".json")
+AUDIOFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+
+
+# ---------------------------------------------------------------- audio references
+
+@dataclass(frozen=True)
+class FileAudio:
+    """Audio stored as a file."""
+
+    path: Path
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class DatasetAudio:
+    """Audio stored in a row of a `datasets` dataset (bytes, or a path), read only when needed."""
+
+    dataset: object
+    index: int
+    column: str
+
+    def _value(self) -> dict:
+        return self.dataset[self.index][self.column]
+
+    def exists(self) -> bool:
+        v = self._value()
+        return bool(v.get("bytes")) or (bool(v.get("path")) and Path(v["path"]).is_file())
+
+    def read(self) -> bytes:
+        v = self._value()
+        return v["bytes"] if v.get("bytes") else Path(v["path"]).read_bytes()
+
+    def __str__(self) -> str:
+        return f"{self.column}[{self.index}]"
 
 
 @dataclass
 class Sample:
-    """One manifest line: the target utterance and optional voice-cloning reference."""
+    """One training example: the target utterance and, for voice cloning, a reference."""
 
-    source: str
-    line: int
-    audio: Path
+    source: str                  # manifest path or dataset dir
+    line: int                    # 1-based manifest line, or dataset row index
+    audio: FileAudio | DatasetAudio
     text: str
     speaker: str = ""
-    ref_audio: Path | None = None
+    ref_audio: FileAudio | DatasetAudio | None = None
     ref_text: str = ""
     scene: str = ""
+    system: str = ""
+    codes: str = ""              # cache key of the target audio's codes, set by codes.resolve
+    ref_codes: str = ""
+    frames: int = 0              # audio frames of target and reference, set by codes.resolve
 
 
 @dataclass
@@ -37,232 +91,185 @@ class Skip:
     reason: str
     detail: str
 
-
-@dataclass
-class SpecialIds:
-    """Token ids the layout needs, read from the tokenizer and model config (never hard-coded)."""
-
-    audio: int
-    audio_bos: int
-    audio_eos: int
-    delay: int
-    pad: int
-    stream_bos: int
-    stream_eos: int
-    num_codebooks: int
-
-    @classmethod
-    def from_parts(cls, tokenizer, model_config) -> SpecialIds:
-        ids = tokenizer.convert_tokens_to_ids
-        return cls(audio=ids(AUDIO_PLACEHOLDER), audio_bos=ids("<|audio_out_bos|>"), audio_eos=ids("<|audio_eos|>"),
-                   delay=ids("<|reserved_special_token_6|>"), pad=tokenizer.pad_token_id,
-                   stream_bos=model_config.audio_stream_bos_id, stream_eos=model_config.audio_stream_eos_id,
-                   num_codebooks=model_config.num_codebooks)
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}: {self.detail}"
 
 
-# ---------------------------------------------------------------- manifest and audio
-
-def read_manifest(path: str | Path) -> tuple[list[Sample], list[Skip]]:
-    """Parse a JSONL manifest; every bad line becomes a Skip naming the file, the line and the reason."""
-    path = Path(path)
-    root = path.parent
-    samples, skips = [], []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                skips.append(Skip(str(path), n, "not_utf8", "line is not valid UTF-8"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                skips.append(Skip(str(path), n, "invalid_json", e.msg))
-                continue
-            if not isinstance(row, dict):
-                skips.append(Skip(str(path), n, "invalid_json", "line is not a JSON object"))
-                continue
-            missing = [k for k in ("audio", "text") if not isinstance(row.get(k), str)]
-            if missing:
-                skips.append(Skip(str(path), n, "missing_field", f"missing or non-string field(s): {missing}"))
-                continue
-            if not row["text"].strip():
-                skips.append(Skip(str(path), n, "empty_text", "transcript is empty"))
-                continue
-            ref = row.get("ref_audio")
-            samples.append(Sample(source=str(path), line=n, audio=root / row["audio"], text=row["text"],
-                                  speaker=str(row.get("speaker", "")), ref_audio=root / ref if ref else None,
-                                  ref_text=str(row.get("ref_text", "")), scene=str(row.get("scene", ""))))
-    return samples, skips
-
-
-def load_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """Read any soundfile-readable file as mono float32 at ``sample_rate``."""
-    wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
+    """Any soundfile-readable bytes as mono float32 at ``sample_rate``."""
+    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
-    if sr != sample_rate:
+    if sr != sample_rate and len(wave):
         import torchaudio
 
         wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, sample_rate).numpy()
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-# ---------------------------------------------------------------- codec codes, cached on disk
-
-def codec_identity(codec) -> str:
-    """Changes when the codec's config or weights change: part of every cache key."""
-    h = hashlib.sha256(codec.config.to_json_string(use_diff=False).encode())
-    for name, t in sorted(codec.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().sum().double().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    return decode_audio(Path(path).read_bytes(), sample_rate)
 
 
-class CodeCache:
-    """Codec codes keyed by audio content hash and codec identity; entries appear atomically (rename)."""
-
-    def __init__(self, root: str | Path, codec):
-        self.codec = codec
-        self.sample_rate = codec.config.sample_rate
-        self.dir = Path(root) / codec_identity(codec)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.encode_calls = 0
-
-    def path_for(self, audio: Path) -> Path:
-        digest = hashlib.sha256(Path(audio).read_bytes()).hexdigest()
-        return self.dir / f"{digest}.npy"
-
-    def codes(self, audio: Path) -> np.ndarray:
-        """(num_codebooks, frames) int16 codes of one file, encoded once."""
-        target = self.path_for(audio)
-        if target.is_file():
-            return np.load(target)
-        wave = load_audio(audio, self.sample_rate)
-        with torch.no_grad():
-            device = next(self.codec.parameters()).device
-            codes = self.codec.encode(torch.from_numpy(wave)[None, None].to(device)).audio_codes[0]
-        self.encode_calls += 1
-        arr = codes.cpu().numpy().astype(np.int16)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, target)
-        return arr
+# ---------------------------------------------------------------- sources
 
 
-def check_audio(sample: Sample, min_seconds: float, max_seconds: float) -> Skip | None:
-    """Problems found from the file header alone, before any decoding."""
-    for path in filter(None, (sample.audio, sample.ref_audio)):
-        if not path.is_file():
-            return Skip(sample.source, sample.line, "missing_file", f"audio file not found: {path}")
-        try:
-            info = sf.info(str(path))
-        except Exception as e:  # soundfile raises several types for corrupt files
-            return Skip(sample.source, sample.line, "unreadable_audio", f"{path}: {e}")
-        seconds = info.frames / info.samplerate if info.samplerate else 0.0
-        if path == sample.audio and not (min_seconds <= seconds <= max_seconds):
-            return Skip(sample.source, sample.line, "length", f"{path}: {seconds:.2f}s outside "
-                        f"[{min_seconds}, {max_seconds}]")
-        if seconds == 0:
-            return Skip(sample.source, sample.line, "empty_audio", f"{path}: no samples")
-    return None
+def _row_to_sample(row, fields, source: str, line: int, audio_of) -> Sample | Skip:
+    """One manifest row (dict) -> Sample, or a Skip naming what is wrong with it."""
+    if not isinstance(row, dict):
+        return Skip(source, line, "invalid_json", "line is not a JSON object")
+    missing = [f for f in (fields.audio_field, fields.text_field) if not row.get(f)]
+    if missing:
+        return Skip(source, line, "missing_field", f"missing or empty field(s): {', '.join(missing)}")
+    text = row[fields.text_field]
+    if not isinstance(text, str) or not text.strip():
+        return Skip(source, line, "empty_text", "transcript is empty")
+    ref = row.get(fields.ref_audio_field)
+    if ref and not row.get(fields.ref_text_field):
+        return Skip(source, line, "missing_field", f"'{fields.ref_audio_field}' needs '{fields.ref_text_field}'")
+
+    def text_of(name):
+        value = row.get(name)
+        return "" if value is None else str(value)
+
+    return Sample(source=source, line=line, audio=audio_of(row[fields.audio_field], fields.audio_field), text=text,
+                  speaker=text_of(fields.speaker_field), ref_text=text_of(fields.ref_text_field),
+                  ref_audio=audio_of(ref, fields.ref_audio_field) if ref else None,
+                  scene=text_of(fields.scene_field), system=text_of(fields.system_field))
 
 
-# ---------------------------------------------------------------- chat layout and labels
-
-def chat_prompt(sample: Sample, system_prompt: str) -> str:
-    """Everything before the target audio, ending with the assistant header, in Higgs's Llama-3 chat format."""
-    system = system_prompt
-    if sample.scene:
-        system += f"\n\n<|scene_desc_start|>\n{sample.scene}\n<|scene_desc_end|>"
-    text = f"<|begin_of_text|>{_turn('system', system)}"
-    if sample.ref_audio is not None:
-        text += _turn("user", sample.ref_text) + _turn("assistant", AUDIO_TURN)
-    return text + _turn("user", sample.text) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+def _file_audio(root: Path):
+    return lambda value, _column: FileAudio(root / str(value))
 
 
-AUDIO_TURN = f"<|audio_out_bos|>{AUDIO_PLACEHOLDER}<|audio_eos|>"
-TARGET = f"{AUDIO_TURN}<|eot_id|>"
+def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
+    """A JSONL manifest: one JSON object per line, audio paths relative to the manifest's folder."""
+    path = Path(path)
+    samples, skips = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skips.append(Skip(str(path), n, "not_utf8", f"line is not valid UTF-8 ({e.reason} at byte {e.start})"))
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                skips.append(Skip(str(path), n, "invalid_json", f"{e.msg} at column {e.colno}"))
+                continue
+            out = _row_to_sample(row, fields, str(path), n, _file_audio(path.parent))
+            (samples if isinstance(out, Sample) else skips).append(out)
+    return samples, skips
 
 
-def _turn(role: str, content: str) -> str:
-    return f"<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
+def read_audiofolder(root: Path, fields) -> tuple[list[Sample], list[Skip]]:
+    """An audiofolder dir: audio files next to metadata.jsonl or metadata.csv with a ``file_name`` column."""
+    meta = next(root / m for m in AUDIOFOLDER_METADATA if (root / m).is_file())
+    audio_fields = dataclasses.replace(fields, audio_field="file_name")
+    if meta.suffix == ".jsonl":
+        return read_manifest(meta, audio_fields)
+    samples, skips = [], []
+    with open(meta, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.DictReader(f), start=2):
+            out = _row_to_sample(row, audio_fields, str(meta), n, _file_audio(root))
+            (samples if isinstance(out, Sample) else skips).append(out)
+    return samples, skips
 
 
-def delay_pattern(codes: torch.Tensor, bos: int, eos: int, fill_bos: int, fill_eos: int) -> torch.Tensor:
-    """(codebooks, T) codes -> (T + 2 + codebooks - 1, codebooks) frames: ``bos``, codes, ``eos``, each codebook
-    shifted one frame later than the one before, the gaps filled with ``fill_bos`` before and ``fill_eos`` after."""
-    k, t = codes.shape
-    stream = torch.cat([codes.new_full((k, 1), bos), codes, codes.new_full((k, 1), eos)], dim=1)
-    out = codes.new_full((k, t + 2 + k - 1), fill_eos)
-    for c in range(k):
-        out[c, :c] = fill_bos
-        out[c, c:c + t + 2] = stream[c]
-    return out.T.contiguous()
+def read_hf_dataset(root: Path, fields) -> tuple[list[Sample], list[Skip]]:
+    """A `datasets` dataset saved with ``save_to_disk``; its audio column is read as bytes, decoded by us."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{root} is a `datasets` dataset: pip install datasets") from None
+    ds = datasets.load_from_disk(str(root))
+    if isinstance(ds, datasets.DatasetDict):
+        raise ConfigError(f"{root} holds several splits ({', '.join(ds)}): point to one, e.g. {root}/{next(iter(ds))}")
+    if fields.audio_field not in ds.column_names:
+        raise ConfigError(f"'data.audio_field': {root} has no column '{fields.audio_field}' "
+                          f"(columns: {', '.join(ds.column_names)})")
+    audio = {}
+    for name in (fields.audio_field, fields.ref_audio_field):
+        if name in ds.column_names:
+            if isinstance(ds.features[name], datasets.Audio):
+                ds = ds.cast_column(name, datasets.Audio(decode=False))
+            audio[name] = _audio_refs(ds, name, root)
+    samples, skips = [], []
+    for index, row in enumerate(ds.select_columns([c for c in ds.column_names if c not in audio])):
+        row = {**row, **{name: refs[index] for name, refs in audio.items()}}
+        out = _row_to_sample(row, fields, str(root), index, lambda ref, _column: ref)
+        (samples if isinstance(out, Sample) else skips).append(out)
+    return samples, skips
 
 
-def audio_streams(codes: np.ndarray, ids: SpecialIds, is_target: bool, train_eos: bool):
-    """Model inputs and labels of one audio segment in the delay pattern.
+def _audio_refs(ds, name: str, root: Path) -> list:
+    """Per row: a reference to its audio (paths resolve against the dataset dir), or None when absent; read from
+    the Arrow column so no audio bytes are loaded here."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    Labels follow the original Higgs collator: per codebook [ignore for stream BOS, the codes, stream EOS], then
-    the delay pattern with ignore as both fills. Reference audio (not a target) gets no labels at all."""
-    codes = torch.as_tensor(codes.astype(np.int64))
-    inputs = delay_pattern(codes, ids.stream_bos, ids.stream_eos, ids.stream_bos, ids.stream_eos)
-    if not is_target:
-        return inputs, torch.full_like(inputs, IGNORE)
-    labels = delay_pattern(codes, IGNORE, ids.stream_eos if train_eos else IGNORE, IGNORE, IGNORE)
-    return inputs, labels
-
-
-def audio_placeholders(n_frames: int, ids: SpecialIds) -> list[int]:
-    return [ids.audio] * (n_frames - (ids.num_codebooks - 1)) + [ids.delay] * (ids.num_codebooks - 1)
+    col = ds.data.column(name).combine_chunks()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return [FileAudio(root / v) if v else None for v in col.to_pylist()]
+    present = pc.or_(col.field("bytes").is_valid(), col.field("path").is_valid()).to_pylist()
+    return [DatasetAudio(ds, i, name) if ok else None for i, ok in enumerate(present)]
 
 
-def build_example(sample: Sample, codes: np.ndarray, ref_codes: np.ndarray | None, tokenizer, ids: SpecialIds,
-                  system_prompt: str, train_on_prompt: bool, train_audio_eos: bool) -> dict[str, torch.Tensor]:
-    """Token ids, text labels, delayed audio frames and audio labels of one sample."""
-    segments = [(chat_prompt(sample, system_prompt), train_on_prompt), (TARGET, True)]
-    audios = ([(ref_codes, False)] if sample.ref_audio is not None else []) + [(codes, True)]
-    audio_iter = iter(audios)
-    input_ids, labels, frames, frame_labels = [], [], [], []
-    for text, text_is_target in segments:
-        for i, piece in enumerate(text.split(AUDIO_PLACEHOLDER)):
-            if i > 0:
-                seg_codes, is_target = next(audio_iter)
-                inp, lab = audio_streams(seg_codes, ids, is_target, train_audio_eos)
-                frames.append(inp)
-                frame_labels.append(lab)
-                input_ids += audio_placeholders(len(inp), ids)
-                labels += [IGNORE] * len(inp)
-            tokens = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-            input_ids += tokens
-            labels += [t if text_is_target and t != ids.audio_bos else IGNORE for t in tokens]
-    return {
-        "input_ids": torch.tensor(input_ids),
-        "labels": torch.tensor(labels),
-        "audio_input_ids": torch.cat(frames),
-        "audio_labels": torch.cat(frame_labels),
-    }
+def read_source(path: str, fields) -> tuple[list[Sample], list[Skip]]:
+    """Dispatch on what ``path`` is: a JSONL manifest, a saved dataset dir, or an audiofolder dir."""
+    p = Path(path)
+    if p.is_file():
+        return read_manifest(p, fields)
+    if p.is_dir():
+        if any((p / m).is_file() for m in AUDIOFOLDER_METADATA):
+            return read_audiofolder(p, fields)
+        if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+            return read_hf_dataset(p, fields)
+        raise ConfigError(f"{path}: a dir must be a `datasets` save_to_disk dir or an audiofolder "
+                          f"(audio files with {' or '.join(AUDIOFOLDER_METADATA)})")
+    raise ConfigError(f"{path}: not found")
 
 
-# ---------------------------------------------------------------- dataset, sampler, collator
+def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip]]:
+    """Train and validation samples: a separate source, or a seeded ``val_fraction`` of the training one."""
+    train, skips = read_source(cfg.train_manifest, cfg)
+    if cfg.val_manifest:
+        val, val_skips = read_source(cfg.val_manifest, cfg)
+        return train, val, skips + val_skips
+    if cfg.val_fraction > 0 and len(train) > 1:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        held = set(order[:max(1, round(cfg.val_fraction * len(train)))])
+        return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)], skips
+    return train, [], skips
+
+
+# ---------------------------------------------------------------- dataset, samplers, collator
 
 class HiggsDataset(torch.utils.data.Dataset):
-    """Samples whose codes are already cached; items are built on access, so memory holds only codes."""
+    """Samples whose codes are cached; items are built on access from the cache, never from the audio files."""
 
-    def __init__(self, samples: list[Sample], cache: CodeCache, tokenizer, ids: SpecialIds, data_cfg):
+    def __init__(self, samples: list[Sample], cache, tokenizer, ids, data_cfg):
         self.samples, self.cache, self.tokenizer, self.ids, self.cfg = samples, cache, tokenizer, ids, data_cfg
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict | Skip:
         s = self.samples[i]
-        ref = self.cache.codes(s.ref_audio) if s.ref_audio is not None else None
-        return build_example(s, self.cache.codes(s.audio), ref, self.tokenizer, self.ids, self.cfg.system_prompt,
+        try:
+            codes = self.cache.load(s.codes)
+            ref = self.cache.load(s.ref_codes) if s.ref_audio is not None else None
+        except (OSError, ValueError) as e:  # an entry deleted or damaged mid-run: skip, as before training
+            return Skip(s.source, s.line, "missing_codes", f"{type(e).__name__}: {e}")
+        return build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg.system_prompt,
                              self.cfg.train_on_prompt, self.cfg.train_audio_eos)
+
+    def lengths(self) -> list[int]:
+        """Sequence length of each sample, estimated without building it: audio frames plus text tokens."""
+        return [s.frames + len(self.tokenizer(s.text + s.ref_text + s.scene, add_special_tokens=False)["input_ids"])
+                for s in self.samples]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -274,25 +281,72 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
         if not self.shuffle:
             return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=self.epoch_generator()).tolist())
 
 
-def collate(items: list[dict[str, torch.Tensor]], pad_id: int, stream_eos: int) -> dict[str, torch.Tensor]:
-    """Right-pad text and audio; audio frames pad with stream EOS like transformers' processor."""
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length, so little of each batch is padding.
+
+    The shuffled order is cut into windows of ``batch_size * window`` samples; each window is sorted by length and
+    cut into batches (of ``batch_size``, or as many samples as fit ``max_tokens`` padded positions); the batches are
+    then shuffled. Accelerate sets the epoch through ``.sampler`` and shards the batches across processes."""
+
+    def __init__(self, sampler: EpochSampler, lengths: list[int], batch_size: int, max_tokens: int = 0,
+                 window: int = 50):
+        self.sampler, self.lengths, self.batch_size = sampler, lengths, batch_size
+        self.max_tokens, self.window = max_tokens, window
+
+    def _batches(self) -> list[list[int]]:
+        order = list(self.sampler)
+        size = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
+            batch: list[int] = []
+            for i in chunk:
+                full = len(batch) == self.batch_size if not self.max_tokens else (
+                    batch and (len(batch) + 1) * self.lengths[batch[0]] > self.max_tokens)
+                if full:
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            if batch:
+                batches.append(batch)
+        if self.sampler.shuffle:
+            perm = torch.randperm(len(batches), generator=self.sampler.epoch_generator()).tolist()
+            batches = [batches[i] for i in perm]
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def collate(items: list, pad_id: int, stream_eos: int) -> dict:
+    """Right-pad text and audio (audio frames with stream EOS, like transformers' processor); items that failed to
+    load travel as ``skipped`` so the loop can report them."""
+    skipped = [x for x in items if isinstance(x, Skip)]
+    items = [x for x in items if not isinstance(x, Skip)]
+    if not items:
+        return {"skipped": skipped}
+
     def pad(key, value, length):
         return torch.stack([_pad_rows(x[key], length, value) for x in items])
 
-    max_len = max(len(x["input_ids"]) for x in items)
-    max_frames = max(len(x["audio_input_ids"]) for x in items)
     lengths = torch.tensor([len(x["input_ids"]) for x in items])
     frames = torch.tensor([len(x["audio_input_ids"]) for x in items])
+    max_len, max_frames = int(lengths.max()), int(frames.max())
     return {
         "input_ids": pad("input_ids", pad_id, max_len),
         "attention_mask": (torch.arange(max_len)[None] < lengths[:, None]).long(),
@@ -300,6 +354,7 @@ def collate(items: list[dict[str, torch.Tensor]], pad_id: int, stream_eos: int) 
         "audio_input_ids": pad("audio_input_ids", stream_eos, max_frames),
         "audio_input_ids_mask": torch.arange(max_frames)[None] < frames[:, None],
         "audio_labels": pad("audio_labels", IGNORE, max_frames),
+        "skipped": skipped,
     }
 
 
@@ -307,39 +362,3 @@ def _pad_rows(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     out = x.new_full((length, *x.shape[1:]), value)
     out[: len(x)] = x
     return out
-
-
-# ---------------------------------------------------------------- splits and validation before training
-
-def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip]]:
-    """Train and validation samples: a separate manifest, or a seeded ``val_fraction`` of the training one."""
-    train, skips = read_manifest(cfg.train_manifest)
-    if cfg.val_manifest:
-        val, val_skips = read_manifest(cfg.val_manifest)
-        return train, val, skips + val_skips
-    if cfg.val_fraction > 0 and len(train) > 1:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = max(1, round(cfg.val_fraction * len(train)))
-        held = set(order[:n_val])
-        return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)], skips
-    return train, [], skips
-
-
-def prepare_codes(samples: list[Sample], cache: CodeCache, cfg) -> tuple[list[Sample], list[Skip]]:
-    """Check every sample and make sure its codes are cached; a sample that fails is skipped, not fatal."""
-    kept, skips = [], []
-    for s in samples:
-        problem = check_audio(s, cfg.min_seconds, cfg.max_seconds)
-        if problem is None:
-            try:
-                for path in filter(None, (s.ref_audio, s.audio)):
-                    codes = cache.codes(path)
-                    if codes.shape[-1] == 0:
-                        raise ValueError("audio is shorter than one codec frame")
-            except Exception as e:  # noqa: BLE001 - any decode/encode failure skips this one sample
-                problem = Skip(s.source, s.line, "unreadable_audio", f"{type(e).__name__}: {e}")
-        if problem is None:
-            kept.append(s)
-        else:
-            skips.append(problem)
-    return kept, skips

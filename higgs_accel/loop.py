@@ -17,8 +17,10 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from .chat import SpecialIds
+from .codes import CodeCache, encode_missing, resolve
 from .config import ConfigError, RunConfig
-from .data import CodeCache, EpochSampler, HiggsDataset, SpecialIds, collate, load_splits, prepare_codes
+from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate, load_splits
 from .events import EVENTS_FILE, PARQUET_DIR, EventLog, capture_library_logs
 from .losses import N_STATS, summarize
 from .model import DualLossModel, add_lora, count_parameters, load_base_model, load_codec, load_text_tokenizer
@@ -49,15 +51,20 @@ def train(cfg: RunConfig) -> Path:
     step, epoch, consumed = run.start["step"], run.start["epoch"], run.start["batches_in_epoch"]
     params = [p for p in run.model.parameters() if p.requires_grad]
     stats = torch.zeros(N_STATS, device=acc.device)
-    started, tick = time.time(), time.perf_counter()
+    started, tick, data_wait = time.time(), time.perf_counter(), 0.0
     status, error = "crashed", None
     try:
         run.model.train()
         while step < run.total_steps:
             batches = acc.skip_first_batches(run.train_loader, consumed) if consumed else run.train_loader
             batches.set_epoch(epoch)  # accelerate's loaders count epochs themselves; a resumed one must be told
-            for batch in batches:
+            for batch, waited in timed(batches):
                 consumed += 1
+                data_wait += waited
+                for skip in batch["skipped"]:
+                    emit_skip(log, "train", skip)
+                if "input_ids" not in batch:
+                    continue  # every sample of this batch vanished from the cache mid-run
                 with acc.accumulate(run.model):
                     out = run.model(batch)
                     acc.backward(out.loss)
@@ -72,8 +79,9 @@ def train(cfg: RunConfig) -> Path:
                 step += 1
                 log.bind(step=step, epoch=epoch, phase="train")
                 now = time.perf_counter()
-                log_train_step(run, stats, grad_norm, now - tick, out, batch, step)
+                log_train_step(run, stats, grad_norm, now - tick, data_wait, out, batch, step)
                 stats.zero_()
+                data_wait = 0.0
                 if t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
                     evaluate(run, step)
                 if t.save_every and step % t.save_every == 0:
@@ -100,14 +108,26 @@ def train(cfg: RunConfig) -> Path:
     return run.run_dir
 
 
-def log_train_step(run: Run, stats, grad_norm, step_time: float, out, batch, step: int) -> None:
+def timed(batches):
+    """Yield (batch, seconds spent waiting for it)."""
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start
+
+
+def log_train_step(run: Run, stats, grad_norm, step_time: float, data_wait: float, out, batch, step: int) -> None:
     """One device-to-host read for all metrics of the step, then one event (plus slices on log steps)."""
     cfg, acc = run.cfg, run.accelerator
     summed = acc.reduce(torch.cat([stats, grad_norm.detach().float().reshape(1) / acc.num_processes]), "sum")
     values = summed.tolist()
     metrics = summarize(values[:-1], cfg.train.text_weight, cfg.train.audio_weight, cfg.train.audio_reduction)
     run.log.emit("train_step", **metrics, lr=run.scheduler.get_last_lr()[0], grad_norm=values[-1],
-                 step_time_s=step_time, samples_per_s=metrics["samples"] / max(step_time, 1e-9),
+                 step_time_s=step_time, data_wait_s=data_wait, samples_per_s=metrics["samples"] / max(step_time, 1e-9),
                  tokens_per_s=metrics["tokens"] / max(step_time, 1e-9), peak_mem_mb=peak_memory_mb())
     if step % cfg.log.log_steps == 0 and acc.is_main_process:
         emit_slices(run, out, batch)
@@ -134,6 +154,8 @@ def evaluate(run: Run, step: int) -> None:
     stats = torch.zeros(N_STATS, device=acc.device)
     first = None
     for batch in run.val_loader:
+        if "input_ids" not in batch:
+            continue
         out = run.model(batch)
         stats += out.stats
         first = first or (out, batch)
@@ -208,13 +230,20 @@ def setup(cfg: RunConfig) -> Run:
     tokenizer, codec = load_text_tokenizer(cfg.model), load_codec(cfg.model)
     base = load_base_model(cfg.model)
     ids = SpecialIds.from_parts(tokenizer, base.config)
-    cache = CodeCache(cfg.data.codes_cache or run_dir / "codes", codec.to(acc.device))
+    cache = CodeCache(cfg.data.codes_cache or default_cache_dir(), codec.to(acc.device))
     train_samples, val_samples, skips = load_splits(cfg.data, t.seed)
-    with acc.main_process_first():
-        train_samples, train_skips = prepare_codes(train_samples, cache, cfg.data)
-        val_samples, val_skips = prepare_codes(val_samples, cache, cfg.data)
-    report_data(log, "train", train_samples, skips + train_skips)
-    report_data(log, "val", val_samples, val_skips)
+    # Each process encodes its share of what the cache lacks; then all read the same complete cache.
+    encode_missing((train_samples + val_samples)[acc.process_index::acc.num_processes], cache,
+                   progress=acc.is_main_process)
+    acc.wait_for_everyone()
+    train_samples, train_skips = resolve(train_samples, cache, cfg.data.min_seconds, cfg.data.max_seconds)
+    val_samples, val_skips = resolve(val_samples, cache, cfg.data.min_seconds, cfg.data.max_seconds)
+    encodes = int(acc.reduce(torch.tensor(cache.encode_calls, device=acc.device), "sum"))
+    report_data(log, "train", train_samples, skips + train_skips, encodes)
+    report_data(log, "val", val_samples, val_skips, encodes)
+    problems = skips + train_skips + val_skips
+    if cfg.data.strict and problems:
+        raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
     if not train_samples:
         raise ConfigError(f"'data.train_manifest': no usable sample in {cfg.data.train_manifest}")
     del codec
@@ -224,12 +253,20 @@ def setup(cfg: RunConfig) -> Run:
 
     # Loaders draw their worker seeds from their own generator, never from the global RNG: otherwise each new
     # iterator (an eval, a resumed epoch) would shift the dropout masks and break exact resume.
-    loader = partial(torch.utils.data.DataLoader, batch_size=t.batch_size, num_workers=cfg.data.num_workers,
+    loader = partial(torch.utils.data.DataLoader, num_workers=cfg.data.num_workers,
                      collate_fn=partial(collate, pad_id=ids.pad, stream_eos=ids.stream_eos),
-                     generator=torch.Generator().manual_seed(t.seed))
-    train_loader = loader(HiggsDataset(train_samples, cache, tokenizer, ids, cfg.data),
-                          sampler=EpochSampler(len(train_samples), t.seed))
-    val_loader = loader(HiggsDataset(val_samples, cache, tokenizer, ids, cfg.data)) if val_samples else None
+                     generator=torch.Generator().manual_seed(t.seed), pin_memory=torch.cuda.is_available(),
+                     persistent_workers=cfg.data.num_workers > 0)
+    train_ds = HiggsDataset(train_samples, cache, tokenizer, ids, cfg.data)
+    order = EpochSampler(len(train_ds), t.seed)
+    if cfg.data.group_by_length or cfg.data.max_tokens_per_batch:
+        batches = LengthGroupedBatches(order, train_ds.lengths(), t.batch_size, cfg.data.max_tokens_per_batch)
+        train_loader = loader(train_ds, batch_sampler=batches)
+    else:
+        train_loader = loader(train_ds, sampler=order, batch_size=t.batch_size)
+    val_loader = None
+    if val_samples:
+        val_loader = loader(HiggsDataset(val_samples, cache, tokenizer, ids, cfg.data), batch_size=t.batch_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay, fused=torch.cuda.is_available() or None)
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
@@ -274,12 +311,20 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
     return resume_from
 
 
-def report_data(log: EventLog, split: str, kept: list, skips: list) -> None:
+def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int) -> None:
     for s in skips:
-        log.emit("data_skip", level="warning", split=split, source=s.source, line=s.line, reason=s.reason,
-                 detail=s.detail)
+        emit_skip(log, split, s)
     log.emit("data_summary", split=split, kept=len(kept), skipped=len(skips),
-             skipped_by_reason=dict(Counter(s.reason for s in skips)))
+             skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes)
+
+
+def emit_skip(log: EventLog, split: str, s) -> None:
+    log.emit("data_skip", level="warning", split=split, source=s.source, line=s.line, reason=s.reason,
+             detail=s.detail)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("HIGGS_ACCEL_CACHE") or Path.home() / ".cache" / "higgs_accel") / "codes"
 
 
 def versions() -> dict:
@@ -302,10 +347,11 @@ def git_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        r = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).parent)
     except (OSError, subprocess.SubprocessError):
         return None
+    return r.stdout.strip() if r.returncode == 0 else None
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -13,15 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE
+from .chat import IGNORE
 
 NUM_CODEBOOKS = 8
 # Layout of the per-step statistics vector: summed on device over micro-steps and processes, read once per step.
-TEXT_CE, TEXT_N, TEXT_OK, TOKENS, FRAMES, SAMPLES = range(6)
-CB_CE = slice(6, 6 + NUM_CODEBOOKS)
-CB_N = slice(6 + NUM_CODEBOOKS, 6 + 2 * NUM_CODEBOOKS)
-CB_OK = slice(6 + 2 * NUM_CODEBOOKS, 6 + 3 * NUM_CODEBOOKS)
-N_STATS = 6 + 3 * NUM_CODEBOOKS
+TEXT_CE, TEXT_N, TEXT_OK, TOKENS, FRAMES, SAMPLES, PADDED = range(7)
+CB_CE = slice(7, 7 + NUM_CODEBOOKS)
+CB_N = slice(7 + NUM_CODEBOOKS, 7 + 2 * NUM_CODEBOOKS)
+CB_OK = slice(7 + 2 * NUM_CODEBOOKS, 7 + 3 * NUM_CODEBOOKS)
+N_STATS = 7 + 3 * NUM_CODEBOOKS
 
 
 @dataclass
@@ -80,7 +80,7 @@ def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos, *, text_w
 
     with torch.no_grad():
         head = torch.stack([text_ce.detach(), text_ce.new_tensor(n_text), (text_pred == y_text).sum().float()])
-        stats = torch.cat([head, head.new_zeros(3), cb_ce.detach(), cb_n.float(),
+        stats = torch.cat([head, head.new_zeros(4), cb_ce.detach(), cb_n.float(),
                            ((audio_pred == y_audio) & has).sum(0).float()])
     return LossOutput(
         loss=text_weight * text_loss + audio_weight * audio_loss, text_loss=text_loss, audio_loss=audio_loss,
@@ -109,6 +109,7 @@ def summarize(stats: list[float], text_weight: float, audio_weight: float, audio
         "tokens": int(stats[TOKENS]),
         "audio_frames": int(stats[FRAMES]),
         "samples": int(stats[SAMPLES]),
+        "padding_frac": 1 - stats[TOKENS] / stats[PADDED] if stats[PADDED] else None,
     }
     for c in range(len(cb_n)):
         out[f"audio_loss_cb{c}"] = cb_loss[c]

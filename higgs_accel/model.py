@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .chat import SpecialIds
 from .config import ConfigError, LoraConfig, ModelConfig
-from .data import SpecialIds
-from .losses import FRAMES, SAMPLES, TOKENS, LossOutput, audio_labels_by_position, dual_loss
+from .losses import FRAMES, PADDED, SAMPLES, TOKENS, LossOutput, audio_labels_by_position, dual_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -93,4 +93,5 @@ class DualLossModel(nn.Module):
         out.stats[TOKENS] = batch["attention_mask"].sum()
         out.stats[FRAMES] = batch["audio_input_ids_mask"].sum()
         out.stats[SAMPLES] = len(batch["input_ids"])
+        out.stats[PADDED] = batch["input_ids"].numel()
         return out

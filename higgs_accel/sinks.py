@@ -113,6 +113,8 @@ class ParquetSink:
 def compact(root: Path) -> None:
     """One part per family. The merged part replaces the first one atomically before the rest go, so a crash
     in between leaves duplicates (readers drop repeated seq), never a gap."""
+    if not Path(root).is_dir():
+        return
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
         parts = sorted(folder.glob("part-*.parquet"))
         if len(parts) < 2:

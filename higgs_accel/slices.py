@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import IGNORE
+from .chat import IGNORE
 from .losses import LossOutput
 
 

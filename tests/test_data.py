@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,19 +10,10 @@ import soundfile as sf
 import torch
 from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2Config, HiggsAudioV2Processor
 
-from higgs_accel.config import ModelConfig
-from higgs_accel.data import (
-    IGNORE,
-    TARGET,
-    CodeCache,
-    Sample,
-    SpecialIds,
-    build_example,
-    chat_prompt,
-    collate,
-    load_audio,
-    read_manifest,
-)
+from higgs_accel.chat import IGNORE, TARGET, SpecialIds, build_example, chat_prompt
+from higgs_accel.codes import CodeCache
+from higgs_accel.config import DataConfig, ModelConfig
+from higgs_accel.data import FileAudio, Sample, collate, load_audio, read_manifest
 from higgs_accel.model import load_codec
 
 SYSTEM = "Generate audio following instruction."
@@ -35,7 +25,7 @@ def parts(tiny, codes_cache):
     codec = load_codec(ModelConfig(audio_tokenizer=tiny["model.audio_tokenizer"]))
     ids = SpecialIds.from_parts(tok, HiggsAudioV2Config.from_pretrained(tiny["model.base"]))
     processor = HiggsAudioV2Processor(DacFeatureExtractor(sampling_rate=24000, hop_length=960), tok, codec)
-    samples, skips = read_manifest(tiny["data.train_manifest"])
+    samples, skips = read_manifest(tiny["data.train_manifest"], DataConfig())
     assert not skips
     return tok, CodeCache(codes_cache, codec), ids, processor, samples
 
@@ -48,7 +38,7 @@ def _ours(parts, sample, train_on_prompt=True, train_eos=False):
 
 def _theirs(parts, sample):
     _, cache, _, processor, _ = parts
-    audio = [load_audio(p, 24000) for p in (sample.ref_audio, sample.audio) if p is not None]
+    audio = [load_audio(p.path, 24000) for p in (sample.ref_audio, sample.audio) if p is not None]
     return processor(text=[chat_prompt(sample, SYSTEM) + TARGET], audio=audio, output_labels=True, return_tensors="pt")
 
 
@@ -83,7 +73,7 @@ def test_delay_pattern_shape_for_one_second(parts, tmp_path):
     tok, cache, ids, processor, _ = parts
     t = np.arange(24000) / 24000
     sf.write(tmp_path / "one.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 24000)
-    sample = Sample("m.jsonl", 1, tmp_path / "one.wav", "one second")
+    sample = Sample("m.jsonl", 1, FileAudio(tmp_path / "one.wav"), "one second")
     ex = _ours(parts, sample)
     assert ex["audio_input_ids"].shape == (34, 8)
     assert (ex["audio_input_ids"][0] == ids.stream_bos).all()
@@ -143,7 +133,7 @@ def test_bad_manifest_lines_are_named(tmp_path):
              json.dumps({"audio": "a.wav", "text": "  "})]
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
-    samples, skips = read_manifest(manifest)
+    samples, skips = read_manifest(manifest, DataConfig())
     assert [s.line for s in samples] == [1]
     assert [(s.line, s.reason) for s in skips] == [(2, "invalid_json"), (3, "missing_field"), (4, "empty_text"),
                                                     (5, "not_utf8")]
@@ -154,5 +144,5 @@ def test_audio_is_downmixed_and_resampled(tmp_path):
     t = np.arange(16000) / 16000
     mono = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     sf.write(tmp_path / "s.wav", np.stack([mono, mono], axis=1), 16000)
-    wave = load_audio(Path(tmp_path / "s.wav"), 24000)
+    wave = load_audio(tmp_path / "s.wav", 24000)
     assert wave.dtype == np.float32 and wave.ndim == 1 and abs(len(wave) - 24000) <= 1

@@ -6,16 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from higgs_accel.config import LoraConfig, ModelConfig
-from higgs_accel.data import IGNORE, CodeCache, HiggsDataset, SpecialIds, collate, read_manifest
+from higgs_accel.chat import IGNORE, SpecialIds
+from higgs_accel.codes import CodeCache, resolve
+from higgs_accel.config import DataConfig, LoraConfig, ModelConfig
+from higgs_accel.data import HiggsDataset, collate, read_manifest
 from higgs_accel.losses import audio_labels_by_position, dual_loss, summarize
 from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
-
-
-class _Data:
-    system_prompt = "Generate audio following instruction."
-    train_on_prompt = True
-    train_audio_eos = True
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +19,10 @@ def setup(tiny, codes_cache):
     mc = ModelConfig(base=tiny["model.base"], audio_tokenizer=tiny["model.audio_tokenizer"])
     tok, base = load_text_tokenizer(mc), load_base_model(mc)
     ids = SpecialIds.from_parts(tok, base.config)
-    samples, _ = read_manifest(tiny["data.train_manifest"])
-    ds = HiggsDataset(samples, CodeCache(codes_cache, load_codec(mc)), tok, ids, _Data)
+    cfg = DataConfig(train_on_prompt=True)
+    cache = CodeCache(codes_cache, load_codec(mc))
+    samples, _ = resolve(read_manifest(tiny["data.train_manifest"], cfg)[0], cache, 0, 30)
+    ds = HiggsDataset(samples, cache, tok, ids, cfg)
     batch = collate([ds[i] for i in range(4)], ids.pad, ids.stream_eos)
     model = DualLossModel(add_lora(base, LoraConfig(dropout=0.0)), ids).eval()
     torch.manual_seed(0)

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from higgs_accel.chat import SpecialIds
 from higgs_accel.config import ConfigError
-from higgs_accel.data import SpecialIds, collate
+from higgs_accel.data import collate
 from tests.conftest import make_config, of, read_events, train_run
 
 
@@ -84,7 +85,8 @@ def test_events_and_run_files(finished):
 def test_adapter_reloads_with_peft_and_reproduces_logits(finished, tiny, codes_cache):
     from peft import PeftModel
 
-    from higgs_accel.data import CodeCache, HiggsDataset, read_manifest
+    from higgs_accel.codes import CodeCache, resolve
+    from higgs_accel.data import HiggsDataset, read_manifest
     from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
 
     run_dir, _ = finished
@@ -92,8 +94,9 @@ def test_adapter_reloads_with_peft_and_reproduces_logits(finished, tiny, codes_c
     tok = load_text_tokenizer(cfg.model)
     reloaded = PeftModel.from_pretrained(load_base_model(cfg.model), run_dir / "adapter").eval()
     ids = SpecialIds.from_parts(tok, reloaded.config)
-    samples, _ = read_manifest(tiny["data.val_manifest"])
-    ds = HiggsDataset(samples, CodeCache(codes_cache, load_codec(cfg.model)), tok, ids, cfg.data)
+    cache = CodeCache(codes_cache, load_codec(cfg.model))
+    samples, _ = resolve(read_manifest(tiny["data.val_manifest"], cfg.data)[0], cache, 0, 30)
+    ds = HiggsDataset(samples, cache, tok, ids, cfg.data)
     batch = collate([ds[0], ds[1]], ids.pad, ids.stream_eos)
     # The same weights loaded the way training holds them: a fresh LoRA model with the saved adapter state.
     from peft import set_peft_model_state_dict

@@ -1,0 +1,58 @@
+"""``python -m analysis report RUN_DIR`` and ``python -m analysis diff RUN_A RUN_B``; ``main`` is also what
+``higgs-accel report`` calls. Exit status: 0 ok, 1 a --fail-if-worse check failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated steps like 1,30,60, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="write a Markdown and/or HTML report of one run")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+    rep.add_argument("--format", choices=["md", "html", "both"], default="both")
+    rep.add_argument("--steps", type=_steps, help="steps whose prediction slices are shown, e.g. 1,30,60 "
+                                                  "(default: first, middle and last step with slices)")
+    diff = sub.add_parser("diff", help="compare two runs (B against A)")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    diff.add_argument("--json", action="store_true", help="print the comparison as JSON instead of text")
+    diff.add_argument("--all", action="store_true", help="show every config key, not only the changed ones")
+    diff.add_argument("--out", help="also write diff.md, diff.html, diff.json and overlaid curves here")
+    diff.add_argument("--fail-if-worse", action="append", default=[], metavar="METRIC:TOLERANCE",
+                      help="exit 1 if B's final METRIC (e.g. eval.loss, train.loss, eval.audio_acc) is worse than "
+                           "A's by more than TOLERANCE (absolute); repeatable")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            from .report import write_report
+
+            formats = ("md", "html") if args.format == "both" else (args.format,)
+            for path in write_report(args.run_dir, args.out, formats, args.steps):
+                print(path)
+            return 0
+        from .diff import run_diff
+
+        return run_diff(args.run_a, args.run_b, as_json=args.json, show_all=args.all, out=args.out,
+                        gates=args.fail_if_worse)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"analysis: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

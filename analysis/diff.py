@@ -1,0 +1,265 @@
+"""Run B against run A: config changes, metrics joined on optimizer step, overlaid curves, slices side by side,
+the first step where losses part, and ``--fail-if-worse`` gates for CI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .document import Doc
+from .report import spread
+from .run import Run, better, flatten, load_run
+from .slices import side_by_side
+
+NAMES = ("A", "B")
+HEADLINE = ("loss", "text_loss", "audio_loss", "text_acc", "audio_acc")
+# run_start fields that are not config but explain a difference just as often.
+_RUN_FIELDS = ("versions", "hardware", "world_size", "mixed_precision", "git_commit", "trainable_params", "device")
+
+
+def _num(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def compare(a: float | None, b: float | None, metric: str) -> dict:
+    """B against A: absolute and relative change and which side is better ("A", "B", "=" or None)."""
+    a, b = _num(a), _num(b)
+    out = {"a": a, "b": b, "abs": None, "rel": None, "better": None}
+    if a is None or b is None:
+        return out
+    out["abs"] = b - a
+    out["rel"] = (b - a) / abs(a) if a else None
+    direction = better(metric)
+    if direction is not None:
+        out["better"] = "=" if a == b else ("B" if (b < a) == (direction == "lower") else "A")
+    return out
+
+
+def config_diff(a: Run, b: Run, show_all: bool = False) -> dict[str, list]:
+    fa = flatten(a.config, "config") | {f"run.{k}": v for k in _RUN_FIELDS for k, v in
+                                        flatten(a.start.get(k), k).items()}
+    fb = flatten(b.config, "config") | {f"run.{k}": v for k in _RUN_FIELDS for k, v in
+                                        flatten(b.start.get(k), k).items()}
+    keys = list(dict.fromkeys([*fa, *fb]))
+    return {k: [fa.get(k), fb.get(k)] for k in keys if show_all or fa.get(k) != fb.get(k)}
+
+
+def _final(df: pd.DataFrame, col: str) -> tuple[float | None, int | None]:
+    if col not in df:
+        return None, None
+    s = pd.to_numeric(df[col], errors="coerce").dropna()
+    return (float(s.iloc[-1]), int(s.index[-1])) if len(s) else (None, None)
+
+
+def _best(df: pd.DataFrame, col: str) -> tuple[float | None, int | None]:
+    if col not in df or better(col) is None:
+        return None, None
+    s = pd.to_numeric(df[col], errors="coerce").dropna()
+    if s.empty:
+        return None, None
+    step = s.idxmin() if better(col) == "lower" else s.idxmax()
+    return float(s.loc[step]), int(step)
+
+
+def _ranges(steps: list[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"."""
+    out, start, prev = [], None, None
+    for s in sorted(steps):
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ", ".join(out)
+
+
+def metric_diff(a: Run, b: Run) -> dict:
+    out = {}
+    for phase in ("train", "eval"):
+        ma, mb = a.metrics(phase), b.metrics(phase)
+        if ma.empty and mb.empty:
+            continue
+        cols = [c for c in dict.fromkeys([*ma.columns, *mb.columns]) if better(c) is not None
+                and c not in ("step_time_s",)]
+        final = {c: {**compare(_final(ma, c)[0], _final(mb, c)[0], c), "step_a": _final(ma, c)[1],
+                     "step_b": _final(mb, c)[1]} for c in cols}
+        best = {c: {**compare(_best(ma, c)[0], _best(mb, c)[0], c), "step_a": _best(ma, c)[1],
+                    "step_b": _best(mb, c)[1]} for c in cols}
+        common = sorted(set(ma.index) & set(mb.index))
+        at_steps = [{"step": int(s), "metric": c, **compare(ma.at[s, c], mb.at[s, c], c)}
+                    for s in spread(common, 10) for c in HEADLINE if c in ma and c in mb]
+        out[phase] = {"final": final, "best": best, "common_steps": len(common), "at_steps": at_steps,
+                      "only_a": _ranges([int(s) for s in set(ma.index) - set(mb.index)]),
+                      "only_b": _ranges([int(s) for s in set(mb.index) - set(ma.index)])}
+    return out
+
+
+def first_difference(a: Run, b: Run) -> dict | None:
+    """The first common train step whose losses differ at all (for runs meant to be identical)."""
+    ma, mb = a.metrics("train"), b.metrics("train")
+    cols = [c for c in ma.columns if c in mb and ("loss" in c)]
+    common = sorted(set(ma.index) & set(mb.index))
+    if not cols or not common:
+        return None
+    ja, jb = ma.loc[common, cols].astype("float64"), mb.loc[common, cols].astype("float64")
+    differs = ~((ja == jb) | (ja.isna() & jb.isna()))
+    rows = differs.any(axis=1)
+    if not rows.any():
+        return {"step": None, "common_steps": len(common), "fields": {}}
+    step = rows.idxmax()
+    fields = {c: [_num(ja.at[step, c]), _num(jb.at[step, c])] for c in cols if differs.at[step, c]}
+    return {"step": int(step), "common_steps": len(common), "fields": fields}
+
+
+def parse_gate(text: str) -> tuple[str, str, float]:
+    metric, sep, tol = text.rpartition(":")
+    phase, dot, col = metric.partition(".")
+    if not sep or not dot or phase not in ("train", "eval") or not col:
+        raise ValueError(f"--fail-if-worse {text!r}: expected PHASE.METRIC:TOLERANCE like eval.loss:0.05")
+    try:
+        tolerance = float(tol)
+    except ValueError:
+        raise ValueError(f"--fail-if-worse {text!r}: tolerance {tol!r} is not a number") from None
+    if better(col) is None:
+        raise ValueError(f"--fail-if-worse {text!r}: {col} has no better direction (use a loss or acc)")
+    return phase, col, tolerance
+
+
+def check_gate(a: Run, b: Run, text: str) -> dict:
+    """B's final value may be worse than A's by at most the tolerance, in the metric's own units (absolute):
+    for losses B - A <= tol, for accuracies A - B <= tol. A metric B lacks fails; one neither run has is bad
+    input (ValueError)."""
+    phase, col, tol = parse_gate(text)
+    ma, mb = a.metrics(phase), b.metrics(phase)
+    if col not in ma and col not in mb:
+        raise ValueError(f"--fail-if-worse {text!r}: neither run has {phase}.{col}")
+    va, vb = _final(ma, col)[0], _final(mb, col)[0]
+    if va is None or vb is None:
+        return {"gate": text, "a": va, "b": vb, "worse_by": None, "ok": False,
+                "why": f"{phase}.{col} missing in {'A' if va is None else 'B'}"}
+    worse_by = vb - va if better(col) == "lower" else va - vb
+    ok = worse_by <= tol
+    return {"gate": text, "a": va, "b": vb, "worse_by": worse_by, "ok": ok,
+            "why": f"B is worse by {worse_by:.4g} (tolerance {tol:g})" if not ok else "within tolerance"}
+
+
+def diff(a: Run, b: Run, show_all: bool = False, gates: list[str] = ()) -> dict:
+    return {"a": str(a.path), "b": str(b.path), "status": [a.status, b.status],
+            "steps": [len(a.steps), len(b.steps)], "config": config_diff(a, b, show_all),
+            "metrics": metric_diff(a, b), "first_difference": first_difference(a, b),
+            "gates": [check_gate(a, b, g) for g in gates]}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:+.1%}"
+
+
+def build_doc(a: Run, b: Run, result: dict, out: Path | None) -> Doc:
+    doc = Doc(f"Diff: B {b.path.name} against A {a.path.name}")
+    doc.table(["", "A", "B"], [["run dir", str(a.path), str(b.path)], ["status", *result["status"]],
+                               ["train steps", *result["steps"]]], align_right=False)
+    if result["gates"]:
+        doc.heading("Gates")
+        doc.table(["gate", "A", "B", "result"], [[g["gate"], g["a"], g["b"], ("ok: " if g["ok"] else "FAIL: ")
+                                                  + g["why"]] for g in result["gates"]], align_right=False)
+    doc.heading("Config" + ("" if len(result["config"]) else ": identical"))
+    if result["config"]:
+        doc.table(["key", "A", "B"], [[k, json.dumps(v[0]), json.dumps(v[1])] for k, v in result["config"].items()],
+                  align_right=False)
+    first = result["first_difference"]
+    doc.heading("First difference")
+    if first is None:
+        doc.para("No common train steps to compare.")
+    elif first["step"] is None:
+        doc.para(f"Losses are identical on all {first['common_steps']} common train steps.")
+    else:
+        doc.para(f"Train losses first differ at step **{first['step']}** (of {first['common_steps']} common steps): "
+                 + ", ".join(f"{k} {_fmt(v[0])} vs {_fmt(v[1])}" for k, v in first["fields"].items()))
+    for phase, m in result["metrics"].items():
+        doc.heading(f"{phase.capitalize()} metrics")
+        rows = []
+        for col, f in m["final"].items():
+            bst = m["best"][col]
+            if f["a"] is None and f["b"] is None:
+                continue
+            rows.append([col, f["a"], f["b"], f["abs"], _pct(f["rel"]), f["better"] or "-",
+                         bst["a"], bst["b"], _pct(bst["rel"]), bst["better"] or "-"])
+        doc.table(["metric", "final A", "final B", "change", "rel", "better", "best A", "best B", "rel", "better"],
+                  rows)
+        notes = [f"{m['common_steps']} common steps"]
+        if m["only_a"]:
+            notes.append(f"steps only in A: {m['only_a']}")
+        if m["only_b"]:
+            notes.append(f"steps only in B: {m['only_b']}")
+        doc.para("; ".join(notes) + ".")
+        if m["at_steps"]:
+            steps = list(dict.fromkeys(r["step"] for r in m["at_steps"]))
+            cols = list(dict.fromkeys(r["metric"] for r in m["at_steps"]))
+            cell = {(r["step"], r["metric"]): r for r in m["at_steps"]}
+            doc.table(["step", *[f"{c} A → B" for c in cols]],
+                      [[s, *[f"{_fmt(cell[s, c]['a'])} → {_fmt(cell[s, c]['b'])} ({_pct(cell[s, c]['rel'])})"
+                             for c in cols]] for s in steps])
+    if out is not None:
+        doc.heading("Curves")
+        doc.image(plots.overlay(a, b, NAMES, out / "curves.png"), "A (solid) and B (dashed)")
+    slices(doc, a, b)
+    return doc
+
+
+def slices(doc: Doc, a: Run, b: Run) -> None:
+    common = sorted(set(a.slice_steps("train")) & set(b.slice_steps("train")))
+    if not common:
+        return
+    step = common[-1]
+    doc.heading(f"Predictions at step {step}, side by side")
+    sa, sb = a.slices_at(step), b.slices_at(step)
+
+    def key(r):
+        return r["modality"], -1 if r["codebook"] != r["codebook"] else int(r["codebook"]), int(r["sample"])
+
+    by_b = {key(r): r for _, r in sb.iterrows()}
+    for _, ra in sa.iterrows():
+        rb = by_b.get(key(ra))
+        if rb is not None:
+            side_by_side(doc, ra, rb, NAMES)
+
+
+def run_diff(path_a, path_b, as_json: bool = False, show_all: bool = False, out=None, gates=()) -> int:
+    a, b = load_run(path_a), load_run(path_b)
+    result = diff(a, b, show_all, list(gates))
+    out_dir = Path(out) if out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    doc = build_doc(a, b, result, out_dir)
+    if out_dir is not None:
+        (out_dir / "diff.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        (out_dir / "diff.md").write_text(doc.markdown(out_dir), encoding="utf-8")
+        (out_dir / "diff.html").write_text(doc.html(), encoding="utf-8")
+        print(f"diff: {out_dir / 'diff.md'}, {out_dir / 'diff.html'}, {out_dir / 'diff.json'}", file=sys.stderr)
+    print(json.dumps(result, indent=1, default=str) if as_json else doc.markdown(out_dir or Path(".")))
+    failed = [g for g in result["gates"] if not g["ok"]]
+    for g in failed:
+        print(f"analysis diff: {g['gate']} failed: {g['why']}", file=sys.stderr)
+    return 1 if failed else 0
+

@@ -1,0 +1,259 @@
+"""``load_run``: one run's events as pandas DataFrames, plus answers to the questions people ask first."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .load import parse_ts, read_events, run_status
+
+LOSS_FIELDS = ("loss", "text_loss", "audio_loss")
+_CB = re.compile(r"audio_(acc|loss)_cb(\d+)$")
+
+
+def load_run(path: str | Path) -> Run:
+    """Read RUN_DIR (Parquet, completed from events.jsonl for crashed or running runs)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    if not (path / "events.jsonl").is_file() and not (path / "events").is_dir():
+        raise FileNotFoundError(f"{path}: neither events.jsonl nor events/ found; is this a run directory?")
+    return Run(path, read_events(path))
+
+
+def _decode(value):
+    """Nested values are JSON text in Parquet and in the tables built from events.jsonl."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+class Run:
+    """A run directory's events. ``run.<family>`` is a DataFrame per event family (``run.train_step``,
+    ``run.eval``, ``run.pred_slice``, ...; empty if the run has none), ``run.tables`` the pyarrow tables.
+    Steps redone after a resume appear once (the superseded rule), repeated events are dropped."""
+
+    def __init__(self, path: Path, tables: dict[str, pa.Table]):
+        self.path = Path(path)
+        self.tables = tables
+        self._frames: dict[str, pd.DataFrame] = {}
+        self._slices: dict[str | None, pa.Table | None] = {}
+        self._mismatch: dict[str, pd.DataFrame] = {}
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, status={self.status!r}, steps={len(self.steps)})"
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.frame(name)
+
+    def frame(self, family: str) -> pd.DataFrame:
+        """All events of one family, in seq order; an empty DataFrame if there are none."""
+        if family not in self._frames:
+            table = self.tables.get(family)
+            if table is None:
+                self._frames[family] = pd.DataFrame()
+            else:
+                if "seq" in table.column_names:
+                    table = table.sort_by("seq")
+                self._frames[family] = table.to_pandas()
+        return self._frames[family]
+
+    # ------------------------------------------------------------ run level
+
+    def _events(self, family: str) -> list[dict]:
+        table = self.tables.get(family)
+        if table is None:
+            return []
+        rows = table.sort_by("seq").to_pylist() if "seq" in table.column_names else table.to_pylist()
+        return [{k: _decode(v) for k, v in r.items()} for r in rows]
+
+    @cached_property
+    def start(self) -> dict:
+        """The last run_start event (a resumed run has one per launch), nested fields decoded."""
+        events = self._events("run_start")
+        return events[-1] if events else {}
+
+    @property
+    def config(self) -> dict:
+        return self.start.get("config") or {}
+
+    @cached_property
+    def end(self) -> dict | None:
+        """run_end of the latest launch; None if that launch has not ended (crashed or still running)."""
+        events = self._events("run_end")
+        if not events:
+            return None
+        last_start = self.start.get("seq", -1)
+        return events[-1] if events[-1].get("seq", 0) > last_start else None
+
+    @cached_property
+    def last_event_time(self) -> datetime | None:
+        latest = None
+        for table in self.tables.values():
+            if "ts" in table.column_names and table.num_rows:
+                ts = pc.max(table.column("ts")).as_py()
+                latest = ts if latest is None or (ts and ts > latest) else latest
+        return parse_ts(latest)
+
+    @property
+    def status(self) -> str:
+        return run_status(self.end, self.last_event_time)
+
+    @cached_property
+    def data_summary(self) -> dict[str, dict]:
+        """split -> kept, skipped, skipped_by_reason (the latest launch's count when a run was resumed)."""
+        return {e["split"]: e for e in self._events("data_summary")}
+
+    # ------------------------------------------------------------ metrics
+
+    def metrics(self, phase: str = "train") -> pd.DataFrame:
+        """train_step (phase "train") or eval (phase "eval") metrics, indexed by optimizer step, one row each."""
+        df = self.frame("train_step" if phase == "train" else "eval")
+        if df.empty or "step" not in df:
+            return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
+        return df.drop_duplicates("step", keep="last").set_index("step").sort_index()
+
+    @property
+    def steps(self) -> list[int]:
+        return self.metrics("train").index.tolist()
+
+    def loss_curve(self, phase: str = "train") -> pd.DataFrame:
+        """Total, text and audio loss by step."""
+        m = self.metrics(phase)
+        return m[[c for c in LOSS_FIELDS if c in m]]
+
+    def codebooks(self) -> list[int]:
+        cols = list(self.metrics("train").columns) + list(self.metrics("eval").columns)
+        return sorted({int(m.group(2)) for c in cols if (m := _CB.match(c))})
+
+    def _per_codebook(self, kind: str, phase: str) -> pd.DataFrame:
+        m = self.metrics(phase)
+        cols = {cb: f"audio_{kind}_cb{cb}" for cb in self.codebooks() if f"audio_{kind}_cb{cb}" in m}
+        out = pd.DataFrame({cb: m[c].astype("float64") for cb, c in cols.items()}, index=m.index)
+        out.columns.name = "codebook"
+        return out
+
+    def codebook_accuracy(self, phase: str = "train") -> pd.DataFrame:
+        """Matrix step x codebook of audio accuracy (NaN where a step had no targets)."""
+        return self._per_codebook("acc", phase)
+
+    def codebook_loss(self, phase: str = "train") -> pd.DataFrame:
+        return self._per_codebook("loss", phase)
+
+    # ------------------------------------------------------------ prediction slices
+
+    def _slice_table(self, phase: str | None) -> pa.Table | None:
+        if phase not in self._slices:
+            table = self.tables.get("pred_slice")
+            if table is not None and table.num_rows and phase is not None and "phase" in table.column_names:
+                table = table.filter(pc.equal(table.column("phase"), phase))
+            self._slices[phase] = table if table is not None and table.num_rows else None
+        return self._slices[phase]
+
+    def slice_steps(self, phase: str = "train") -> list[int]:
+        table = self._slice_table(phase)
+        if table is None or table.num_rows == 0:
+            return []
+        return sorted(pc.unique(table.column("step")).to_pylist())
+
+    def slices_at(self, step: int, phase: str | None = "train") -> pd.DataFrame:
+        """The prediction slices logged at ``step`` (text rows first, then audio by codebook and sample), with
+        ``first_mismatch``: the index of the first target in the first window where prediction != label."""
+        table = self._slice_table(phase)
+        if table is None:
+            return pd.DataFrame()
+        table = table.filter(pc.equal(table.column("step"), step))
+        df = table.to_pandas()
+        if df.empty:
+            return df
+        df["first_mismatch"] = _first_mismatch(table)
+        order = [c for c in ("phase", "modality", "codebook", "sample") if c in df]
+        return df.sort_values(order, key=_text_first, na_position="first").reset_index(drop=True)
+
+    def first_mismatch(self, phase: str = "train") -> pd.DataFrame:
+        """Per slice: step, modality, codebook, sample and where predictions first diverge from the labels
+        (``first_mismatch``: index among the first K targets, NaN when all K match; ``first_mismatch_pos``:
+        that target's position in the sequence)."""
+        if phase not in self._mismatch:
+            self._mismatch[phase] = _mismatch_frame(self._slice_table(phase))
+        return self._mismatch[phase].copy()
+
+
+def _mismatch_frame(table: pa.Table | None) -> pd.DataFrame:
+    cols = ["step", "modality", "codebook", "sample"]
+    if table is None:
+        return pd.DataFrame(columns=[*cols, "first_mismatch", "first_mismatch_pos", "window"])
+    df = table.select([c for c in cols if c in table.column_names]).to_pandas()
+    first = _first_mismatch(table)
+    df["first_mismatch"] = first
+    positions = table.column("first_pos").combine_chunks()
+    df["window"] = pc.fill_null(pc.list_value_length(positions), 0).to_numpy(zero_copy_only=False)
+    # The sequence position of that target: index into each row's slice of the flattened positions.
+    flat = pc.list_flatten(positions).to_numpy(zero_copy_only=False).astype("float64")
+    offsets = positions.offsets.to_numpy()
+    starts = offsets[:-1] - offsets[0]
+    found = ~np.isnan(first) & (np.nan_to_num(first, nan=0) < df["window"].to_numpy())
+    pos = np.full(len(df), np.nan)
+    pos[found] = flat[starts[found] + first[found].astype("int64")]
+    df["first_mismatch_pos"] = pos
+    return df
+
+
+def _text_first(col: pd.Series) -> pd.Series:
+    return col.map({"text": 0, "audio": 1}) if col.name == "modality" else col
+
+
+def _first_mismatch(table: pa.Table) -> np.ndarray:
+    """Index of the first prediction != label among the first K targets of each slice; NaN if none differs."""
+    preds = table.column("first_pred").combine_chunks()
+    labels = table.column("first_label").combine_chunks()
+    out = np.full(table.num_rows, np.nan)
+    flat_p = pc.list_flatten(preds).to_numpy(zero_copy_only=False)
+    flat_l = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+    if len(flat_p) != len(flat_l):  # windows of unequal length: compare row by row
+        for i, (p, lab) in enumerate(zip(preds.to_pylist(), labels.to_pylist(), strict=False)):
+            bad = [k for k, (a, b) in enumerate(zip(p or [], lab or [], strict=False)) if a != b]
+            out[i] = bad[0] if bad else np.nan
+        return out
+    parents = pc.list_parent_indices(preds).to_numpy(zero_copy_only=False)
+    lengths = pc.fill_null(pc.list_value_length(preds), 0).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    within = np.arange(len(flat_p)) - offsets[parents]
+    miss = flat_p != flat_l
+    rows, first = np.unique(parents[miss], return_index=True)
+    out[rows] = within[miss][first]
+    return out
+
+
+def better(metric: str) -> str | None:
+    """Which direction is better for a metric name: "lower" (losses, time, memory), "higher" (accuracy,
+    throughput) or None (lr, counts)."""
+    name = metric.rsplit(".", 1)[-1]
+    if "loss" in name or name in ("grad_norm", "step_time_s", "peak_mem_mb"):
+        return "lower"
+    if "acc" in name or name in ("samples_per_s", "tokens_per_s"):
+        return "higher"
+    return None
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """Nested config as dotted keys: {"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out = {}
+    for k, v in value.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out

@@ -1,0 +1,112 @@
+"""The Higgs chat layout of one sample: token ids, the delay pattern of its audio, and what is a target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100
+AUDIO_PLACEHOLDER = "<|AUDIO_OUT|>"
+AUDIO_TURN = f"<|audio_out_bos|>{AUDIO_PLACEHOLDER}<|audio_eos|>"
+TARGET = f"{AUDIO_TURN}<|eot_id|>"
+
+
+@dataclass
+class SpecialIds:
+    """Token ids the layout needs, read from the tokenizer and model config (never hard-coded)."""
+
+    audio: int
+    audio_bos: int
+    audio_eos: int
+    delay: int
+    pad: int
+    stream_bos: int
+    stream_eos: int
+    num_codebooks: int
+
+    @classmethod
+    def from_parts(cls, tokenizer, model_config) -> SpecialIds:
+        ids = tokenizer.convert_tokens_to_ids
+        return cls(audio=ids(AUDIO_PLACEHOLDER), audio_bos=ids("<|audio_out_bos|>"), audio_eos=ids("<|audio_eos|>"),
+                   delay=ids("<|reserved_special_token_6|>"), pad=tokenizer.pad_token_id,
+                   stream_bos=model_config.audio_stream_bos_id, stream_eos=model_config.audio_stream_eos_id,
+                   num_codebooks=model_config.num_codebooks)
+
+
+def _turn(role: str, content: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
+
+
+def chat_prompt(sample, system_prompt: str) -> str:
+    """Everything before the target audio, ending with the assistant header, in Higgs's Llama-3 chat format.
+
+    A voice-cloning sample puts its reference transcript and audio as an earlier user/assistant exchange."""
+    system = sample.system or system_prompt
+    if sample.scene:
+        system += f"\n\n<|scene_desc_start|>\n{sample.scene}\n<|scene_desc_end|>"
+    text = f"<|begin_of_text|>{_turn('system', system)}"
+    if sample.ref_audio is not None:
+        text += _turn("user", sample.ref_text) + _turn("assistant", AUDIO_TURN)
+    return text + _turn("user", sample.text) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def delay_pattern(codes: torch.Tensor, bos: int, eos: int, fill_bos: int, fill_eos: int) -> torch.Tensor:
+    """(codebooks, T) codes -> (T + 2 + codebooks - 1, codebooks) frames: ``bos``, codes, ``eos``, each codebook
+    shifted one frame later than the one before, the gaps filled with ``fill_bos`` before and ``fill_eos`` after."""
+    k, t = codes.shape
+    stream = torch.cat([codes.new_full((k, 1), bos), codes, codes.new_full((k, 1), eos)], dim=1)
+    out = codes.new_full((k, t + 2 + k - 1), fill_eos)
+    for c in range(k):
+        out[c, :c] = fill_bos
+        out[c, c:c + t + 2] = stream[c]
+    return out.T.contiguous()
+
+
+def audio_streams(codes: np.ndarray, ids: SpecialIds, is_target: bool, train_eos: bool):
+    """Model inputs and labels of one audio segment in the delay pattern.
+
+    Labels follow the original Higgs collator: per codebook [ignore for stream BOS, the codes, stream EOS], then
+    the delay pattern with ignore as both fills. Reference audio (not a target) gets no labels at all."""
+    codes = torch.as_tensor(codes.astype(np.int64))
+    inputs = delay_pattern(codes, ids.stream_bos, ids.stream_eos, ids.stream_bos, ids.stream_eos)
+    if not is_target:
+        return inputs, torch.full_like(inputs, IGNORE)
+    labels = delay_pattern(codes, IGNORE, ids.stream_eos if train_eos else IGNORE, IGNORE, IGNORE)
+    return inputs, labels
+
+
+def audio_placeholders(n_frames: int, ids: SpecialIds) -> list[int]:
+    return [ids.audio] * (n_frames - (ids.num_codebooks - 1)) + [ids.delay] * (ids.num_codebooks - 1)
+
+
+def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, tokenizer, ids: SpecialIds,
+                  system_prompt: str, train_on_prompt: bool, train_audio_eos: bool) -> dict[str, torch.Tensor]:
+    """Token ids, text labels, delayed audio frames and audio labels of one sample.
+
+    Text targets sit in the assistant turn holding the target audio (after its audio: ``<|audio_eos|>`` and
+    ``<|eot_id|>``), plus the system and user turns with ``train_on_prompt``; audio placeholders and
+    ``<|audio_out_bos|>`` (given at inference) never are. Text is tokenized piece by piece between audio
+    placeholders, which equals tokenizing the expanded string since special tokens always split."""
+    segments = [(chat_prompt(sample, system_prompt), train_on_prompt), (TARGET, True)]
+    audios = iter(([(ref_codes, False)] if sample.ref_audio is not None else []) + [(codes, True)])
+    input_ids, labels, frames, frame_labels = [], [], [], []
+    for text, text_is_target in segments:
+        for i, piece in enumerate(text.split(AUDIO_PLACEHOLDER)):
+            if i > 0:
+                seg_codes, is_target = next(audios)
+                inp, lab = audio_streams(seg_codes, ids, is_target, train_audio_eos)
+                frames.append(inp)
+                frame_labels.append(lab)
+                input_ids += audio_placeholders(len(inp), ids)
+                labels += [IGNORE] * len(inp)
+            tokens = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            input_ids += tokens
+            labels += [t if text_is_target and t != ids.audio_bos else IGNORE for t in tokens]
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "audio_input_ids": torch.cat(frames),
+        "audio_labels": torch.cat(frame_labels),
+    }

@@ -1,0 +1,187 @@
+"""Codec codes, encoded once and cached: keyed by the audio's content hash and the codec's identity.
+
+Layout under the cache root: ``<codec id>/<sha256 of the audio bytes>.npy`` (int16, codebooks x frames), or
+``<sha256>.skip.json`` for audio that cannot become codes (unreadable, silent, shorter than a frame), so a bad file
+is decoded once too. Entries appear by atomic rename: an interrupted encode leaves no partial entry, and a rerun
+resumes where it stopped. ``paths.jsonl`` remembers (path, size, mtime) -> hash so unchanged files are not hashed
+again; a changed file gets a new hash and is encoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import FileAudio, Sample, Skip, decode_audio
+
+SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
+
+
+def codec_identity(codec) -> str:
+    """Changes when the codec's config or weights change."""
+    h = hashlib.sha256(codec.config.to_json_string(use_diff=False).encode())
+    for name, t in sorted(codec.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().sum().double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class CodeCache:
+    def __init__(self, root: str | Path, codec):
+        self.codec = codec
+        self.sample_rate = codec.config.sample_rate
+        self.frame_rate = codec.config.frame_rate
+        self.dir = Path(root) / codec_identity(codec)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.encode_calls = 0
+        self._index = self._read_index()
+
+    # ------------------------------------------------ keys
+
+    def _read_index(self) -> dict:
+        index = {}
+        path = self.dir / "paths.jsonl"
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    key, digest = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a kill
+                index[tuple(key)] = digest
+        return index
+
+    def key(self, audio) -> str:
+        """The content hash of an audio reference; files are hashed once per (path, size, mtime)."""
+        if isinstance(audio, FileAudio):
+            st = audio.path.stat()
+            stat_key = (str(audio.path.resolve()), st.st_size, st.st_mtime_ns)
+            if stat_key in self._index:
+                return self._index[stat_key]
+            digest = hashlib.sha256(audio.read()).hexdigest()
+            self._index[stat_key] = digest
+            with open(self.dir / "paths.jsonl", "a") as f:  # one short line per write: appends stay whole
+                f.write(json.dumps([list(stat_key), digest]) + "\n")
+            return digest
+        return hashlib.sha256(audio.read()).hexdigest()
+
+    # ------------------------------------------------ entries
+
+    def load(self, digest: str) -> np.ndarray:
+        return np.load(self.dir / f"{digest}.npy")
+
+    def lookup(self, digest: str) -> np.ndarray | dict | None:
+        """Cached codes, or the recorded reason the audio has none, or None if never encoded."""
+        codes = self.dir / f"{digest}.npy"
+        if codes.is_file():
+            return np.load(codes, mmap_mode="r")
+        skip = self.dir / f"{digest}.skip.json"
+        if skip.is_file():
+            return json.loads(skip.read_text())
+        return None
+
+    def codes(self, audio) -> np.ndarray:
+        """Codes of one audio, encoded now if not cached; ValueError if the audio cannot have any."""
+        digest = self.key(audio)
+        entry = self.lookup(digest)
+        if entry is None:
+            entry = self.encode(audio, digest)
+        if isinstance(entry, dict):
+            raise ValueError(f"{audio}: {entry['reason']}: {entry['detail']}")
+        return np.asarray(entry)
+
+    def encode(self, audio, digest: str) -> np.ndarray | dict:
+        """Decode, check and encode one audio; store and return its codes or the reason it has none."""
+        try:
+            wave = decode_audio(audio.read(), self.sample_rate)
+        except Exception as e:  # noqa: BLE001 - soundfile raises several types for corrupt files
+            return self._store_skip(digest, "unreadable_audio", f"{type(e).__name__}: {e}")
+        if len(wave) == 0:
+            return self._store_skip(digest, "empty_audio", "no samples")
+        if float(np.abs(wave).max()) < SILENCE_PEAK:
+            return self._store_skip(digest, "silent_audio", f"peak below {SILENCE_PEAK} (about -80 dBFS)")
+        with torch.no_grad():
+            device = next(self.codec.parameters()).device
+            codes = self.codec.encode(torch.from_numpy(wave)[None, None].to(device)).audio_codes[0]
+        self.encode_calls += 1
+        if codes.shape[-1] == 0:
+            return self._store_skip(digest, "empty_audio", "shorter than one codec frame")
+        arr = codes.cpu().numpy().astype(np.int16)
+        self._atomic(self.dir / f"{digest}.npy", lambda f: np.save(f, arr))
+        return arr
+
+    def _store_skip(self, digest: str, reason: str, detail: str) -> dict:
+        entry = {"reason": reason, "detail": detail}
+        self._atomic(self.dir / f"{digest}.skip.json", lambda f: f.write(json.dumps(entry).encode()))
+        return entry
+
+    @staticmethod
+    def _atomic(target: Path, write) -> None:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+
+
+def _refs(sample: Sample):
+    return [("ref_codes", sample.ref_audio), ("codes", sample.audio)] if sample.ref_audio else [("codes", sample.audio)]
+
+
+def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False) -> int:
+    """Encode what the cache lacks (this process's share of the samples); return how many were encoded."""
+    from tqdm import tqdm
+
+    before = cache.encode_calls
+    for s in tqdm(samples, desc="encoding audio", unit="sample", disable=not progress):
+        for _, audio in _refs(s):
+            if not audio.exists():
+                continue
+            digest = cache.key(audio)
+            if cache.lookup(digest) is None:
+                cache.encode(audio, digest)
+    return cache.encode_calls - before
+
+
+def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_seconds: float,
+            encode: bool = True) -> tuple[list[Sample], list[Skip]]:
+    """Check every sample against the cache (encoding what is missing unless ``encode`` is off); return the kept
+    samples, each with its cache keys and frame count, and a Skip for every other one."""
+    kept, skips = [], []
+    for s in samples:
+        problem, frames = None, 0
+        for attr, audio in _refs(s):
+            if not audio.exists():
+                problem = Skip(s.source, s.line, "missing_file", f"audio not found: {audio}")
+                break
+            digest = cache.key(audio)
+            entry = cache.lookup(digest)
+            if entry is None and encode:
+                entry = cache.encode(audio, digest)
+            if entry is None:
+                problem = Skip(s.source, s.line, "not_encoded", f"{audio} has no cached codes")
+                break
+            if isinstance(entry, dict):
+                problem = Skip(s.source, s.line, entry["reason"], f"{audio}: {entry['detail']}")
+                break
+            setattr(s, attr, digest)
+            frames += entry.shape[-1]
+            seconds = entry.shape[-1] / cache.frame_rate
+            if attr == "codes" and not min_seconds <= seconds <= max_seconds:
+                problem = Skip(s.source, s.line, "length",
+                               f"{audio}: {seconds:.2f}s outside [{min_seconds}, {max_seconds}]")
+        if problem is None:
+            s.frames = frames
+            kept.append(s)
+        else:
+            skips.append(problem)
+    return kept, skips
+
+
+def summary_line(split: str, kept: int, skips: list[Skip]) -> str:
+    by = ", ".join(f"{k}: {v}" for k, v in Counter(s.reason for s in skips).most_common()) or "none"
+    return f"data {split}: {kept} kept, {len(skips)} skipped ({by})"

@@ -1,0 +1,382 @@
+"""The analysis package on real runs of the tiny preset and on runs derived from them: crashed, torn, resumed,
+one step, no eval, duplicated and drifting Parquet parts, unknown event families."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import analysis
+from analysis.__main__ import main
+from analysis.checks import loss_spikes, warnings_for
+from analysis.diff import check_gate, diff
+from analysis.load import column, rows_to_table, run_status
+from analysis.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = ["--no-report", "train.max_steps=8", "train.eval_every=4", "log.log_steps=2", "train.save_every=4"]
+
+
+def _train(out: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "higgs_accel", "train", "--preset", "tiny", "--output-dir", str(out), *TRAIN_ARGS,
+           *extra]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory) -> Path:
+    """One finished tiny run: 8 steps, eval at 4 and 8, slices every 2 steps, checkpoints at 4 and 8."""
+    out = tmp_path_factory.mktemp("analysis") / "run"
+    _train(out)
+    return out
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def make_run(path: Path, events: list[dict], parquet: bool = False, torn: bool = False) -> Path:
+    """A run directory holding these events (events.jsonl; one Parquet part per family if asked)."""
+    path.mkdir(parents=True)
+    text = "".join(json.dumps(e) + "\n" for e in events)
+    if torn:
+        text += '{"event": "train_step", "loss": 1.2'  # the half-written line of a killed process
+    (path / "events.jsonl").write_text(text)
+    if parquet:
+        write_parts(path, events)
+    return path
+
+
+def write_parts(path: Path, events: list[dict], name: str = "part-{seq:012d}.parquet") -> None:
+    families: dict[str, list[dict]] = {}
+    for e in events:
+        families.setdefault(e["event"], []).append(e)
+    for family, rows in families.items():
+        folder = path / "events" / family
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows_to_table(rows), folder / name.format(seq=rows[0]["seq"]))
+
+
+def aged(events: list[dict]) -> list[dict]:
+    """The same events, logged long ago: a run without run_end then reads as crashed, not running."""
+    return [{**e, "ts": "2020-01-01T00:00:00.000000Z"} for e in events]
+
+
+# ---------------------------------------------------------------- independence from the trainer
+
+
+def test_analysis_never_imports_torch(real_run, tmp_path):
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'accelerate', 'higgs_accel', 'transformers', 'peft'):\n"
+        "    sys.modules[name] = None  # importing any of them now raises ImportError\n"
+        "import analysis, analysis.report, analysis.diff, analysis.__main__\n"
+        f"run = analysis.load_run({str(real_run)!r})\n"
+        f"analysis.report.write_report({str(real_run)!r}, out={str(tmp_path / 'r')!r})\n"
+        f"assert analysis.__main__.main(['diff', {str(real_run)!r}, {str(real_run)!r}, '--out', "
+        f"{str(tmp_path / 'd')!r}]) == 0\n"
+        "print('ok', len(run.steps))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok 8" in done.stdout
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_load_real_run(real_run):
+    run = analysis.load_run(real_run)
+    assert run.status == "finished" and run.end["status"] == "finished"
+    assert run.steps == list(range(1, 9))
+    assert {"run_start", "train_step", "eval", "pred_slice", "run_end", "data_summary"} <= set(run.tables)
+    assert list(run.loss_curve().columns) == ["loss", "text_loss", "audio_loss"]
+    assert run.metrics("eval").index.tolist() == [4, 8]
+    acc = run.codebook_accuracy()
+    assert acc.shape == (8, 8) and acc.index.name == "step"
+    assert run.slice_steps() == [2, 4, 6, 8] and run.slice_steps("eval") == [4, 8]
+    slices = run.slices_at(8)
+    assert len(slices) == 2 * 9 and slices.iloc[0]["modality"] == "text"
+    assert all(isinstance(t, str) for t in slices.iloc[0]["first_pred_text"])
+    fm = run.first_mismatch()
+    assert len(fm) == len(run.pred_slice[run.pred_slice.phase == "train"])
+    assert fm["first_mismatch"].dropna().between(0, fm["window"].max() - 1).all()
+    assert run.config["train"]["max_steps"] == 8 and run.start["trainable_params"] > 0
+    assert run.data_summary["train"]["kept"] > 0
+    assert run.nothing_like_this.empty  # an absent family is an empty frame, not an error
+    assert run.train_step.seq.is_monotonic_increasing
+
+
+def test_parquet_and_jsonl_agree(real_run, tmp_path):
+    jsonl_only = tmp_path / "jsonl-only"
+    jsonl_only.mkdir()
+    shutil.copy(real_run / "events.jsonl", jsonl_only / "events.jsonl")
+    a, b = analysis.load_run(real_run), analysis.load_run(jsonl_only)
+    assert set(a.tables) == set(b.tables)
+    for family in a.tables:
+        fa, fb = a.frame(family), b.frame(family)
+        assert len(fa) == len(fb), family
+        assert fa["seq"].tolist() == fb["seq"].tolist()
+    cols = [c for c in a.train_step.columns if a.train_step[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(a.train_step[cols], b.train_step[cols], check_like=True)
+
+
+def test_crashed_run_with_torn_line(real_run, tmp_path):
+    events = [e for e in aged(events_of(real_run)) if e["event"] != "run_end" and e["step"] <= 5]
+    run = analysis.load_run(make_run(tmp_path / "crashed", events, torn=True))
+    assert run.status == "crashed" and run.end is None
+    assert run.steps == [1, 2, 3, 4, 5]
+    assert any("crashed" in w for w in warnings_for(run))
+    paths = write_report(run.path)
+    assert "crashed" in paths[0].read_text()
+
+
+def test_run_end_crashed_and_running_status(real_run, tmp_path):
+    events = events_of(real_run)
+    end = dict(events[-1], status="crashed", error="RuntimeError: CUDA out of memory")
+    run = analysis.load_run(make_run(tmp_path / "oom", [*events[:-1], end]))
+    assert run.status == "crashed"
+    assert "CUDA out of memory" in write_report(run.path, formats=("md",))[0].read_text()
+    assert run_status(None, pd.Timestamp.now(tz="UTC").to_pydatetime()) == "running"
+
+
+def test_parquet_completed_from_jsonl(real_run, tmp_path):
+    """A crash after the last flush: Parquet holds the first events, events.jsonl the rest."""
+    events = aged(events_of(real_run))
+    events = [e for e in events if e["event"] != "run_end"]
+    path = make_run(tmp_path / "lagging", events)
+    write_parts(path, [e for e in events if e["step"] <= 3])
+    run = analysis.load_run(path)
+    assert run.steps == list(range(1, 9))
+    assert run.tables["train_step"].column("seq").to_pylist() == sorted(set(run.train_step.seq))
+
+
+def test_gap_in_parquet_is_filled(real_run, tmp_path):
+    """A lost middle part: events on both sides are in Parquet, the gap only in events.jsonl."""
+    events = events_of(real_run)
+    path = make_run(tmp_path / "gap", events)
+    write_parts(path, [e for e in events if not 3 <= e["step"] <= 5])
+    assert analysis.load_run(path).steps == list(range(1, 9))
+
+
+def test_repeated_seq_and_schema_drift(real_run, tmp_path):
+    """After a crash during compaction the same events sit in two parts; parts may type a column differently."""
+    events = events_of(real_run)
+    path = make_run(tmp_path / "dup", events)
+    write_parts(path, events)
+    write_parts(path, [e for e in events if e["step"] >= 6], name="part-9{seq:011d}.parquet")
+    first = [dict(e, text_acc=None) for e in events if e["event"] == "train_step" and e["step"] <= 2]
+    pq.write_table(rows_to_table(first), path / "events" / "train_step" / "part-000000000000.parquet")
+    run = analysis.load_run(path)
+    assert run.steps == list(range(1, 9))
+    assert run.train_step.seq.is_unique
+    assert len(run.pred_slice) == sum(e["event"] == "pred_slice" for e in events)
+
+
+def resumed(events: list[dict], from_step: int = 4) -> tuple[list[dict], list[dict]]:
+    """A run killed after its last step and resumed from the step-4 checkpoint, as the trainer logs it: the
+    second launch appends data_summary, run_start, run_resume and then steps 5-8 again (losses marked +100)."""
+    first = [e for e in aged(events) if e["event"] != "run_end"]
+    seq = first[-1]["seq"] + 1
+    second = []
+    common = {k: v for k, v in events[0].items() if k in ("level", "run_id", "rank", "schema_version", "ts")}
+    second = []
+    for e in events:
+        if e["step"] == 0 and e["event"] == "data_summary":
+            second.append(dict(e))
+        elif e["event"] == "run_start":
+            second.append(dict(e, resumed=True))
+            second.append(dict(common, event="run_resume", checkpoint="checkpoints/step-00000004",
+                               from_step=from_step, step=from_step, epoch=1, phase="train"))
+        elif e["step"] > from_step:
+            second.append(dict(e, loss=e["loss"] + 100) if e["event"] == "train_step" else dict(e))
+    for e in second:
+        e["seq"] = seq
+        seq += 1
+    return first, second
+
+
+@pytest.mark.parametrize("parquet", [False, True])
+def test_resumed_run_has_each_step_once(real_run, tmp_path, parquet):
+    first, second = resumed(events_of(real_run))
+    path = make_run(tmp_path / "resumed", first + second)
+    if parquet:  # the first launch compacted, the second wrote its own parts
+        write_parts(path, first)
+        write_parts(path, second)
+    run = analysis.load_run(path)
+    assert run.steps == list(range(1, 9))
+    assert (run.metrics().loc[5:, "loss"] > 100).all() and (run.metrics().loc[:4, "loss"] < 100).all()
+    assert (run.eval.step.value_counts() == 1).all() and len(run.slices_at(6)) == 18
+    assert run.start["resumed"] is True and run.status == "finished"
+    assert "| resumed | yes |" in write_report(path, formats=("md",))[0].read_text()
+
+
+def test_one_step_run(real_run, tmp_path):
+    events = events_of(real_run)
+    end = dict(events[-1], step=1, completed_steps=1, total_steps=1)
+    events = [e for e in events if e["step"] <= 1 and e["event"] != "run_end"] + [end]
+    run = analysis.load_run(make_run(tmp_path / "one", events, parquet=True))
+    assert run.steps == [1] and run.slice_steps() == []
+    paths = write_report(run.path)
+    md = paths[0].read_text()
+    assert "No prediction slices" in md and "No eval events" in md
+    assert (paths[0].parent / "loss.png").is_file()
+
+
+def test_run_without_eval(real_run, tmp_path):
+    events = [e for e in events_of(real_run) if e["event"] != "eval" and e.get("phase") != "eval"]
+    run = analysis.load_run(make_run(tmp_path / "no-eval", events, parquet=True))
+    assert run.eval.empty and run.metrics("eval").empty and run.codebook_accuracy("eval").empty
+    assert any("no eval" in w for w in warnings_for(run))
+    assert "No eval events" in write_report(run.path, formats=("md",))[0].read_text()
+
+
+def test_nonfinite_skips_and_unknown_family(real_run, tmp_path):
+    events = events_of(real_run)
+    for e in events:
+        if e["event"] == "train_step" and e["step"] == 3:
+            e.update(loss=None, grad_norm=None, nonfinite=["loss", "grad_norm"])
+        if e["event"] == "data_summary" and e["split"] == "train":
+            e.update(kept=10, skipped=6, skipped_by_reason={"length": 4, "unreadable_audio": 2})
+    last = events[-1]
+    events.insert(-1, dict(last, event="eval_audio", seq=last["seq"], wav="eval/step-8/sample-0.wav"))
+    events[-1] = dict(last, seq=last["seq"] + 1)
+    run = analysis.load_run(make_run(tmp_path / "odd", events, parquet=True))
+    found = " ".join(warnings_for(run))
+    assert "NaN/inf in `train_step.loss`" in found and "first at step 3" in found
+    assert "6 of 16 train samples skipped" in found
+    assert run.eval_audio.wav.tolist() == ["eval/step-8/sample-0.wav"]
+    assert "eval_audio" in write_report(run.path, formats=("md",))[0].read_text()
+
+
+def test_column_types_follow_the_trainer():
+    assert str(column([1, None]).type) == "int64"
+    assert str(column([None, None]).type) == "double"
+    assert str(column([[1, 2], []]).type) == "list<item: int32>"
+    assert str(column([["<|eot_id|>"], None]).type) == "list<item: string>"
+    assert column([{"a": 1}, None]).to_pylist() == ['{"a": 1}', None]
+
+
+def test_loss_spike_detection():
+    loss = pd.Series([10.0 - 0.1 * i + 0.05 * (-1) ** i for i in range(40)], index=range(1, 41))
+    assert loss_spikes(loss).empty
+    loss[25] = 14.0
+    assert loss_spikes(loss).index.tolist() == [25]
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_real_run(real_run, tmp_path):
+    paths = write_report(real_run, out=tmp_path / "rep")
+    assert [p.name for p in paths] == ["report.md", "report.html"]
+    md, page = paths[0].read_text(), paths[1].read_text()
+    for section in ("Worth a look", "Eval: best and final", "Curves", "Codebook health", "Predictions vs labels"):
+        assert section in md and section in page
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert {"loss.png", "codebooks.png", "optimizer.png", "throughput.png", "codebook_accuracy.png"} <= set(images)
+    assert all((tmp_path / "rep" / i).is_file() for i in images)
+    assert re.findall(r'src="([^"]+)"', page) and all(s.startswith("data:image/png;base64,")
+                                                        for s in re.findall(r'src="([^"]+)"', page))
+    assert "<|eot_id|>" in md and "&lt;|eot_id|&gt;" in page  # text slices decoded; escaped in HTML
+    assert "### Step 2" in md and "### Step 8" in md
+
+
+def test_cli_report_formats_and_steps(real_run, tmp_path, capsys):
+    assert main(["report", str(real_run), "--out", str(tmp_path), "--format", "md", "--steps", "2,5"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
+    md = (tmp_path / "report.md").read_text()
+    assert "step 5 has no slices; showing step 4" in md and "### Step 4" in md and "### Step 8" not in md
+    assert not (tmp_path / "report.html").exists()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_default_report_dir(real_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(real_run, run_dir, ignore=shutil.ignore_patterns("checkpoints", "adapter", "tiny", "codes"))
+    assert write_report(run_dir) == [run_dir / "report" / "report.md", run_dir / "report" / "report.html"]
+
+
+# ---------------------------------------------------------------- diff
+
+
+def _changed_copy(real_run: Path, path: Path) -> Path:
+    """B: the same run, but its loss parts at step 5, eval loss ends 0.1 higher and lr was changed."""
+    events = events_of(real_run)
+    for e in events:
+        if e["event"] == "train_step" and e["step"] >= 5:
+            e["loss"] += 0.5
+        if e["event"] == "eval" and e["step"] == 8:
+            e["loss"] += 0.1
+            e["audio_acc"] -= 0.02
+        if e["event"] == "run_start":
+            e["config"]["train"]["lr"] = 1e-4
+    return make_run(path, events)
+
+
+def test_diff_identical_runs(real_run, capsys):
+    assert main(["diff", str(real_run), str(real_run), "--fail-if-worse", "eval.loss:0"]) == 0
+    out = capsys.readouterr().out
+    assert "Losses are identical on all 8 common train steps" in out and "## Config: identical" in out
+
+
+def test_diff_changed_run(real_run, tmp_path, capsys):
+    b = _changed_copy(real_run, tmp_path / "b")
+    result = diff(analysis.load_run(real_run), analysis.load_run(b))
+    assert result["first_difference"]["step"] == 5 and "loss" in result["first_difference"]["fields"]
+    lr = analysis.load_run(real_run).config["train"]["lr"]
+    assert result["config"] == {"config.train.lr": [lr, 1e-4]}
+    final = result["metrics"]["eval"]["final"]["loss"]
+    assert final["abs"] == pytest.approx(0.1) and final["better"] == "A"
+    assert result["metrics"]["train"]["only_a"] == "" and result["metrics"]["train"]["common_steps"] == 8
+
+    assert main(["diff", str(real_run), str(b), "--json", "--all"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "config.train.seed" in data["config"] and data["first_difference"]["step"] == 5
+
+    out = tmp_path / "out"
+    assert main(["diff", str(real_run), str(b), "--out", str(out), "--fail-if-worse", "eval.loss:0.05"]) == 1
+    assert {"diff.md", "diff.html", "diff.json", "curves.png"} <= {p.name for p in out.iterdir()}
+    assert "side by side" in (out / "diff.md").read_text()
+    assert main(["diff", str(real_run), str(b), "--fail-if-worse", "eval.loss:0.2",
+                 "--fail-if-worse", "eval.audio_acc:0.05"]) == 0
+    assert main(["diff", str(real_run), str(b), "--fail-if-worse", "eval.audio_acc:0.01"]) == 1
+    assert main(["diff", str(real_run), str(b), "--fail-if-worse", "eval.nothing:0.1"]) == 2
+    assert main(["diff", str(real_run), str(b), "--fail-if-worse", "loss"]) == 2
+
+
+def test_gate_fails_when_b_lacks_the_metric(real_run, tmp_path):
+    events = [e for e in events_of(real_run) if e["event"] != "eval"]
+    b = analysis.load_run(make_run(tmp_path / "no-eval", events))
+    gate = check_gate(analysis.load_run(real_run), b, "eval.loss:1")
+    assert not gate["ok"] and "missing in B" in gate["why"]
+
+
+def test_diff_unmatched_steps(real_run, tmp_path):
+    events = [e for e in events_of(real_run) if e["step"] <= 6]
+    b = analysis.load_run(make_run(tmp_path / "short", events))
+    m = diff(analysis.load_run(real_run), b)["metrics"]["train"]
+    assert m["only_a"] == "7-8" and m["only_b"] == "" and m["common_steps"] == 6
+
+
+# ---------------------------------------------------------------- docs
+
+
+def test_docs_examples_run(real_run, tmp_path):
+    """Every python block of docs/analysis.md, in order, against a real run."""
+    text = (ROOT / "docs" / "analysis.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    namespace = {"RUN_DIR": str(real_run), "OUT_DIR": str(tmp_path)}
+    for block in blocks:
+        exec(compile(block, "docs/analysis.md", "exec"), namespace)
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "loss-notebook.png").is_file()
