@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -52,16 +53,16 @@ def chat_prompt(sample, system_prompt: str) -> str:
     return text + _turn("user", sample.text) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def delay_pattern(codes: torch.Tensor, bos: int, eos: int, fill_bos: int, fill_eos: int) -> torch.Tensor:
+def delay_pattern(codes: np.ndarray, bos: int, eos: int, fill_bos: int, fill_eos: int) -> np.ndarray:
     """(codebooks, T) codes -> (T + 2 + codebooks - 1, codebooks) frames: ``bos``, codes, ``eos``, each codebook
     shifted one frame later than the one before, the gaps filled with ``fill_bos`` before and ``fill_eos`` after."""
     k, t = codes.shape
-    stream = torch.cat([codes.new_full((k, 1), bos), codes, codes.new_full((k, 1), eos)], dim=1)
-    out = codes.new_full((k, t + 2 + k - 1), fill_eos)
-    for c in range(k):
-        out[c, :c] = fill_bos
-        out[c, c:c + t + 2] = stream[c]
-    return out.T.contiguous()
+    stream = np.concatenate([np.full((k, 1), bos), codes, np.full((k, 1), eos)], axis=1)
+    j = np.arange(t + k + 1)[None, :] - np.arange(k)[:, None]  # position in its codebook's stream
+    out = np.where(j < 0, fill_bos, fill_eos)
+    inside = (j >= 0) & (j < t + 2)
+    out[inside] = stream[np.nonzero(inside)[0], j[inside]]
+    return out.T
 
 
 def audio_streams(codes: np.ndarray, ids: SpecialIds, is_target: bool, train_eos: bool):
@@ -69,12 +70,18 @@ def audio_streams(codes: np.ndarray, ids: SpecialIds, is_target: bool, train_eos
 
     Labels follow the original Higgs collator: per codebook [ignore for stream BOS, the codes, stream EOS], then
     the delay pattern with ignore as both fills. Reference audio (not a target) gets no labels at all."""
-    codes = torch.as_tensor(codes.astype(np.int64))
+    codes = np.asarray(codes, dtype=np.int64)
     inputs = delay_pattern(codes, ids.stream_bos, ids.stream_eos, ids.stream_bos, ids.stream_eos)
     if not is_target:
-        return inputs, torch.full_like(inputs, IGNORE)
+        return inputs, np.full_like(inputs, IGNORE)
     labels = delay_pattern(codes, IGNORE, ids.stream_eos if train_eos else IGNORE, IGNORE, IGNORE)
     return inputs, labels
+
+
+@lru_cache(maxsize=65536)
+def _tokens(tokenizer, piece: str) -> tuple[int, ...]:
+    """Most pieces (headers, the target turn, system prompts) repeat in every sample: tokenize them once."""
+    return tuple(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else ()
 
 
 def audio_placeholders(n_frames: int, ids: SpecialIds) -> list[int]:
@@ -101,12 +108,12 @@ def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, token
                 frame_labels.append(lab)
                 input_ids += audio_placeholders(len(inp), ids)
                 labels += [IGNORE] * len(inp)
-            tokens = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            tokens = _tokens(tokenizer, piece)
             input_ids += tokens
             labels += [t if text_is_target and t != ids.audio_bos else IGNORE for t in tokens]
     return {
         "input_ids": torch.tensor(input_ids),
         "labels": torch.tensor(labels),
-        "audio_input_ids": torch.cat(frames),
-        "audio_labels": torch.cat(frame_labels),
+        "audio_input_ids": torch.from_numpy(np.concatenate(frames)),
+        "audio_labels": torch.from_numpy(np.concatenate(frame_labels)),
     }

@@ -16,10 +16,9 @@ Examples:
 """
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="fine-tune with LoRA", epilog=TRAIN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Fine-tune Higgs Audio v2 with LoRA adapters. Every config key is an option.")
+def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"{help[0].upper()}{help[1:]}. Every config key is an option.")
     p.add_argument("--config", help="YAML file with sections model, lora, data, train, log")
     p.add_argument("--preset", choices=["tiny"], help="embedded tiny model, codec and data (no download)")
     p.add_argument("--output-dir", help="same as --train.output_dir")
@@ -72,6 +71,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .codes import prepare
+
+    prepare(load_config(args.config, _run_overrides(args)))
+    return 0
+
+
 def _is_main() -> bool:
     from accelerate import PartialState
 
@@ -96,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     # key=value overrides may come after flags too, which argparse's positional matching does not allow.
     args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command != "train"]
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command not in ("train", "prepare")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
@@ -108,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="higgs-accel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
+    _train_parser(sub, "prepare", "encode all audio into the codes cache before training (same options as train)"
+                  ).set_defaults(func=cmd_prepare)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

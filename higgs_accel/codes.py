@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,11 @@ import torch
 from .data import FileAudio, Sample, Skip, decode_audio
 
 SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
+
+
+def default_cache_dir() -> Path:
+    """Shared by every run on the machine, so a second run encodes nothing: $HIGGS_ACCEL_CACHE or ~/.cache."""
+    return Path(os.environ.get("HIGGS_ACCEL_CACHE") or Path.home() / ".cache" / "higgs_accel") / "codes"
 
 
 def codec_identity(codec) -> str:
@@ -182,6 +188,41 @@ def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_sec
     return kept, skips
 
 
-def summary_line(split: str, kept: int, skips: list[Skip]) -> str:
-    by = ", ".join(f"{k}: {v}" for k, v in Counter(s.reason for s in skips).most_common()) or "none"
-    return f"data {split}: {kept} kept, {len(skips)} skipped ({by})"
+def summary_line(split: str, kept: int, by_reason: dict[str, int]) -> str:
+    """The one line users see per split: kept, skipped, and skipped by reason."""
+    by = ", ".join(f"{k}: {v}" for k, v in Counter(by_reason).most_common()) or "none"
+    return f"data {split}: {kept} kept, {sum(by_reason.values())} skipped ({by})"
+
+
+def prepare(cfg) -> tuple[int, list[Skip]]:
+    """``higgs-accel prepare``: encode the training and validation audio into the cache, in parallel across the
+    processes of ``accelerate launch``; print one summary line per split. Returns (encoded, skips)."""
+    from accelerate import PartialState
+
+    from .config import ConfigError
+    from .data import load_splits
+    from .model import load_codec
+    from .tiny import apply_tiny_preset
+
+    state = PartialState()
+    if cfg.preset == "tiny":
+        with state.main_process_first():
+            apply_tiny_preset(cfg, Path(cfg.train.output_dir) / "tiny")
+    cache = CodeCache(cfg.data.codes_cache or default_cache_dir(), load_codec(cfg.model).to(state.device))
+    train, val, skips = load_splits(cfg.data, cfg.train.seed)
+    mine = (train + val)[state.process_index::state.num_processes]
+    encoded = encode_missing(mine, cache, progress=state.is_main_process)
+    state.wait_for_everyone()
+    kept_train, train_skips = resolve(train, cache, cfg.data.min_seconds, cfg.data.max_seconds, encode=False)
+    kept_val, val_skips = resolve(val, cache, cfg.data.min_seconds, cfg.data.max_seconds, encode=False)
+    problems = skips + train_skips + val_skips
+    if state.is_main_process:
+        for skip in problems:
+            print(f"skip {skip}", file=sys.stderr)
+        print(summary_line("train", len(kept_train), Counter(s.reason for s in skips + train_skips)), file=sys.stderr)
+        if val:
+            print(summary_line("val", len(kept_val), Counter(s.reason for s in val_skips)), file=sys.stderr)
+        print(f"codes cache: {cache.dir} ({encoded} encoded by this process now)", file=sys.stderr)
+    if cfg.data.strict and problems:
+        raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
+    return encoded, problems

@@ -213,7 +213,8 @@ def _audio_refs(ds, name: str, root: Path) -> list:
     col = ds.data.column(name).combine_chunks()
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return [FileAudio(root / v) if v else None for v in col.to_pylist()]
-    present = pc.or_(col.field("bytes").is_valid(), col.field("path").is_valid()).to_pylist()
+    present = pc.and_(col.is_valid(), pc.or_(col.field("bytes").is_valid(), col.field("path").is_valid()))
+    present = pc.fill_null(present, False).to_pylist()
     return [DatasetAudio(ds, i, name) if ok else None for i, ok in enumerate(present)]
 
 

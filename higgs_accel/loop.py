@@ -18,7 +18,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from .chat import SpecialIds
-from .codes import CodeCache, encode_missing, resolve
+from .codes import CodeCache, default_cache_dir, encode_missing, resolve
 from .config import ConfigError, RunConfig
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate, load_splits
 from .events import EVENTS_FILE, PARQUET_DIR, EventLog, capture_library_logs
@@ -26,6 +26,7 @@ from .losses import N_STATS, summarize
 from .model import DualLossModel, add_lora, count_parameters, load_base_model, load_codec, load_text_tokenizer
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
+from .tiny import apply_tiny_preset
 
 
 @dataclass
@@ -218,14 +219,8 @@ def setup(cfg: RunConfig) -> Run:
     capture_library_logs(log, acc.is_main_process)
     log.bind(step=start["step"], epoch=start["epoch"], phase="train")
     if cfg.preset == "tiny":
-        from .tiny import ensure_tiny_assets
-
         with acc.main_process_first():
-            for key, value in ensure_tiny_assets(run_dir / "tiny").items():
-                section, name = key.split(".")
-                if not getattr(getattr(cfg, section), name):
-                    setattr(getattr(cfg, section), name, value)
-
+            apply_tiny_preset(cfg, run_dir / "tiny")
     set_seed(t.seed)
     tokenizer, codec = load_text_tokenizer(cfg.model), load_codec(cfg.model)
     base = load_base_model(cfg.model)
@@ -321,10 +316,6 @@ def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encode
 def emit_skip(log: EventLog, split: str, s) -> None:
     log.emit("data_skip", level="warning", split=split, source=s.source, line=s.line, reason=s.reason,
              detail=s.detail)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("HIGGS_ACCEL_CACHE") or Path.home() / ".cache" / "higgs_accel") / "codes"
 
 
 def versions() -> dict:

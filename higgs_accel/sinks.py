@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .codes import summary_line
+
 # ---------------------------------------------------------------- Parquet
 
 
@@ -163,8 +165,7 @@ class ConsoleSink:
 
     def _on_data_summary(self, e):
         if self.level <= 20:
-            by = ", ".join(f"{k}: {v}" for k, v in e["skipped_by_reason"].items()) or "none"
-            self._print(f"data {e['split']}: {e['kept']} kept, {e['skipped']} skipped ({by})")
+            self._print(summary_line(e["split"], e["kept"], e["skipped_by_reason"]))
 
     def _on_train_step(self, e):
         from tqdm import tqdm

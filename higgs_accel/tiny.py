@@ -133,3 +133,11 @@ def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
         build_data(root / "data", seed=seed)
         ready.write_text(ASSETS_VERSION)
     return {k: str(v) for k, v in paths.items()}
+
+
+def apply_tiny_preset(cfg, root: Path) -> None:
+    """Point the config's model, codec and data at the tiny assets, where the user has not set them."""
+    for key, value in ensure_tiny_assets(root).items():
+        section, name = key.split(".")
+        if not getattr(getattr(cfg, section), name):
+            setattr(getattr(cfg, section), name, value)
