@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import export, generate
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name
 
 TRAIN_EPILOG = """\
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "prepare", "encode all audio into the codes cache before training (same options as train)"
                   ).set_defaults(func=cmd_prepare)
+    generate.register(sub)
+    export.register(sub)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

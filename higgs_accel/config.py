@@ -29,6 +29,7 @@ class ModelConfig:
     dtype: str = _opt("fp32", "weights dtype of the base model", choices=("fp32", "bf16"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     attn_implementation: str = _opt("sdpa", "attention kernel", choices=("eager", "sdpa", "flash_attention_2"))
+    compile: bool = _opt(False, "torch.compile the transformer backbone (dynamic shapes)")
 
 
 @dataclass
@@ -100,6 +101,11 @@ class LogConfig:
     parquet_flush_events: int = _opt(500, "write a Parquet part at least every N events")
     parquet_flush_seconds: float = _opt(30.0, "... or at least every N seconds")
     log_with: list[str] = _opt([], "accelerate trackers fed from the same events (tensorboard, wandb, ...)")
+    eval_audio_samples: int = _opt(2, "eval samples decoded to WAV (teacher-forced prediction + label) at each eval")
+    generate_every: int = _opt(0, "speak log.generate_prompts to WAV every N evals and at the last one (0: never)")
+    generate_prompts: list[str] = _opt(["The quick brown fox jumps over the lazy dog."], "texts spoken at generate "
+                                       "evals (a YAML list; on the command line commas split prompts)")
+    generate_max_new_tokens: int = _opt(300, "generation steps per prompt: 25 per second of audio, plus 8")
 
 
 @dataclass
@@ -289,7 +295,9 @@ def validate(cfg: RunConfig) -> None:
     for key, v in {"train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
                    "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.lr": t.lr,
                    "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples,
-                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch}.items():
+                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
+                   "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
+                   }.items():
         if v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
     if t.max_steps == 0 and t.epochs < 1:
@@ -298,6 +306,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     if bad := [c for c in cfg.log.slice_codebooks if not 0 <= c < 8]:
         raise ConfigError(f"'log.slice_codebooks' holds codebooks outside 0..7: {bad}")
+    if cfg.log.generate_max_new_tokens < 9:
+        raise ConfigError("'log.generate_max_new_tokens' must be at least 9 (stream BOS + 8 delayed codebooks)")
     if not cfg.lora.target_modules:
         raise ConfigError("'lora.target_modules' must name at least one module")
     if not cfg.preset:

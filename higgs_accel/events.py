@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import os
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -173,6 +171,10 @@ class EventLog:
                 self._sink_failed(type(sink).__name__, e)
         self._flush_errors()
         structlog.contextvars.clear_contextvars()
+        for name in LIBRARY_LOGGERS:  # a later run in this process must not write into a closed log
+            lg = logging.getLogger(name)
+            for h in [h for h in lg.handlers if isinstance(h, LibraryLogHandler) and h.log is self]:
+                lg.removeHandler(h)
         if self._file:
             self._file.close()
             self._file = None
@@ -223,19 +225,3 @@ def capture_library_logs(log: EventLog, is_main: bool) -> LibraryLogHandler:
     if not is_main:
         warnings.filterwarnings("ignore")
     return handler
-
-
-class Stopwatch:
-    """Wall time between calls, for step timing."""
-
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
-
-
-def console_stream():
-    return sys.stderr

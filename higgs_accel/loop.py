@@ -24,6 +24,7 @@ from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate, loa
 from .events import EVENTS_FILE, PARQUET_DIR, EventLog, capture_library_logs
 from .losses import N_STATS, summarize
 from .model import DualLossModel, add_lora, count_parameters, load_base_model, load_codec, load_text_tokenizer
+from .samples import samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
 from .tiny import apply_tiny_preset
@@ -43,6 +44,9 @@ class Run:
     val_loader: object
     total_steps: int
     start: dict
+    codec: object
+    ids: SpecialIds
+    evals: int = 0
 
 
 def train(cfg: RunConfig) -> Path:
@@ -164,10 +168,29 @@ def evaluate(run: Run, step: int) -> None:
     values = acc.reduce(stats, "sum").tolist()
     t = run.cfg.train
     run.log.emit("eval", **summarize(values, t.text_weight, t.audio_weight, t.audio_reduction))
+    run.evals += 1
     if first and acc.is_main_process:
         emit_slices(run, *first)
+        emit_audio(run, first, step)
     run.log.flush()
     run.log.bind(phase="train")
+
+
+def emit_audio(run: Run, first, step: int) -> None:
+    """Eval audio to listen to: teacher-forced predictions next to labels, and every ``generate_every`` evals
+    (and at the end) free-running speech for the fixed prompts. Failures are reported, never raised."""
+    lc, out_dir = run.cfg.log, samples_dir(run.run_dir, step)
+    try:
+        if lc.eval_audio_samples:
+            for row in write_eval_audio(*first, run.codec, run.ids, out_dir, lc.eval_audio_samples):
+                run.log.emit("eval_audio", level="warning" if row["reason"] else "info", **row)
+        if lc.generate_every and (run.evals % lc.generate_every == 0 or step >= run.total_steps):
+            model = run.accelerator.unwrap_model(run.model)
+            for row in write_generated(model, run.tokenizer, run.codec, run.ids, lc.generate_prompts, out_dir,
+                                       run.cfg.data.system_prompt, lc.generate_max_new_tokens):
+                run.log.emit("generate_audio", level="warning" if row["error"] else "info", **row)
+    except Exception as e:  # noqa: BLE001 - listening material never stops training
+        run.log.emit("log_error", level="warning", sink="eval_audio", error_type=type(e).__name__, error=str(e))
 
 
 def save(run: Run, step: int, epoch: int, consumed: int) -> None:
@@ -241,10 +264,11 @@ def setup(cfg: RunConfig) -> Run:
         raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
     if not train_samples:
         raise ConfigError(f"'data.train_manifest': no usable sample in {cfg.data.train_manifest}")
-    del codec
     model = DualLossModel(add_lora(base, cfg.lora, cfg.model.gradient_checkpointing), ids,
                           t.text_weight, t.audio_weight, t.audio_reduction)
     trainable, total = count_parameters(model)
+    if cfg.model.compile:
+        model.lm.model.compile(dynamic=True)  # the backbone only: the heads run on data-dependent positions
 
     # Loaders draw their worker seeds from their own generator, never from the global RNG: otherwise each new
     # iterator (an eval, a resumed epoch) would shift the dropout masks and break exact resume.
@@ -286,7 +310,7 @@ def setup(cfg: RunConfig) -> Run:
         ckpt.load_checkpoint(acc, resume_from)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
     return Run(cfg, run_dir, acc, log, model, tokenizer, optimizer, scheduler, train_loader, val_loader,
-               total_steps, start)
+               total_steps, start, codec, ids)
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:

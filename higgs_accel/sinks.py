@@ -208,6 +208,19 @@ class ConsoleSink:
                          + ("   * mismatch" if any(mark) else ""))
         self._print("\n".join(lines))
 
+    def _on_eval_audio(self, e):
+        if self.level <= 20 and not e["reason"]:
+            self._print(f"eval audio step {e['step']} sample {e['sample']}: {e['pred_path']} (prediction) vs "
+                        f"{e['label_path']} (label), {e['label_seconds']:.2f}s, acc {_fmt(e['acc'], 2)}")
+        elif e["reason"]:
+            self._print(f"[warning] eval audio step {e['step']} sample {e['sample']}: {e['reason']}")
+
+    def _on_generate_audio(self, e):
+        if e["error"]:
+            self._print(f"[warning] generate step {e['step']} prompt {e['prompt']}: {e['error']}")
+        elif self.level <= 20:
+            self._print(f"generated step {e['step']}: {e['path']} ({e['seconds']:.2f}s, stopped at {e['stopped']})")
+
     def _on_checkpoint(self, e):
         if self.level <= 20:
             self._print(f"checkpoint step {e['step']} -> {e['path']}")

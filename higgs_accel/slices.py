@@ -30,6 +30,8 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
     text_shapes = dict(logits_shape=out.text_logits_shape, labels_shape=list(batch["labels"].shape))
     audio_shapes = dict(logits_shape=out.audio_logits_shape, labels_shape=list(batch["audio_labels"].shape))
 
+    audio_bos = tokenizer.convert_tokens_to_ids("<|audio_out_bos|>")
+
     def decode(ids):
         return [tokenizer.decode([i]) for i in ids]
 
@@ -42,9 +44,15 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
             row[f"{part}_label_text"] = decode(row[f"{part}_label"])
         rows.append(dict(modality="text", sample=b, codebook=None, **row, **text_shapes))
         in_b = audio_where[:, 0] == b
+        # Frame numbers inside the target utterance: the target audio starts after the last <|audio_out_bos|>,
+        # with its stream BOS; codebook c's stream is delayed by c frames.
+        starts = (batch["input_ids"][b] == audio_bos).nonzero()
+        first_frame = int(starts[-1]) + 1 if len(starts) else 0
         for c in codebooks:
             sel = in_b & has[:, c]
             row = _ends(audio_where[sel, 1], audio_pred[sel, c], audio_label[sel, c], k)
+            for part in ("first", "last"):
+                row[f"{part}_frame"] = [p - first_frame - c for p in row[f"{part}_pos"]]
             rows.append(dict(modality="audio", sample=b, codebook=c, **row, batch_match=batch_match[c],
                              batch_targets=batch_targets[c], **audio_shapes))
     return rows

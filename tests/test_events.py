@@ -188,3 +188,26 @@ def test_parquet_reads_in_pandas_polars_and_duckdb(recipe_run):
     assert n == 2
     start = pd.read_parquet(events / "run_start").iloc[0]
     assert json.loads(start["config"])["train"]["max_steps"] == 20
+
+
+def test_trackers_get_numeric_metrics_of_steps_and_evals(tmp_path):
+    from higgs_accel.sinks import TrackerSink
+
+    class FakeAccelerator:
+        logged: list = []
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+        def end_training(self):
+            self.logged.append("end")
+
+    acc = FakeAccelerator()
+    log = EventLog(tmp_path, "r1", sinks=[TrackerSink(acc)])
+    log.emit("train_step", step=3, loss=1.5, lr=0.1, grad_norm=None)
+    log.emit("eval", step=3, phase="eval", loss=2.0)
+    log.emit("pred_slice", step=3, first_pred=[1, 2])
+    log.close()
+    assert acc.logged[0] == (3, {"train/loss": 1.5, "train/lr": 0.1, "train/epoch": 0})
+    assert acc.logged[1] == (3, {"eval/loss": 2.0, "eval/epoch": 0})
+    assert acc.logged[2] == "end"

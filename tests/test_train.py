@@ -73,6 +73,9 @@ def test_events_and_run_files(finished):
     text = [e for e in slices if e["modality"] == "text"][0]
     assert text["first_label_text"][0] == "<|audio_eos|>" and len(text["first_pos"]) == len(text["first_pred"])
     assert {e["codebook"] for e in slices if e["modality"] == "audio"} == set(range(8))
+    for e in (e for e in slices if e["modality"] == "audio"):
+        # codes 1..n then the stream EOS at n + 1, whatever the codebook's delay
+        assert e["first_frame"][0] == 1 and e["last_frame"][-1] == e["n_targets"] and e["last_label"][-1] == 1025
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     table = pq.read_table(run_dir / "events" / "train_step")
     assert table.num_rows == 6 and str(table.schema.field("loss").type) == "double"
