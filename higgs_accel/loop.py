@@ -321,7 +321,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
             if not cfg.train.overwrite:
                 raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; pass --resume latest to "
                                   f"continue it, train.overwrite=true to replace it, or another --output-dir")
-            for name in (EVENTS_FILE, PARQUET_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report"):
+            for name in (EVENTS_FILE, PARQUET_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report", "samples"):
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
