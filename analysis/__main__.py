@@ -14,6 +14,20 @@ def _steps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated steps like 1,30,60, got {text!r}") from None
 
 
+def _mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MB (0 or more), got {text!r}")
+    return value
+
+
+_AUDIO_HELP = ("cap on the eval audio inlined into the HTML, in MB of WAV (default 20): all eval steps when they fit, "
+               "else evenly spread ones (at least first, middle and last); files beyond it are linked")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["md", "html", "both"], default="both")
     rep.add_argument("--steps", type=_steps, help="steps whose prediction slices are shown, e.g. 1,30,60 "
                                                   "(default: first, middle and last step with slices)")
+    rep.add_argument("--audio-mb", type=_mb, default=20.0, metavar="MB", help=_AUDIO_HELP)
     diff = sub.add_parser("diff", help="compare two runs (B against A)")
     diff.add_argument("run_a")
     diff.add_argument("run_b")
@@ -32,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--fail-if-worse", action="append", default=[], metavar="METRIC:TOLERANCE",
                       help="exit 1 if B's final METRIC (e.g. eval.loss, train.loss, eval.audio_acc) is worse than "
                            "A's by more than TOLERANCE (absolute); repeatable")
+    diff.add_argument("--audio-mb", type=_mb, default=20.0, metavar="MB", help=_AUDIO_HELP)
     return parser
 
 
@@ -42,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             formats = ("md", "html") if args.format == "both" else (args.format,)
-            for path in write_report(args.run_dir, args.out, formats, args.steps):
+            for path in write_report(args.run_dir, args.out, formats, args.steps, args.audio_mb):
                 print(path)
             return 0
         from .diff import run_diff
 
         return run_diff(args.run_a, args.run_b, as_json=args.json, show_all=args.all, out=args.out,
-                        gates=args.fail_if_worse)
+                        gates=args.fail_if_worse, audio_mb=args.audio_mb)
     except (FileNotFoundError, ValueError) as e:
         print(f"analysis: error: {e}", file=sys.stderr)
         return 2

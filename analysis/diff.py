@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
+from .audio import AUDIO_MB, audio_diff, diff_section
 from .document import Doc
-from .report import spread
-from .run import Run, better, flatten, load_run
+from .run import Run, better, flatten, load_run, ranges, spread
 from .slices import side_by_side
 
 NAMES = ("A", "B")
@@ -70,22 +70,6 @@ def _best(df: pd.DataFrame, col: str) -> tuple[float | None, int | None]:
     return float(s.loc[step]), int(step)
 
 
-def _ranges(steps: list[int]) -> str:
-    """[1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"."""
-    out, start, prev = [], None, None
-    for s in sorted(steps):
-        if start is None:
-            start = prev = s
-        elif s == prev + 1:
-            prev = s
-        else:
-            out.append(f"{start}-{prev}" if prev != start else str(start))
-            start = prev = s
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else str(start))
-    return ", ".join(out)
-
-
 def metric_diff(a: Run, b: Run) -> dict:
     out = {}
     for phase in ("train", "eval"):
@@ -102,8 +86,8 @@ def metric_diff(a: Run, b: Run) -> dict:
         at_steps = [{"step": int(s), "metric": c, **compare(ma.at[s, c], mb.at[s, c], c)}
                     for s in spread(common, 10) for c in HEADLINE if c in ma and c in mb]
         out[phase] = {"final": final, "best": best, "common_steps": len(common), "at_steps": at_steps,
-                      "only_a": _ranges([int(s) for s in set(ma.index) - set(mb.index)]),
-                      "only_b": _ranges([int(s) for s in set(mb.index) - set(ma.index)])}
+                      "only_a": ranges([int(s) for s in set(ma.index) - set(mb.index)]),
+                      "only_b": ranges([int(s) for s in set(mb.index) - set(ma.index)])}
     return out
 
 
@@ -157,10 +141,15 @@ def check_gate(a: Run, b: Run, text: str) -> dict:
 
 
 def diff(a: Run, b: Run, show_all: bool = False, gates: list[str] = ()) -> dict:
-    return {"a": str(a.path), "b": str(b.path), "status": [a.status, b.status],
-            "steps": [len(a.steps), len(b.steps)], "config": config_diff(a, b, show_all),
-            "metrics": metric_diff(a, b), "first_difference": first_difference(a, b),
-            "gates": [check_gate(a, b, g) for g in gates]}
+    """The comparison as plain data (diff.json); ``audio`` only when a run has eval audio."""
+    out = {"a": str(a.path), "b": str(b.path), "status": [a.status, b.status],
+           "steps": [len(a.steps), len(b.steps)], "config": config_diff(a, b, show_all),
+           "metrics": metric_diff(a, b), "first_difference": first_difference(a, b),
+           "gates": [check_gate(a, b, g) for g in gates]}
+    audio = audio_diff(a, b)
+    if audio is not None:
+        out["audio"] = audio
+    return out
 
 
 def _fmt(v) -> str:
@@ -175,7 +164,7 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:+.1%}"
 
 
-def build_doc(a: Run, b: Run, result: dict, out: Path | None) -> Doc:
+def build_doc(a: Run, b: Run, result: dict, out: Path | None, audio_mb: float = AUDIO_MB) -> Doc:
     doc = Doc(f"Diff: B {b.path.name} against A {a.path.name}")
     doc.table(["", "A", "B"], [["run dir", str(a.path), str(b.path)], ["status", *result["status"]],
                                ["train steps", *result["steps"]]], align_right=False)
@@ -224,6 +213,7 @@ def build_doc(a: Run, b: Run, result: dict, out: Path | None) -> Doc:
         doc.heading("Curves")
         doc.image(plots.overlay(a, b, NAMES, out / "curves.png"), "A (solid) and B (dashed)")
     slices(doc, a, b)
+    diff_section(doc, a, b, NAMES, audio_mb)
     return doc
 
 
@@ -245,17 +235,18 @@ def slices(doc: Doc, a: Run, b: Run) -> None:
             side_by_side(doc, ra, rb, NAMES)
 
 
-def run_diff(path_a, path_b, as_json: bool = False, show_all: bool = False, out=None, gates=()) -> int:
+def run_diff(path_a, path_b, as_json: bool = False, show_all: bool = False, out=None, gates=(),
+             audio_mb: float = AUDIO_MB) -> int:
     a, b = load_run(path_a), load_run(path_b)
     result = diff(a, b, show_all, list(gates))
     out_dir = Path(out) if out else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    doc = build_doc(a, b, result, out_dir)
+    doc = build_doc(a, b, result, out_dir, audio_mb)
     if out_dir is not None:
         (out_dir / "diff.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
         (out_dir / "diff.md").write_text(doc.markdown(out_dir), encoding="utf-8")
-        (out_dir / "diff.html").write_text(doc.html(), encoding="utf-8")
+        (out_dir / "diff.html").write_text(doc.html(out_dir), encoding="utf-8")
         print(f"diff: {out_dir / 'diff.md'}, {out_dir / 'diff.html'}, {out_dir / 'diff.json'}", file=sys.stderr)
     print(json.dumps(result, indent=1, default=str) if as_json else doc.markdown(out_dir or Path(".")))
     failed = [g for g in result["gates"] if not g["ok"]]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 
 @dataclass
@@ -15,6 +17,19 @@ class Cell:
 
     text: str
     bad: bool = False
+
+
+@dataclass
+class Audio:
+    """A sound file in a table cell: in HTML a player, the file inlined as a base64 data URI when ``inline``
+    (else a link to it); in Markdown a relative link. ``path`` None: the file was recorded but is not here."""
+
+    name: str
+    path: Path | None
+    inline: bool = True
+
+
+_MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg"}
 
 
 @dataclass
@@ -59,7 +74,8 @@ class Doc:
             elif kind == "bullets":
                 parts.append("\n".join(f"- {item}" for item in block[1]))
             elif kind == "table":
-                parts.append(_md_table(block[1], block[2], block[3]))
+                rows = [[_md_audio(c, out_dir) if isinstance(c, Audio) else c for c in r] for r in block[2]]
+                parts.append(_md_table(block[1], rows, block[3]))
             elif kind == "code":
                 parts.append(f"```\n{block[1]}\n```")
             elif kind == "image":
@@ -70,7 +86,8 @@ class Doc:
 
     # ------------------------------------------------------------ HTML
 
-    def html(self) -> str:
+    def html(self, out_dir: Path | None = None) -> str:
+        """The page; ``out_dir`` (where it is written) makes links to files that are not inlined relative."""
         body = [f"<h1>{html.escape(self.title)}</h1>"]
         for block in self.blocks:
             kind = block[0]
@@ -82,7 +99,7 @@ class Doc:
             elif kind == "bullets":
                 body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
             elif kind == "table":
-                body.append(_html_table(block[1], block[2]))
+                body.append(_html_table(block[1], block[2], out_dir))
             elif kind == "code":
                 body.append(f"<pre>{html.escape(block[1])}</pre>")
             elif kind == "image":
@@ -101,10 +118,13 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}pre{background:#f6f6f6;padding:.
 img{max-width:100%;display:block;margin:.5em 0}code{background:#f3f3f3;padding:0 3px}
 table.grid td{font-family:ui-monospace,monospace;font-size:12px}table.grid td.bad{background:#fbd0d0}
 table.grid th{text-align:left}.cap{font-weight:600;margin-top:1em}.note{color:#666}
+audio{height:32px;width:250px;vertical-align:middle}.missing{color:#b00}
 """
 
 
-def _cell(value) -> str:
+def _cell(value) -> str | Audio:
+    if isinstance(value, Audio):
+        return value
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -119,6 +139,38 @@ def _relative(path: Path, out_dir: Path) -> str:
         return path.resolve().relative_to(Path(out_dir).resolve()).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def _link(path: Path, out_dir: Path | None) -> str:
+    """A link to a file from a document in ``out_dir``: relative when possible, else a file:// URI."""
+    path = Path(path).resolve()
+    if out_dir is None:
+        return path.as_uri()
+    try:
+        return quote(Path(os.path.relpath(path, Path(out_dir).resolve())).as_posix())
+    except ValueError:  # another drive on Windows
+        return path.as_uri()
+
+
+def _md_audio(cell: Audio, out_dir: Path) -> str:
+    if cell.path is None:
+        return f"file missing ({cell.name})"
+    return f"[{cell.name}]({_link(cell.path, out_dir)})"
+
+
+def _html_audio(cell: Audio, out_dir: Path | None) -> str:
+    name = html.escape(cell.name)
+    missing = f'<span class="missing">file missing</span> <span class="note">{name}</span>'
+    if cell.path is None:
+        return missing
+    if not cell.inline:
+        return f'<a href="{html.escape(_link(cell.path, out_dir))}">{name}</a> <span class="note">(not inlined)</span>'
+    try:
+        data = base64.b64encode(Path(cell.path).read_bytes()).decode("ascii")
+    except OSError:
+        return missing
+    mime = _MIME.get(Path(cell.path).suffix.lower(), "audio/wav")
+    return f'<audio controls preload="metadata" title="{name}" src="data:{mime};base64,{data}"></audio>'
 
 
 def _md_escape(text: str) -> str:
@@ -157,10 +209,14 @@ def _inline(text: str) -> str:
     return "".join(out)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def _html_table(header: list[str], rows: list[list], out_dir: Path | None = None) -> str:
+    def td(i: int, c) -> str:
+        if isinstance(c, Audio):
+            return f"<td class=l>{_html_audio(c, out_dir)}</td>"
+        return f'<td{" class=l" if i == 0 else ""}>{_inline(c)}</td>'
+
     head = "".join(f'<th{" class=l" if i == 0 else ""}>{html.escape(h)}</th>' for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td{" class=l" if i == 0 else ""}>{_inline(c)}</td>' for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(td(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

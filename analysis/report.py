@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 from . import checks, plots
+from .audio import AUDIO_MB, report_section
 from .document import Doc
-from .run import Run, better, flatten, load_run
+from .run import Run, better, flatten, load_run, spread
 from .slices import slice_grid, slices_summary
 
 FORMATS = ("md", "html")
@@ -18,27 +19,28 @@ _NOT_QUALITY = {"seq", "epoch", "rank", "schema_version", "text_targets", "audio
                 "samples", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s", "peak_mem_mb"}
 
 
-def write_report(run_dir, out=None, formats=FORMATS, steps=None) -> list[Path]:
+def write_report(run_dir, out=None, formats=FORMATS, steps=None, audio_mb: float = AUDIO_MB) -> list[Path]:
     """Write RUN_DIR's report into ``out`` (default RUN_DIR/report): report.md with PNGs and/or report.html.
-    ``steps`` chooses the steps whose prediction slices are shown (default: first, middle, last)."""
+    ``steps`` chooses the steps whose prediction slices are shown (default: first, middle, last); ``audio_mb``
+    caps the eval audio inlined into report.html (MB of WAV: all eval steps when they fit, else spread ones)."""
     run = load_run(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown report format(s) {sorted(unknown)}; use md and/or html")
-    doc = build(run, out, steps)
+    doc = build(run, out, steps, audio_mb)
     paths = []
     if "md" in formats:
         paths.append(out / "report.md")
         paths[-1].write_text(doc.markdown(out), encoding="utf-8")
     if "html" in formats:
         paths.append(out / "report.html")
-        paths[-1].write_text(doc.html(), encoding="utf-8")
+        paths[-1].write_text(doc.html(out), encoding="utf-8")
     return paths
 
 
-def build(run: Run, out: Path, steps: list[int] | None = None) -> Doc:
+def build(run: Run, out: Path, steps: list[int] | None = None, audio_mb: float = AUDIO_MB) -> Doc:
     doc = Doc(f"Run {run.start.get('run_id') or run.path.name}: {run.status}")
     header(doc, run)
     doc.heading("Worth a look")
@@ -52,6 +54,7 @@ def build(run: Run, out: Path, steps: list[int] | None = None) -> Doc:
     doc.image(plots.throughput(run, out / "throughput.png"), "throughput and memory")
     codebook_health(doc, run, out)
     slices_section(doc, run, steps)
+    report_section(doc, run, audio_mb)
     files_section(doc, run)
     return doc
 
@@ -160,14 +163,6 @@ def codebook_health(doc: Doc, run: Run, out: Path) -> None:
     shown = spread(list(table.index), 12)
     doc.table(["step", *[f"cb{int(c)}" for c in table.columns]],
               [[int(step), *[f"{v:.1f}" if np.isfinite(v) else "-" for v in table.loc[step]]] for step in shown])
-
-
-def spread(items: list, n: int) -> list:
-    """At most n items, evenly spread, first and last included."""
-    if len(items) <= n:
-        return items
-    idx = np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))
-    return [items[i] for i in idx]
 
 
 def choose_steps(run: Run, wanted: list[int] | None) -> tuple[list[int], list[str]]:

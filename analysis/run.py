@@ -17,6 +17,7 @@ from .load import parse_ts, read_events, run_status
 
 LOSS_FIELDS = ("loss", "text_loss", "audio_loss")
 _CB = re.compile(r"audio_(acc|loss)_cb(\d+)$")
+SAMPLES_DIR = "samples"  # RUN_DIR/samples/step-<8 digits>/: the trainer's eval audio
 
 
 def load_run(path: str | Path) -> Run:
@@ -183,6 +184,53 @@ class Run:
         order = [c for c in ("phase", "modality", "codebook", "sample") if c in df]
         return df.sort_values(order, key=_text_first, na_position="first").reset_index(drop=True)
 
+    # ------------------------------------------------------------ audio samples
+
+    @cached_property
+    def _audio(self) -> dict[int, dict[str, list[dict]]]:
+        by_step: dict[int, dict[str, list[dict]]] = {}
+        for family, kind, key in (("eval_audio", "eval", "sample"), ("generate_audio", "generate", "prompt")):
+            rows: dict[tuple, dict] = {}
+            for e in self._events(family):
+                if isinstance(e.get("step"), int):
+                    rows[e["step"], e.get(key)] = e  # a repeated event: the last one counts
+            for (step, _), e in sorted(rows.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+                by_step.setdefault(step, {"eval": [], "generate": []})[kind].append(e)
+        return dict(sorted(by_step.items()))
+
+    def audio_steps(self) -> list[int]:
+        """Eval steps with audio samples (``eval_audio`` or ``generate_audio`` events)."""
+        return list(self._audio)
+
+    def audio_at(self, step: int) -> dict[str, list[dict]]:
+        """The audio samples of one eval step: ``{"eval": [...], "generate": [...]}``, one dict per
+        ``eval_audio`` event (by sample) and per ``generate_audio`` event (by prompt), every field of the event.
+        Each also holds the WAV files found on this machine, as Paths or None: ``pred_file`` and ``label_file``
+        (eval), ``file`` (generate). A recorded path that does not exist here (a run copied from another
+        machine) is looked up by file name under RUN_DIR/samples/<step dir>/."""
+        found = self._audio.get(step, {"eval": [], "generate": []})
+        out = {"eval": [], "generate": []}
+        for e in found["eval"]:
+            out["eval"].append({**e, "pred_file": self.sample_file(e.get("pred_path"), step),
+                                "label_file": self.sample_file(e.get("label_path"), step)})
+        for e in found["generate"]:
+            out["generate"].append({**e, "file": self.sample_file(e.get("path"), step)})
+        return out
+
+    def sample_file(self, recorded, step: int | None = None) -> Path | None:
+        """The file an audio event recorded, on this machine: the path itself, else the same file name under
+        RUN_DIR/samples/ (in the recorded step folder, or in step-<8 digits>), else None."""
+        if not isinstance(recorded, str) or not recorded:
+            return None
+        path = Path(recorded)
+        candidates = [path] if path.is_absolute() else [self.path / path, path]
+        root = self.path / SAMPLES_DIR
+        if path.parent.name:
+            candidates.append(root / path.parent.name / path.name)
+        if isinstance(step, int):
+            candidates.append(root / f"step-{step:08d}" / path.name)
+        return next((c for c in candidates if c.is_file()), None)
+
     def first_mismatch(self, phase: str = "train") -> pd.DataFrame:
         """Per slice: step, modality, codebook, sample and where predictions first diverge from the labels
         (``first_mismatch``: index among the first K targets, NaN when all K match; ``first_mismatch_pos``:
@@ -236,6 +284,37 @@ def _first_mismatch(table: pa.Table) -> np.ndarray:
     rows, first = np.unique(parents[miss], return_index=True)
     out[rows] = within[miss][first]
     return out
+
+
+def _order(value) -> tuple:
+    """Sort key for sample and prompt indices that may be null or odd in hand-made events."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def spread(items: list, n: int) -> list:
+    """At most n items, evenly spread, first and last included."""
+    if len(items) <= n:
+        return items
+    if n <= 1:
+        return items[-1:] if n == 1 else []
+    idx = np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))
+    return [items[i] for i in idx]
+
+
+def ranges(steps: list[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"."""
+    out, start, prev = [], None, None
+    for s in sorted(steps):
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = prev = s
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ", ".join(out)
 
 
 def better(metric: str) -> str | None:

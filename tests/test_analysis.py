@@ -3,12 +3,14 @@ one step, no eval, duplicated and drifting Parquet parts, unknown event families
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -16,13 +18,16 @@ import pytest
 
 import analysis
 from analysis.__main__ import main
+from analysis.audio import choose, report_section, step_bytes
 from analysis.checks import loss_spikes, warnings_for
 from analysis.diff import check_gate, diff
+from analysis.document import Doc
 from analysis.load import column, rows_to_table, run_status
 from analysis.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_ARGS = ["--no-report", "train.max_steps=8", "train.eval_every=4", "log.log_steps=2", "train.save_every=4"]
+TRAIN_ARGS = ["--no-report", "train.max_steps=8", "train.eval_every=4", "log.log_steps=2", "train.save_every=4",
+              "log.generate_every=1", "log.generate_max_new_tokens=30"]
 
 
 def _train(out: Path, *extra: str) -> None:
@@ -34,7 +39,8 @@ def _train(out: Path, *extra: str) -> None:
 
 @pytest.fixture(scope="session")
 def real_run(tmp_path_factory) -> Path:
-    """One finished tiny run: 8 steps, eval at 4 and 8, slices every 2 steps, checkpoints at 4 and 8."""
+    """One finished tiny run: 8 steps, eval at 4 and 8, slices every 2 steps, checkpoints at 4 and 8, eval audio
+    (2 samples: label and teacher-forced prediction) and one generated prompt at each eval."""
     out = tmp_path_factory.mktemp("analysis") / "run"
     _train(out)
     return out
@@ -248,14 +254,14 @@ def test_nonfinite_skips_and_unknown_family(real_run, tmp_path):
         if e["event"] == "data_summary" and e["split"] == "train":
             e.update(kept=10, skipped=6, skipped_by_reason={"length": 4, "unreadable_audio": 2})
     last = events[-1]
-    events.insert(-1, dict(last, event="eval_audio", seq=last["seq"], wav="eval/step-8/sample-0.wav"))
+    events.insert(-1, dict(last, event="speaker_probe", seq=last["seq"], wav="eval/step-8/sample-0.wav"))
     events[-1] = dict(last, seq=last["seq"] + 1)
     run = analysis.load_run(make_run(tmp_path / "odd", events, parquet=True))
     found = " ".join(warnings_for(run))
     assert "NaN/inf in `train_step.loss`" in found and "first at step 3" in found
     assert "6 of 16 train samples skipped" in found
-    assert run.eval_audio.wav.tolist() == ["eval/step-8/sample-0.wav"]
-    assert "eval_audio" in write_report(run.path, formats=("md",))[0].read_text()
+    assert run.speaker_probe.wav.tolist() == ["eval/step-8/sample-0.wav"]
+    assert "speaker_probe" in write_report(run.path, formats=("md",))[0].read_text()
 
 
 def test_column_types_follow_the_trainer():
@@ -285,8 +291,8 @@ def test_report_real_run(real_run, tmp_path):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert {"loss.png", "codebooks.png", "optimizer.png", "throughput.png", "codebook_accuracy.png"} <= set(images)
     assert all((tmp_path / "rep" / i).is_file() for i in images)
-    assert re.findall(r'src="([^"]+)"', page) and all(s.startswith("data:image/png;base64,")
-                                                        for s in re.findall(r'src="([^"]+)"', page))
+    sources = re.findall(r'src="([^"]+)"', page)  # one file: every image and sound inlined
+    assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
     assert "<|eot_id|>" in md and "&lt;|eot_id|&gt;" in page  # text slices decoded; escaped in HTML
     assert "### Step 2" in md and "### Step 8" in md
 
@@ -366,6 +372,181 @@ def test_diff_unmatched_steps(real_run, tmp_path):
     b = analysis.load_run(make_run(tmp_path / "short", events))
     m = diff(analysis.load_run(real_run), b)["metrics"]["train"]
     assert m["only_a"] == "7-8" and m["only_b"] == "" and m["common_steps"] == 6
+
+
+# ---------------------------------------------------------------- audio samples
+
+AUDIO_FAMILIES = ("eval_audio", "generate_audio")
+PLAYER = re.compile(r'<audio controls [^>]*title="([^"]+)" src="data:audio/wav;base64,([A-Za-z0-9+/=]+)"></audio>')
+MD_WAV = re.compile(r"\[((?:label|pred|gen)-\d+\.wav)\]\(([^)]+)\)")
+
+
+def moved(real_run: Path, path: Path, edit=None) -> Path:
+    """The run copied to ``path`` as if from another machine: its audio events name files under a directory that
+    does not exist here, the WAVs sit in path/samples. ``edit(event)`` may change events first."""
+    events = events_of(real_run)
+    for e in events:
+        for key in ("pred_path", "label_path", "path"):
+            if e["event"] in AUDIO_FAMILIES and e.get(key):
+                e[key] = "/elsewhere/runs/demo/samples/" + "/".join(Path(e[key]).parts[-2:])
+        if edit is not None:
+            edit(e)
+    make_run(path, events, parquet=True)
+    shutil.copytree(real_run / "samples", path / "samples")
+    return path
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def test_report_audio_players(real_run, tmp_path):
+    run = analysis.load_run(real_run)
+    assert run.audio_steps() == [4, 8]
+    at = run.audio_at(8)
+    assert [r["sample"] for r in at["eval"]] == [0, 1] and len(at["eval"][0]["acc_cb"]) == 8
+    assert at["eval"][0]["pred_file"] == real_run / "samples" / "step-00000008" / "pred-0.wav"
+    assert at["generate"][0]["stopped"] in ("eos", "max_length") and at["generate"][0]["file"].is_file()
+
+    md_path, html_path = write_report(real_run, out=tmp_path / "rep")
+    md, page = md_path.read_text(), html_path.read_text()
+    assert "## Audio samples" in md and "<h2>Audio samples</h2>" in page
+    players = PLAYER.findall(page)
+    assert len(players) == 2 * (2 * 2 + 1)  # per eval step: label and prediction of 2 samples, 1 generated
+    assert all(base64.b64decode(data)[:4] == b"RIFF" for _, data in players)
+    for step in (4, 8):
+        folder = real_run / "samples" / f"step-{step:08d}"
+        section = page.split(f"<h3>Audio at step {step}</h3>")[1].split("<h")[0]
+        for i in (0, 1):  # label and prediction of each sample side by side, in one table row
+            row = re.search(rf'title="label-{i}\.wav" src="data:audio/wav;base64,([^"]+)"></audio></td>'
+                            rf'<td class=l><audio [^>]*title="pred-{i}\.wav" src="data:audio/wav;base64,([^"]+)"',
+                            section)
+            assert row and row.groups() == (_b64(folder / f"label-{i}.wav"), _b64(folder / f"pred-{i}.wav"))
+        assert _b64(folder / "gen-0.wav") in section and "The quick brown fox" in section
+        assert re.search(r"<td>(at EOS|length limit \(no EOS\))</td>", section)
+        acc = next(r["acc"] for r in run.audio_at(step)["eval"] if r["sample"] == 0)
+        assert f"<td>{acc:.3f}</td>" in section
+    links = MD_WAV.findall(md)
+    assert len(links) == 10 and all((tmp_path / "rep" / unquote(link)).resolve().is_file() for _, link in links)
+    assert all(Path(unquote(link)).name == name for name, link in links)
+    assert "### Audio at step 4" in md and "### Audio at step 8" in md
+
+
+def test_audio_of_a_moved_run_and_missing_files(real_run, tmp_path):
+    """Paths recorded on another machine are found under RUN_DIR/samples/; what is not there is reported."""
+    def edit(e):
+        if e["event"] == "eval_audio" and e["step"] == 4 and e["sample"] == 1:
+            e.update(pred_path=None, label_path=None, reason="no target audio codes in this sample")
+        if e["event"] == "generate_audio" and e["step"] == 4:
+            e.update(path=None, error="RuntimeError: boom")
+
+    path = moved(real_run, tmp_path / "moved", edit)
+    (path / "samples" / "step-00000008" / "pred-1.wav").unlink()
+    odd = dict(events_of(path)[-1], event="eval_audio", step=8, seq=10**6, wav="x.wav")  # a hand-made row
+    with open(path / "events.jsonl", "a") as f:
+        f.write(json.dumps(odd) + "\n")
+    run = analysis.load_run(path)
+    assert run.audio_at(8)["eval"][0]["pred_file"] == path / "samples" / "step-00000008" / "pred-0.wav"
+    assert run.audio_at(8)["eval"][1]["pred_file"] is None
+    md_path, html_path = write_report(path, out=tmp_path / "rep")
+    md, page = md_path.read_text(), html_path.read_text()
+    assert "file missing (pred-1.wav)" in md and "file missing" in page
+    assert "no file: no target audio codes in this sample" in md and "error: RuntimeError: boom" in md
+    assert len(PLAYER.findall(page)) == 10 - 2 - 1 - 1  # sample 1 at step 4, its gen, the deleted file
+    links = MD_WAV.findall(md)
+    assert len(links) == 6 and all((tmp_path / "rep" / unquote(link)).resolve().is_file() for _, link in links)
+    assert all("moved/samples" in link for _, link in links)
+
+
+def test_audio_size_cap(real_run, tmp_path):
+    """Past the cap, evenly spread eval steps are shown (first and last kept) and the rest is said left out."""
+    events = [e for e in events_of(real_run) if e["event"] not in AUDIO_FAMILIES]
+    template = [e for e in events_of(real_run) if e["event"] in AUDIO_FAMILIES and e["step"] == 4]
+    seq = max(e["seq"] for e in events) + 1
+    for step in range(1, 13):
+        for e in template:
+            events.append(dict(e, step=step, seq=seq))
+            seq += 1
+    run = analysis.load_run(make_run(tmp_path / "many", events))
+    per_step = step_bytes(run.audio_at(1))
+    assert run.audio_steps() == list(range(1, 13)) and per_step > 0
+
+    def section(mb):
+        doc = Doc("t")
+        report_section(doc, run, mb)
+        return doc.markdown(tmp_path), doc.html(tmp_path)
+
+    md, page = section(100)
+    assert md.count("### Audio at step") == 12 and "left out" not in md and len(PLAYER.findall(page)) == 12 * 5
+    md, page = section(4.5 * per_step / 1e6)
+    shown = [int(s) for s in re.findall(r"### Audio at step (\d+)", md)]
+    assert shown[0] == 1 and shown[-1] == 12 and len(shown) == 4 and "are left out" in md
+    assert len(PLAYER.findall(page)) == 4 * 5 and "not inlined" not in page
+    md, page = section(1.5 * per_step / 1e6)  # not even first, middle and last fit: files past the cap are links
+    assert [int(s) for s in re.findall(r"### Audio at step (\d+)", md)] == [1, 7, 12]
+    assert "linked, not inlined" in md and 5 <= len(PLAYER.findall(page)) < 10
+    hrefs = re.findall(r'<a href="([^"]+)">[^<]+</a> <span class="note">\(not inlined\)', page)
+    assert hrefs and all((tmp_path / unquote(h)).resolve().is_file() for h in hrefs)
+    assert choose({1: 10, 2: 10}, 5) == [1, 2] and choose({s: 1 for s in range(10)}, 100) == list(range(10))
+
+    out = tmp_path / "cli"
+    assert main(["report", str(run.path), "--out", str(out), "--format", "html", "--audio-mb", "0"]) == 0
+    page = (out / "report.html").read_text()
+    assert "<audio" not in page and page.count("(not inlined)") == 3 * 5
+    with pytest.raises(SystemExit):
+        main(["report", str(run.path), "--audio-mb", "-1"])
+
+
+def test_runs_without_audio_unchanged(real_run, tmp_path, capsys):
+    events = [e for e in events_of(real_run) if e["event"] not in AUDIO_FAMILIES]
+    path = make_run(tmp_path / "silent", events, parquet=True)
+    run = analysis.load_run(path)
+    assert run.audio_steps() == [] and run.audio_at(4) == {"eval": [], "generate": []}
+    md = write_report(path, out=tmp_path / "rep", formats=("md",))[0].read_text()
+    assert "Audio" not in md
+    assert "audio" not in diff(run, run)
+    assert main(["diff", str(path), str(path)]) == 0
+    assert "Audio" not in capsys.readouterr().out
+    one_sided = diff(analysis.load_run(real_run), run)["audio"]
+    assert one_sided["common_steps"] == [] and one_sided["only_a"] == "4, 8"
+
+
+def test_diff_audio_side_by_side(real_run, tmp_path, capsys):
+    def edit(e):
+        if e["event"] == "eval_audio" and e["step"] == 8:
+            e["acc"] = 0.5
+
+    b = moved(real_run, tmp_path / "b", edit)
+    out = tmp_path / "out"
+    assert main(["diff", str(real_run), str(b), "--out", str(out)]) == 0
+    terminal = capsys.readouterr().out
+    assert "## Audio samples, side by side" in terminal
+    assert "| sample | A label | A prediction | A acc | B label | B prediction | B acc |" in terminal
+    page, md = (out / "diff.html").read_text(), (out / "diff.md").read_text()
+    assert len(PLAYER.findall(page)) == 2 * 2 * 5
+    for step in (4, 8):
+        section = page.split(f"<h3>Audio at step {step}</h3>")[1].split("<h")[0]
+        row = re.search(r"<tr><td class=l>0</td>(.*?)</tr>", section).group(1)
+        titles = re.findall(r'title="([^"]+)"', row)
+        assert titles == ["label-0.wav", "pred-0.wav", "label-0.wav", "pred-0.wav"]
+        folder = f"step-{step:08d}"
+        assert _b64(real_run / "samples" / folder / "pred-0.wav") in row
+        assert re.search(r"<td>(at EOS|length limit \(no EOS\))</td>.*<td>(at EOS|length limit \(no EOS\))</td>",
+                         section)
+    assert "| 0.500 |" in md.split("### Audio at step 8")[1]
+    a_links = [link for _, link in MD_WAV.findall(md) if "b/samples" not in link]
+    b_links = [link for _, link in MD_WAV.findall(md) if "b/samples" in link]
+    assert len(a_links) == len(b_links) == 10
+    assert all((out / unquote(link)).resolve().is_file() for link in a_links + b_links)
+    result = json.loads((out / "diff.json").read_text())["audio"]
+    assert result["common_steps"] == [4, 8] and len(result["eval"]) == 4 and len(result["generate"]) == 2
+    assert [r["acc_b"] for r in result["eval"] if r["step"] == 8] == [0.5, 0.5]
+
+    short = make_run(tmp_path / "short", [e for e in events_of(real_run) if e["step"] <= 6])
+    assert main(["diff", str(real_run), str(short)]) == 0
+    terminal = capsys.readouterr().out
+    assert "### Audio at step 4" in terminal and "### Audio at step 8" not in terminal
+    assert "Eval steps with audio only in A: 8." in terminal
 
 
 # ---------------------------------------------------------------- docs
