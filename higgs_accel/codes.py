@@ -143,7 +143,7 @@ def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = Fal
     from tqdm import tqdm
 
     before = cache.encode_calls
-    for s in tqdm(samples, desc="encoding audio", unit="sample", disable=not progress):
+    for s in tqdm(samples, desc="encoding audio", unit="sample", disable=not (progress and sys.stderr.isatty())):
         for _, audio in _refs(s):
             if not audio.exists():
                 continue

@@ -152,3 +152,13 @@ def test_refuses_to_mix_two_runs(tmp_path, tiny, codes_cache):
         train_run(tmp_path, tiny, codes_cache, train__max_steps=1)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train_run(tmp_path, tiny, codes_cache, train__max_steps=1, resume="latest")
+
+
+def test_gradient_accumulation_checkpointing_and_linear_schedule(tmp_path, tiny, codes_cache):
+    events = train_run(tmp_path, tiny, codes_cache, train__max_steps=3, train__batch_size=2, train__grad_accum=2,
+                       train__scheduler="linear", train__warmup_steps=1, train__lr=1e-3,
+                       train__eval_every=0, train__save_every=0, model__gradient_checkpointing=True)
+    steps = of(events, "train_step")
+    assert [e["samples"] for e in steps] == [4, 4, 4]  # two micro-batches of 2 per optimizer step
+    assert [round(e["lr"], 6) for e in steps] == [0.001, 0.0005, 0.0]  # warmup 1 step, then linear decay
+    assert all(e["loss"] is not None and e["grad_norm"] > 0 for e in steps)
