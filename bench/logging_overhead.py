@@ -3,7 +3,7 @@
 Each configuration trains the same steps; the step time is the median gap between consecutive optimizer steps,
 taken by a wrapper around the loop's one logging call (which, for "events off", does nothing else).
 Targets: log_steps=50 at most 1.01x and log_steps=1 at most 1.05x the step time with events off.
-Usage: python bench/logging_overhead.py [--steps 200] [--rounds 2]
+Usage: python bench/logging_overhead.py [--steps 200] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def step_time(root: Path, name: str, steps: int, log_steps: int | None, assets: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -54,11 +54,12 @@ def main() -> None:
         for r in range(args.rounds):
             for name, log_steps in configs.items():
                 times[name].append(step_time(root, f"{name}-{r}", args.steps, log_steps, assets))
-        base = statistics.median(times["off"])
+        # The best round of each configuration: noise on a shared machine only ever adds time.
+        best = {name: min(t) for name, t in times.items()}
         for name in configs:
-            print(f"{name:>13}: median step {1000 * statistics.median(times[name]):.2f} ms")
-        print(f"step-time ratio vs events off: log_steps=50 {statistics.median(times['log_steps=50']) / base:.3f}x "
-              f"(target <= 1.01), log_steps=1 {statistics.median(times['log_steps=1']) / base:.3f}x (target <= 1.05)")
+            print(f"{name:>13}: median step {1000 * best[name]:.2f} ms (best of {args.rounds} rounds)")
+        print(f"step-time ratio vs events off: log_steps=50 {best['log_steps=50'] / best['off']:.3f}x "
+              f"(target <= 1.01), log_steps=1 {best['log_steps=1'] / best['off']:.3f}x (target <= 1.05)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""The benchmarks run end to end at tiny sizes and print their ratio last. Their figures are not checked against
+targets: tests assert behaviour, never wall-clock (bench/RESULTS.md holds the measured figures)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+COMMANDS = {
+    "throughput": ["throughput.py", "--quick", "--rounds", "1", "--plain"],
+    "memory": ["memory.py", "--quick"],
+    "gpu": ["gpu_real_size.py"],
+}
+
+
+@pytest.fixture(scope="module")
+def launched() -> dict[str, subprocess.Popen]:
+    """All benches started at once: most of each run is importing torch and transformers on one core, so running
+    them side by side keeps the module near the time of the slowest instead of their sum."""
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "bench" / cmd[0]), *cmd[1:]], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, cmd in COMMANDS.items()
+             if name != "gpu" or not torch.cuda.is_available()}
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def finished(launched: dict, name: str) -> list[str]:
+    """The bench's stdout lines, after checking it exited 0."""
+    out, err = launched[name].communicate(timeout=300)
+    code = launched[name].returncode
+    assert code == 0, f"{COMMANDS[name][0]} exited {code}\n{out[-3000:]}\n{err[-3000:]}"
+    lines = out.strip().splitlines()
+    assert lines, f"{COMMANDS[name][0]} printed nothing"
+    return lines
+
+
+def test_throughput_quick_prints_the_ratio_and_both_paths_train_the_same_loss(launched):
+    lines = finished(launched, "throughput")
+    assert re.match(r"higgs-accel / Trainer tokens/s: \d+\.\d+x \(mid; tiny \d+\.\d+x\)", lines[-1]), lines[-1]
+    # Each size reports both losses on one batch; the comparison is only fair if they are the same objective.
+    same = [re.search(r"loss (\S+) \(DualLossModel\) vs (\S+) \(model forward\)", x) for x in lines]
+    pairs = [(float(m[1]), float(m[2])) for m in same if m]
+    assert len(pairs) == 2, lines
+    for ours, theirs in pairs:
+        assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_memory_quick_prints_the_ratio_and_masked_heads_use_less(launched):
+    lines = finished(launched, "memory")
+    m = re.fullmatch(r"masked / full peak step memory: (\d+\.\d+) \(target <= 0\.3\)", lines[-1])
+    assert m, lines[-1]
+    # Not the target, only the direction: the masked step never builds the (tokens x 128,256) logits.
+    assert 0 < float(m[1]) < 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_gpu_real_size_without_cuda_exits_cleanly_with_its_message(launched):
+    lines = finished(launched, "gpu")
+    assert "no CUDA device" in lines[-1] and "nothing measured" in lines[-1]
