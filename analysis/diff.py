@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import plots
@@ -122,22 +123,63 @@ def parse_gate(text: str) -> tuple[str, str, float]:
     return phase, col, tolerance
 
 
+def _nonfinite_named(value, col: str) -> bool:
+    """Whether an event's ``nonfinite`` list (a list, an array, or JSON text in some parts) names ``col``."""
+    if isinstance(value, str):
+        value = json.loads(value) if value.startswith("[") else [value]
+    return value is not None and not isinstance(value, float) and col in list(value)
+
+
+def _gate_final(df: pd.DataFrame, col: str) -> tuple[float | None, int | None, bool]:
+    """The gate's final value: at the last step that logged ``col`` as a number or as NaN/inf (named in
+    ``nonfinite``). A plain null (a step without targets) is skipped; the bool says the value is non-finite."""
+    if col not in df:
+        return None, None, False
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = np.isinf(values)
+    if "nonfinite" in df:
+        bad |= df["nonfinite"].map(lambda v: _nonfinite_named(v, col)).astype(bool)
+    logged = values[values.notna() | bad]
+    if logged.empty:
+        return None, None, False
+    step = int(logged.index[-1])
+    return (None, step, True) if bad.loc[step] else (float(logged.iloc[-1]), step, False)
+
+
+def run_problems(a: Run, b: Run) -> list[str]:
+    """Why B's final values cannot stand for a finished run: B did not finish, or stopped before A's last step."""
+    out = []
+    if b.status != "finished":
+        out.append(f"B has not finished (status {b.status})")
+    last_a, last_b = max(a.steps, default=0), max(b.steps, default=0)
+    if last_b < last_a:
+        out.append(f"B ended at step {last_b}, before A's last step {last_a}")
+    return out
+
+
 def check_gate(a: Run, b: Run, text: str) -> dict:
     """B's final value may be worse than A's by at most the tolerance, in the metric's own units (absolute):
-    for losses B - A <= tol, for accuracies A - B <= tol. A metric B lacks fails; one neither run has is bad
-    input (ValueError)."""
+    for losses B - A <= tol, for accuracies A - B <= tol. The gate also fails when B lacks the metric, when
+    B's final value is NaN/inf, when B did not finish and when B stopped before A's last step. A metric
+    neither run has is bad input (ValueError)."""
     phase, col, tol = parse_gate(text)
     ma, mb = a.metrics(phase), b.metrics(phase)
     if col not in ma and col not in mb:
         raise ValueError(f"--fail-if-worse {text!r}: neither run has {phase}.{col}")
-    va, vb = _final(ma, col)[0], _final(mb, col)[0]
-    if va is None or vb is None:
-        return {"gate": text, "a": va, "b": vb, "worse_by": None, "ok": False,
-                "why": f"{phase}.{col} missing in {'A' if va is None else 'B'}"}
-    worse_by = vb - va if better(col) == "lower" else va - vb
-    ok = worse_by <= tol
-    return {"gate": text, "a": va, "b": vb, "worse_by": worse_by, "ok": ok,
-            "why": f"B is worse by {worse_by:.4g} (tolerance {tol:g})" if not ok else "within tolerance"}
+    va = _final(ma, col)[0]
+    vb, step_b, nonfinite_b = _gate_final(mb, col)
+    problems = run_problems(a, b)
+    if nonfinite_b:
+        problems.append(f"B's final {phase}.{col} (step {step_b}) is NaN/inf")
+    elif va is None or vb is None:
+        problems.append(f"{phase}.{col} missing in {'A' if va is None else 'B'}")
+    worse_by = None
+    if va is not None and vb is not None:
+        worse_by = vb - va if better(col) == "lower" else va - vb
+        if worse_by > tol:
+            problems.append(f"B is worse by {worse_by:.4g} (tolerance {tol:g})")
+    return {"gate": text, "a": va, "b": vb, "worse_by": worse_by, "ok": not problems,
+            "why": "; ".join(problems) or "within tolerance"}
 
 
 def diff(a: Run, b: Run, show_all: bool = False, gates: list[str] = ()) -> dict:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 EVENTS_FILE = "events.jsonl"
 PARQUET_DIR = "events"
+SUPERSEDED = "superseded"  # the Parquet writer's flag on rows a resume redid
 # A run without run_end whose last event is younger than this may still have a process writing to it.
 RUNNING_WINDOW_S = 120.0
 
@@ -184,7 +185,18 @@ def read_events(run_dir: str | Path) -> dict[str, pa.Table]:
     for name, rows in by_family.items():
         table = rows_to_table(rows)
         families[name] = drop_repeated_seq(concat([families.get(name), table])) if name in families else table
-    return {name: drop_superseded(t, families) for name, t in families.items()}
+    return {name: drop_superseded(drop_flagged(t), families) for name, t in families.items()}
+
+
+def drop_flagged(table: pa.Table) -> pa.Table:
+    """Compacted and rebuilt Parquet may carry the writer's own ``superseded`` flag: drop the rows it marks and
+    the flag itself (a bookkeeping column, not a field of the event; the rule below finds the same rows)."""
+    if SUPERSEDED not in table.column_names:
+        return table
+    flag = table.column(SUPERSEDED)
+    if pa.types.is_boolean(flag.type):
+        table = table.filter(pc.invert(pc.fill_null(flag, False)))
+    return table.drop_columns([SUPERSEDED])
 
 
 def drop_superseded(table: pa.Table, families: dict[str, pa.Table]) -> pa.Table:

@@ -18,6 +18,7 @@ from .load import parse_ts, read_events, run_status
 LOSS_FIELDS = ("loss", "text_loss", "audio_loss")
 _CB = re.compile(r"audio_(acc|loss)_cb(\d+)$")
 SAMPLES_DIR = "samples"  # RUN_DIR/samples/step-<8 digits>/: the trainer's eval audio
+_MISMATCH_COLUMNS = ("step", "modality", "codebook", "sample", "first_pos", "first_pred", "first_label")
 
 
 def load_run(path: str | Path) -> Run:
@@ -49,7 +50,7 @@ class Run:
         self.path = Path(path)
         self.tables = tables
         self._frames: dict[str, pd.DataFrame] = {}
-        self._slices: dict[str | None, pa.Table | None] = {}
+        self._phase_masks: dict[str, pa.ChunkedArray] = {}
         self._mismatch: dict[str, pd.DataFrame] = {}
 
     def __repr__(self) -> str:
@@ -156,30 +157,45 @@ class Run:
 
     # ------------------------------------------------------------ prediction slices
 
-    def _slice_table(self, phase: str | None) -> pa.Table | None:
-        if phase not in self._slices:
-            table = self.tables.get("pred_slice")
-            if table is not None and table.num_rows and phase is not None and "phase" in table.column_names:
-                table = table.filter(pc.equal(table.column("phase"), phase))
-            self._slices[phase] = table if table is not None and table.num_rows else None
-        return self._slices[phase]
+    def _phase_mask(self, phase: str | None) -> pa.ChunkedArray | None:
+        """Which pred_slice rows belong to ``phase`` (None: all rows), computed once per phase."""
+        table = self.tables["pred_slice"]
+        if phase is None or "phase" not in table.column_names:
+            return None
+        if phase not in self._phase_masks:
+            self._phase_masks[phase] = pc.equal(table.column("phase"), phase)
+        return self._phase_masks[phase]
+
+    def _slice_rows(self, phase: str | None, columns: tuple[str, ...] | None = None,
+                    step: int | None = None) -> pa.Table | None:
+        """The pred_slice rows of a phase (and step), only ``columns`` when given: a long run holds millions of
+        token lists, and copying the ones a question does not need costs more than answering it."""
+        table = self.tables.get("pred_slice")
+        if table is None or table.num_rows == 0:
+            return None
+        mask = self._phase_mask(phase)
+        if step is not None:
+            at = pc.equal(table.column("step"), step)
+            mask = at if mask is None else pc.and_(mask, at)
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        if mask is not None:
+            table = _rows_where(table, mask)
+        return table if table.num_rows else None
 
     def slice_steps(self, phase: str = "train") -> list[int]:
-        table = self._slice_table(phase)
-        if table is None or table.num_rows == 0:
+        table = self._slice_rows(phase, ("step",))
+        if table is None:
             return []
         return sorted(pc.unique(table.column("step")).to_pylist())
 
     def slices_at(self, step: int, phase: str | None = "train") -> pd.DataFrame:
         """The prediction slices logged at ``step`` (text rows first, then audio by codebook and sample), with
         ``first_mismatch``: the index of the first target in the first window where prediction != label."""
-        table = self._slice_table(phase)
+        table = self._slice_rows(phase, step=step)
         if table is None:
             return pd.DataFrame()
-        table = table.filter(pc.equal(table.column("step"), step))
         df = table.to_pandas()
-        if df.empty:
-            return df
         df["first_mismatch"] = _first_mismatch(table)
         order = [c for c in ("phase", "modality", "codebook", "sample") if c in df]
         return df.sort_values(order, key=_text_first, na_position="first").reset_index(drop=True)
@@ -236,8 +252,16 @@ class Run:
         (``first_mismatch``: index among the first K targets, NaN when all K match; ``first_mismatch_pos``:
         that target's position in the sequence)."""
         if phase not in self._mismatch:
-            self._mismatch[phase] = _mismatch_frame(self._slice_table(phase))
+            self._mismatch[phase] = _mismatch_frame(self._slice_rows(phase, _MISMATCH_COLUMNS))
         return self._mismatch[phase].copy()
+
+
+def _rows_where(table: pa.Table, mask) -> pa.Table:
+    """``table.filter(mask)``, without the copy when the mask keeps every row (a run without eval slices) or none."""
+    kept = pc.sum(pc.fill_null(mask, False)).as_py() or 0
+    if kept == table.num_rows:
+        return table
+    return table.slice(0, 0) if kept == 0 else table.filter(mask)
 
 
 def _mismatch_frame(table: pa.Table | None) -> pd.DataFrame:

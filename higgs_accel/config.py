@@ -106,6 +106,12 @@ class LogConfig:
     generate_prompts: list[str] = _opt(["The quick brown fox jumps over the lazy dog."], "texts spoken at generate "
                                        "evals (a YAML list; on the command line commas split prompts)")
     generate_max_new_tokens: int = _opt(300, "generation steps per prompt: 25 per second of audio, plus 8")
+    generate_ref_audio: str = _opt("", "reference audio file: speak the prompts in its voice (empty: no cloning)")
+    generate_ref_text: str = _opt("", "transcript of log.generate_ref_audio")
+    generate_do_sample: bool = _opt(False, "sample instead of greedy decoding (seeded: a resumed run sounds the same)")
+    generate_temperature: float = _opt(1.0, "sampling temperature (with log.generate_do_sample)")
+    generate_top_k: int = _opt(0, "sample from the K most likely codes only (0: no limit)")
+    generate_top_p: float = _opt(1.0, "sample from the smallest set of codes with this probability mass")
 
 
 @dataclass
@@ -297,7 +303,7 @@ def validate(cfg: RunConfig) -> None:
                    "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples,
                    "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
-                   }.items():
+                   "log.generate_top_k": cfg.log.generate_top_k}.items():
         if v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
     if t.max_steps == 0 and t.epochs < 1:
@@ -306,6 +312,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     if bad := [c for c in cfg.log.slice_codebooks if not 0 <= c < 8]:
         raise ConfigError(f"'log.slice_codebooks' holds codebooks outside 0..7: {bad}")
+    if cfg.log.generate_temperature <= 0:
+        raise ConfigError(f"'log.generate_temperature' must be greater than 0, got {cfg.log.generate_temperature}")
+    if not 0 < cfg.log.generate_top_p <= 1:
+        raise ConfigError(f"'log.generate_top_p' must be in (0, 1], got {cfg.log.generate_top_p}")
+    if cfg.log.generate_ref_audio and not Path(cfg.log.generate_ref_audio).is_file():
+        raise ConfigError(f"'log.generate_ref_audio': file not found: {cfg.log.generate_ref_audio}")
     if cfg.log.generate_max_new_tokens < 9:
         raise ConfigError("'log.generate_max_new_tokens' must be at least 9 (stream BOS + 8 delayed codebooks)")
     if not cfg.lora.target_modules:
@@ -320,12 +332,13 @@ def validate(cfg: RunConfig) -> None:
             if path and not Path(path).exists():
                 raise ConfigError(f"'{key}': file not found: {path}")
         for key in ("model.base", "model.audio_tokenizer"):
-            _check_model_ref(key, getattr(cfg.model, key.split(".")[1]))
+            check_model_ref(f"'{key}'", getattr(cfg.model, key.split(".")[1]))
 
 
-def _check_model_ref(key: str, ref: str) -> None:
-    """A local path must exist; anything else must at least look like a hub id (owner/name)."""
-    p = Path(ref)
+def check_model_ref(name: str, ref: str) -> None:
+    """A local path must be a dir; anything else must at least look like a hub id (owner/name). ``name`` is the
+    key or flag the message names."""
+    p = Path(ref).expanduser()
     looks_local = ref.startswith((".", "/", "~")) or p.exists() or ref.count("/") != 1
-    if looks_local and not p.expanduser().is_dir():
-        raise ConfigError(f"'{key}': model dir not found: {ref}")
+    if looks_local and not p.is_dir():
+        raise ConfigError(f"{name}: model dir not found: {ref}")

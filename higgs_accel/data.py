@@ -233,17 +233,18 @@ def read_source(path: str, fields) -> tuple[list[Sample], list[Skip]]:
     raise ConfigError(f"{path}: not found")
 
 
-def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip]]:
-    """Train and validation samples: a separate source, or a seeded ``val_fraction`` of the training one."""
+def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip], list[Skip]]:
+    """Train and validation samples, then the lines each split's source could not parse (kept apart so every skip is
+    reported under its own split): a separate source, or a seeded ``val_fraction`` of the training one."""
     train, skips = read_source(cfg.train_manifest, cfg)
     if cfg.val_manifest:
         val, val_skips = read_source(cfg.val_manifest, cfg)
-        return train, val, skips + val_skips
+        return train, val, skips, val_skips
     if cfg.val_fraction > 0 and len(train) > 1:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         held = set(order[:max(1, round(cfg.val_fraction * len(train)))])
-        return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)], skips
-    return train, [], skips
+        return [s for i, s in enumerate(train) if i not in held], [train[i] for i in sorted(held)], skips, []
+    return train, [], skips, []
 
 
 # ---------------------------------------------------------------- dataset, samplers, collator
@@ -299,22 +300,26 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
     The shuffled order is cut into windows of ``batch_size * window`` samples; each window is sorted by length and
     cut into batches (of ``batch_size``, or as many samples as fit ``max_tokens`` padded positions); the batches are
-    then shuffled. Accelerate sets the epoch through ``.sampler`` and shards the batches across processes."""
+    then shuffled. Accelerate sets the epoch through ``.sampler`` and shards the batches across processes.
+
+    There is deliberately no ``batch_size`` attribute: accelerate's ``BatchSamplerShard`` would take the batches for
+    fixed-size ones and silently drop every round whose last batch is short. Without it, it deals whole batches to
+    the processes in turn and repeats the first ones so that every process gets the same number."""
 
     def __init__(self, sampler: EpochSampler, lengths: list[int], batch_size: int, max_tokens: int = 0,
                  window: int = 50):
-        self.sampler, self.lengths, self.batch_size = sampler, lengths, batch_size
+        self.sampler, self.lengths, self.size = sampler, lengths, batch_size
         self.max_tokens, self.window = max_tokens, window
 
     def _batches(self) -> list[list[int]]:
         order = list(self.sampler)
-        size = self.batch_size * self.window
+        span = self.size * self.window
         batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
             batch: list[int] = []
             for i in chunk:
-                full = len(batch) == self.batch_size if not self.max_tokens else (
+                full = len(batch) == self.size if not self.max_tokens else (
                     batch and (len(batch) + 1) * self.lengths[batch[0]] > self.max_tokens)
                 if full:
                     batches.append(batch)

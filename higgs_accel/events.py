@@ -4,7 +4,9 @@ Every event is one ``EventLog.emit(name, **fields)`` call. The chain adds the co
 rank, schema_version, step, epoch, phase), an ISO UTC timestamp and the level, turns non-finite floats into
 null plus a ``nonfinite`` list, hands the event to the side sinks (Parquet, console, trackers) and renders one
 JSON line into ``RUN_DIR/events.jsonl``. Only the main process has sinks; the others drop their events.
-A failing sink never stops training: the error becomes one ``log_error`` event and training goes on.
+A failing sink never stops training: the error becomes one ``log_error`` event and training goes on. A log
+reopened after a hard kill first loses its torn last line (reported, with the fragment), so appending never glues
+a new event to it.
 """
 
 from __future__ import annotations
@@ -23,14 +25,74 @@ EVENTS_FILE = "events.jsonl"
 PARQUET_DIR = "events"
 
 
+def _has_nonfinite(value) -> bool:
+    # Runs on every field of every event: the common types are tested first and lists are mapped, not looped.
+    if type(value) is int or type(value) is str:
+        return False
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(map(_has_nonfinite, value))
+    if isinstance(value, dict):
+        return any(map(_has_nonfinite, value.values()))
+    return False
+
+
+def _nulled(value):
+    """``value`` with every non-finite float, at any depth, as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_nulled(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    return value
+
+
 def finite_fields(_, __, event: dict) -> dict:
-    """No NaN/inf literals in JSON: non-finite floats become null and are named in ``nonfinite``."""
-    bad = [k for k, v in event.items() if isinstance(v, float) and not math.isfinite(v)]
+    """No NaN/inf literals in JSON: non-finite floats, also inside lists and dicts (a per-codebook list), become
+    null and the top-level field holding them is named in ``nonfinite``."""
+    bad = [k for k, v in event.items() if _has_nonfinite(v)]
     for k in bad:
-        event[k] = None
+        event[k] = _nulled(event[k])
     if bad:
         event["nonfinite"] = bad
     return event
+
+
+def cut_torn_tail(path: Path) -> bytes:
+    """Make a log whose last line was cut short by a hard kill end in a newline, so the next event starts a line of
+    its own; return the fragment dropped. A last line that is a whole event only lacks its newline and is kept."""
+    if not path.is_file():
+        return b""
+    with open(path, "r+b") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        cut = 0
+        while pos > 0:  # backwards in blocks: the log may be large, the fragment is at most one event
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                cut = start + newline + 1
+                break
+            pos = start
+        if cut == end:
+            return b""
+        f.seek(cut)
+        fragment = f.read()
+        if _is_event(fragment):
+            f.seek(end)
+            f.write(b"\n")
+            return b""
+        f.truncate(cut)
+    return fragment
+
+
+def _is_event(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except ValueError:
+        return False
 
 
 def read_last_seq(path: Path) -> int:
@@ -109,6 +171,7 @@ class EventLog:
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / EVENTS_FILE
+            torn = cut_torn_tail(path)
             first_seq = read_last_seq(path) + 1
             self._file = open(path, "a", encoding="utf-8")
         structlog.configure(
@@ -127,6 +190,11 @@ class EventLog:
             cache_logger_on_first_use=False,
         )
         self._log = structlog.get_logger()
+        if is_main and torn:
+            # Reported with the whole fragment, so what the kill cut short is still in the log, as data.
+            self.emit("log_error", level="warning", sink="JsonLines", error_type="TornLine",
+                      error=f"the last line was cut short ({len(torn)} bytes), by a hard kill; dropped",
+                      fragment=torn.decode("utf-8", "replace"))
 
     def bind(self, **fields) -> None:
         """Set fields (step, epoch, phase) carried by every later event."""
@@ -139,7 +207,13 @@ class EventLog:
             self._sink_failed("JsonLines", e)
         self._flush_errors()
 
-    def _sink_failed(self, sink: str, error: Exception) -> None:
+    def report_error(self, sink: str, error: BaseException) -> None:
+        """A logging side task failed (``pred_slice``: a slice could not be built, ``eval_audio``: listening
+        material): one ``log_error`` event per sink and error type, like the sinks' own failures; never raises."""
+        self._sink_failed(sink, error)
+        self._flush_errors()
+
+    def _sink_failed(self, sink: str, error: BaseException) -> None:
         key = (sink, type(error).__name__)
         if key in self._reported:
             return
@@ -213,6 +287,9 @@ def capture_library_logs(log: EventLog, is_main: bool) -> LibraryLogHandler:
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.disable_progress_bar()
     disable_progress_bars()
+    # Installed afresh: captureWarnings(True) does nothing while an earlier call's hook is recorded, even when
+    # something since put its own ``warnings.showwarning`` back (a test runner, a notebook, an earlier run).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     handler = LibraryLogHandler(log)
     for name in LIBRARY_LOGGERS:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .chat import AUDIO_PLACEHOLDER, SpecialIds, audio_placeholders, audio_streams, chat_prompt
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, check_model_ref
 from .data import FileAudio, Sample, load_audio
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
@@ -192,16 +192,8 @@ def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
 # ---------------------------------------------------------------- loading (shared with export)
 
 
-def check_ref(flag: str, ref: str) -> None:
-    """A local path must be a dir; anything else must at least look like a hub id (owner/name)."""
-    p = Path(ref).expanduser()
-    looks_local = ref.startswith((".", "/", "~")) or p.exists() or ref.count("/") != 1
-    if looks_local and not p.is_dir():
-        raise ConfigError(f"{flag}: model dir not found: {ref}")
-
-
 def load_ref(flag: str, what: str, ref: str, loader):
-    check_ref(flag, ref)
+    check_model_ref(flag, ref)
     try:
         return loader(ref)
     except (OSError, ValueError) as e:

@@ -24,10 +24,13 @@ from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate, loa
 from .events import EVENTS_FILE, PARQUET_DIR, EventLog, capture_library_logs
 from .losses import N_STATS, summarize
 from .model import DualLossModel, add_lora, count_parameters, load_base_model, load_codec, load_text_tokenizer
-from .samples import samples_dir, write_eval_audio, write_generated
+from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
 from .tiny import apply_tiny_preset
+
+# Counts of each train_step summed into run_end: what this process session trained on (since its start or resume).
+TOTALS = ("samples", "tokens", "audio_frames", "text_targets", "audio_targets")
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Run:
     start: dict
     codec: object
     ids: SpecialIds
-    evals: int = 0
+    generation: dict
 
 
 def train(cfg: RunConfig) -> Path:
@@ -57,23 +60,31 @@ def train(cfg: RunConfig) -> Path:
     params = [p for p in run.model.parameters() if p.requires_grad]
     stats = torch.zeros(N_STATS, device=acc.device)
     started, tick, data_wait = time.time(), time.perf_counter(), 0.0
-    status, error = "crashed", None
+    status, error, totals, last = "crashed", None, Counter(dict.fromkeys(TOTALS, 0)), None
     try:
         run.model.train()
         while step < run.total_steps:
+            # Set on the prepared loader: with 2+ processes the set_epoch of accelerate's skip loader (used on
+            # resume) does not reach our sampler, and the skip loader takes its epoch from this one.
+            run.train_loader.set_epoch(epoch)
             batches = acc.skip_first_batches(run.train_loader, consumed) if consumed else run.train_loader
-            batches.set_epoch(epoch)  # accelerate's loaders count epochs themselves; a resumed one must be told
             for batch, waited in timed(batches):
                 consumed += 1
                 data_wait += waited
                 for skip in batch["skipped"]:
                     emit_skip(log, "train", skip)
-                if "input_ids" not in batch:
-                    continue  # every sample of this batch vanished from the cache mid-run
+                weight = 1.0
+                if "input_ids" not in batch:  # every sample of this batch vanished from the cache mid-run
+                    if last is None:
+                        continue
+                    # Redo the last batch at weight 0: every process must run the same forwards and backwards,
+                    # or DDP's gradient all-reduce waits forever for the one that skipped.
+                    batch, weight = last, 0.0
+                last = batch
                 with acc.accumulate(run.model):
                     out = run.model(batch)
-                    acc.backward(out.loss)
-                    stats += out.stats
+                    acc.backward(out.loss * weight)
+                    stats += out.stats * weight
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or math.inf)
                     run.optimizer.step()
@@ -84,7 +95,7 @@ def train(cfg: RunConfig) -> Path:
                 step += 1
                 log.bind(step=step, epoch=epoch, phase="train")
                 now = time.perf_counter()
-                log_train_step(run, stats, grad_norm, now - tick, data_wait, out, batch, step)
+                totals.update(log_train_step(run, stats, grad_norm, now - tick, data_wait, out, batch, step))
                 stats.zero_()
                 data_wait = 0.0
                 if t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
@@ -108,7 +119,7 @@ def train(cfg: RunConfig) -> Path:
         raise
     finally:
         log.emit("run_end", level="info" if status == "finished" else "error", status=status, error=error,
-                 elapsed_s=time.time() - started, total_steps=run.total_steps, completed_steps=step)
+                 elapsed_s=time.time() - started, total_steps=run.total_steps, completed_steps=step, **totals)
         log.close()
     return run.run_dir
 
@@ -125,8 +136,9 @@ def timed(batches):
         yield batch, time.perf_counter() - start
 
 
-def log_train_step(run: Run, stats, grad_norm, step_time: float, data_wait: float, out, batch, step: int) -> None:
-    """One device-to-host read for all metrics of the step, then one event (plus slices on log steps)."""
+def log_train_step(run: Run, stats, grad_norm, step_time: float, data_wait: float, out, batch, step: int) -> dict:
+    """One device-to-host read for all metrics of the step, then one event (plus slices on log steps); returns the
+    step's counts for the run's totals."""
     cfg, acc = run.cfg, run.accelerator
     summed = acc.reduce(torch.cat([stats, grad_norm.detach().float().reshape(1) / acc.num_processes]), "sum")
     values = summed.tolist()
@@ -136,6 +148,7 @@ def log_train_step(run: Run, stats, grad_norm, step_time: float, data_wait: floa
                  tokens_per_s=metrics["tokens"] / max(step_time, 1e-9), peak_mem_mb=peak_memory_mb())
     if step % cfg.log.log_steps == 0 and acc.is_main_process:
         emit_slices(run, out, batch)
+    return {k: metrics[k] for k in TOTALS}
 
 
 def emit_slices(run: Run, out, batch) -> None:
@@ -143,7 +156,7 @@ def emit_slices(run: Run, out, batch) -> None:
     try:
         rows = build_slices(out, batch, run.tokenizer, lc.slice_samples, lc.slice_k, lc.slice_codebooks)
     except Exception as e:  # noqa: BLE001 - a slice that cannot be built never stops training
-        run.log.emit("log_error", level="warning", sink="pred_slice", error_type=type(e).__name__, error=str(e))
+        run.log.report_error("pred_slice", e)
         return
     for row in rows:
         run.log.emit("pred_slice", **row)
@@ -168,7 +181,6 @@ def evaluate(run: Run, step: int) -> None:
     values = acc.reduce(stats, "sum").tolist()
     t = run.cfg.train
     run.log.emit("eval", **summarize(values, t.text_weight, t.audio_weight, t.audio_reduction))
-    run.evals += 1
     if first and acc.is_main_process:
         emit_slices(run, *first)
         emit_audio(run, first, step)
@@ -179,18 +191,20 @@ def evaluate(run: Run, step: int) -> None:
 def emit_audio(run: Run, first, step: int) -> None:
     """Eval audio to listen to: teacher-forced predictions next to labels, and every ``generate_every`` evals
     (and at the end) free-running speech for the fixed prompts. Failures are reported, never raised."""
-    lc, out_dir = run.cfg.log, samples_dir(run.run_dir, step)
+    lc, out_dir, eval_every = run.cfg.log, samples_dir(run.run_dir, step), run.cfg.train.eval_every
+    # Counted from the step, not from evals seen by this process, so a resumed run generates at the same steps.
+    nth_eval = step // eval_every if eval_every else 1
     try:
         if lc.eval_audio_samples:
             for row in write_eval_audio(*first, run.codec, run.ids, out_dir, lc.eval_audio_samples):
                 run.log.emit("eval_audio", level="warning" if row["reason"] else "info", **row)
-        if lc.generate_every and (run.evals % lc.generate_every == 0 or step >= run.total_steps):
+        if lc.generate_every and (nth_eval % lc.generate_every == 0 or step >= run.total_steps):
             model = run.accelerator.unwrap_model(run.model)
             for row in write_generated(model, run.tokenizer, run.codec, run.ids, lc.generate_prompts, out_dir,
-                                       run.cfg.data.system_prompt, lc.generate_max_new_tokens):
+                                       run.cfg.data.system_prompt, lc.generate_max_new_tokens, **run.generation):
                 run.log.emit("generate_audio", level="warning" if row["error"] else "info", **row)
     except Exception as e:  # noqa: BLE001 - listening material never stops training
-        run.log.emit("log_error", level="warning", sink="eval_audio", error_type=type(e).__name__, error=str(e))
+        run.log.report_error("eval_audio", e)
 
 
 def save(run: Run, step: int, epoch: int, consumed: int) -> None:
@@ -212,9 +226,9 @@ def peak_memory_mb() -> float:
 
 
 def setup(cfg: RunConfig) -> Run:
+    """The accelerator, the run dir and the event log first, so that whatever fails after them is an event."""
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, set_seed
-    from transformers import get_scheduler
+    from accelerate.utils import broadcast_object_list
 
     t = cfg.train
     run_dir = Path(t.output_dir)
@@ -241,15 +255,31 @@ def setup(cfg: RunConfig) -> Run:
     log = EventLog(run_dir, start["run_id"], rank=acc.process_index, is_main=acc.is_main_process, sinks=sinks)
     capture_library_logs(log, acc.is_main_process)
     log.bind(step=start["step"], epoch=start["epoch"], phase="train")
+    try:
+        return build(cfg, acc, run_dir, log, start, resume_from)
+    except BaseException as e:
+        log.emit("run_end", level="error", status="failed", error=f"{type(e).__name__}: {e}", elapsed_s=0.0,
+                 total_steps=0, completed_steps=start["step"])
+        log.close()
+        raise
+
+
+def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume_from: Path | None) -> Run:
+    """Model, data, optimizer and schedule, prepared by accelerate; then the run_start event."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t = cfg.train
     if cfg.preset == "tiny":
         with acc.main_process_first():
             apply_tiny_preset(cfg, run_dir / "tiny")
     set_seed(t.seed)
     tokenizer, codec = load_text_tokenizer(cfg.model), load_codec(cfg.model)
+    generation = generation_options(cfg.log, codec) if acc.is_main_process else {}
     base = load_base_model(cfg.model)
     ids = SpecialIds.from_parts(tokenizer, base.config)
     cache = CodeCache(cfg.data.codes_cache or default_cache_dir(), codec.to(acc.device))
-    train_samples, val_samples, skips = load_splits(cfg.data, t.seed)
+    train_samples, val_samples, train_parse_skips, val_parse_skips = load_splits(cfg.data, t.seed)
     # Each process encodes its share of what the cache lacks; then all read the same complete cache.
     encode_missing((train_samples + val_samples)[acc.process_index::acc.num_processes], cache,
                    progress=acc.is_main_process)
@@ -257,9 +287,10 @@ def setup(cfg: RunConfig) -> Run:
     train_samples, train_skips = resolve(train_samples, cache, cfg.data.min_seconds, cfg.data.max_seconds)
     val_samples, val_skips = resolve(val_samples, cache, cfg.data.min_seconds, cfg.data.max_seconds)
     encodes = int(acc.reduce(torch.tensor(cache.encode_calls, device=acc.device), "sum"))
-    report_data(log, "train", train_samples, skips + train_skips, encodes)
+    train_skips, val_skips = train_parse_skips + train_skips, val_parse_skips + val_skips
+    report_data(log, "train", train_samples, train_skips, encodes)
     report_data(log, "val", val_samples, val_skips, encodes)
-    problems = skips + train_skips + val_skips
+    problems = train_skips + val_skips
     if cfg.data.strict and problems:
         raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
     if not train_samples:
@@ -297,7 +328,7 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
     acc.register_for_checkpointing(scheduler)
     ckpt.keep_trainable_only(acc)
-    for sink in sinks:
+    for sink in log.sinks:
         if isinstance(sink, ConsoleSink):
             sink.total = total_steps
 
@@ -310,7 +341,7 @@ def setup(cfg: RunConfig) -> Run:
         ckpt.load_checkpoint(acc, resume_from)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
     return Run(cfg, run_dir, acc, log, model, tokenizer, optimizer, scheduler, train_loader, val_loader,
-               total_steps, start, codec, ids)
+               total_steps, start, codec, ids, generation)
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
@@ -318,7 +349,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
     resume_from = ckpt.find_checkpoint(run_dir, cfg.resume) if cfg.resume else None
     if acc.is_main_process:
         if not resume_from and (run_dir / EVENTS_FILE).exists():
-            if not cfg.train.overwrite:
+            if not cfg.train.overwrite and got_to_training(run_dir):
                 raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; pass --resume latest to "
                                   f"continue it, train.overwrite=true to replace it, or another --output-dir")
             for name in (EVENTS_FILE, PARQUET_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report", "samples"):
@@ -328,6 +359,15 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     acc.wait_for_everyone()
     return resume_from
+
+
+def got_to_training(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` reached an optimizer step. One that failed while starting (a bad model dir,
+    strict data checks) did not, and is replaced without asking: there is nothing in it to lose."""
+    if (run_dir / ckpt.CHECKPOINTS).is_dir() or (run_dir / ckpt.ADAPTER).is_dir():
+        return True
+    with open(run_dir / EVENTS_FILE, encoding="utf-8", errors="replace") as f:
+        return any('"train_step"' in line for line in f)
 
 
 def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int) -> None:

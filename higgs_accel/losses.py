@@ -96,7 +96,7 @@ def summarize(stats: list[float], text_weight: float, audio_weight: float, audio
     cb_loss = [ce / n if n else None for ce, n in zip(stats[CB_CE], cb_n)]
     cb_acc = [ok / n if n else None for ok, n in zip(stats[CB_OK], cb_n)]
     present = [x for x in cb_loss if x is not None]
-    audio = sum(present) if audio_reduction == "sum" else (sum(present) / len(present) if present else 0.0)
+    audio = sum(present, 0.0) if audio_reduction == "sum" else (sum(present) / len(present) if present else 0.0)
     text = stats[TEXT_CE] / stats[TEXT_N] if stats[TEXT_N] else 0.0
     out = {
         "loss": text_weight * text + audio_weight * audio,

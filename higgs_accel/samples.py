@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .chat import SpecialIds
-from .generate import decode_codes, generate_speech, write_wav
+from .config import ConfigError, LogConfig
+from .generate import decode_codes, encode_reference, generate_speech, write_wav
 from .losses import LossOutput
 
 SAMPLES_DIR = "samples"
@@ -93,3 +94,17 @@ def write_generated(model, tokenizer, codec, ids: SpecialIds, prompts: list[str]
                      "new_tokens": r["new_tokens"], "stopped": r["stopped"], "sample_rate": r["sample_rate"],
                      "error": r["error"]})
     return rows
+
+
+def generation_options(lc: LogConfig, codec) -> dict:
+    """``write_generated`` keyword arguments from the log config; the reference voice is encoded once, here, so a
+    bad file stops the run before training instead of failing at every generate eval."""
+    opts = {"do_sample": lc.generate_do_sample, "temperature": lc.generate_temperature,
+            "top_k": lc.generate_top_k or None, "top_p": lc.generate_top_p if lc.generate_top_p < 1 else None}
+    if lc.generate_every and lc.generate_ref_audio:
+        try:
+            opts["ref_codes"] = encode_reference(codec, lc.generate_ref_audio)
+        except Exception as e:  # noqa: BLE001 - any decode or encode failure is this file's fault
+            raise ConfigError(f"'log.generate_ref_audio': cannot use {lc.generate_ref_audio}: {e}") from None
+        opts["ref_text"] = lc.generate_ref_text
+    return opts

@@ -2,42 +2,99 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .codes import summary_line
 
 # ---------------------------------------------------------------- Parquet
 
+_INT, _FLOAT, _BOOL, _STR = pa.int64(), pa.float64(), pa.bool_(), pa.string()
+_INTS, _FLOATS, _STRS = pa.list_(pa.int32()), pa.list_(pa.float64()), pa.list_(pa.string())
 
-def _column_type(values: list) -> pa.DataType:
+# The type of every documented field, whatever values one part happens to hold: a field that is null in every row
+# of one part (a sample without audio, a run without errors) must not be typed differently there, or pandas,
+# polars and DuckDB cannot read the folder and compaction cannot merge it. Strings take nested values as JSON text.
+FIELD_TYPES: dict[str, pa.DataType] = {
+    # every event; ``superseded`` only in compacted and rebuilt tables
+    "event": _STR, "ts": _STR, "level": _STR, "step": _INT, "epoch": _INT, "phase": _STR, "seq": _INT,
+    "run_id": _STR, "rank": _INT, "schema_version": _INT, "nonfinite": _STRS, "superseded": _BOOL,
+    # run_start
+    "config": _STR, "run_dir": _STR, "versions": _STR, "git_commit": _STR, "device": _STR, "hardware": _STR,
+    "world_size": _INT, "mixed_precision": _STR, "trainable_params": _INT, "total_params": _INT, "total_steps": _INT,
+    "steps_per_epoch": _INT, "train_samples": _INT, "val_samples": _INT, "resumed": _BOOL,
+    # data_skip, data_summary
+    "split": _STR, "source": _STR, "line": _INT, "reason": _STR, "detail": _STR, "kept": _INT, "skipped": _INT,
+    "skipped_by_reason": _STR, "codec_encodes": _INT,
+    # train_step, eval (and the per-codebook metrics, see _CODEBOOK_METRIC)
+    "loss": _FLOAT, "text_loss": _FLOAT, "audio_loss": _FLOAT, "text_acc": _FLOAT, "audio_acc": _FLOAT,
+    "text_targets": _INT, "audio_targets": _INT, "tokens": _INT, "audio_frames": _INT, "samples": _INT,
+    "lr": _FLOAT, "grad_norm": _FLOAT, "step_time_s": _FLOAT, "samples_per_s": _FLOAT, "tokens_per_s": _FLOAT,
+    "padding_frac": _FLOAT, "data_wait_s": _FLOAT, "peak_mem_mb": _FLOAT,
+    # pred_slice
+    "modality": _STR, "sample": _INT, "codebook": _INT, "first_pos": _INTS, "last_pos": _INTS, "first_frame": _INTS,
+    "last_frame": _INTS, "first_pred": _INTS, "last_pred": _INTS, "first_label": _INTS, "last_label": _INTS,
+    "first_pred_text": _STRS, "first_label_text": _STRS, "last_pred_text": _STRS, "last_label_text": _STRS,
+    "n_targets": _INT, "n_match": _INT, "batch_match": _INT, "batch_targets": _INT, "logits_shape": _INTS,
+    "labels_shape": _INTS,
+    # eval_audio, generate_audio
+    "pred_path": _STR, "label_path": _STR, "n_frames": _INT, "pred_seconds": _FLOAT, "label_seconds": _FLOAT,
+    "sample_rate": _INT, "acc": _FLOAT, "acc_cb": _FLOATS, "prompt": _INT, "text": _STR, "path": _STR,
+    "seconds": _FLOAT, "new_tokens": _INT, "stopped": _STR, "error": _STR,
+    # checkpoint, adapter_saved, run_resume, log_error, library_log, run_end
+    "adapter": _STR, "checkpoint": _STR, "from_step": _INT, "sink": _STR, "error_type": _STR, "fragment": _STR,
+    "logger": _STR, "message": _STR, "status": _STR, "elapsed_s": _FLOAT, "completed_steps": _INT,
+}
+_CODEBOOK_METRIC = re.compile(r"audio_(loss|acc)_cb\d+")
+# An undeclared field is typed by the first of these that holds all its values (strings hold anything).
+_INFERRED = (_BOOL, _INT, _FLOAT, _INTS, pa.list_(pa.int64()), _FLOATS, _STRS, _STR)
+
+
+def declared_type(name: str) -> pa.DataType | None:
+    if name in FIELD_TYPES:
+        return FIELD_TYPES[name]
+    return _FLOAT if _CODEBOOK_METRIC.fullmatch(name) else None
+
+
+@functools.cache
+def _fits(tp: pa.DataType):
+    """A test of whether a value converts to ``tp`` exactly (Arrow alone would truncate 1.5 into an int64 column).
+    Built once per type: typing a part runs it on every value, on the training thread."""
+    if tp == _STR:
+        return lambda v: True
+    if pa.types.is_list(tp):
+        item = _fits(tp.value_type)
+        return lambda v: v is None or (isinstance(v, (list, tuple)) and all(map(item, v)))
+    if tp == _BOOL:
+        return lambda v: v is None or isinstance(v, bool)
+    if tp == _FLOAT:
+        return lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if pa.types.is_integer(tp):
+        low, high = -(2 ** (tp.bit_width - 1)), 2 ** (tp.bit_width - 1)
+        return lambda v: v is None or (type(v) is int and low <= v < high)
+    return lambda v: v is None
+
+
+def column_type(name: str, values: list) -> pa.DataType:
+    """The declared type when every value fits it, else the narrowest type that holds them; all-null: null,
+    which compaction's permissive merge unifies with whatever type another part has."""
+    declared = declared_type(name)
+    if declared is not None and all(map(_fits(declared), values)):
+        return declared
     present = [v for v in values if v is not None]
     if not present:
-        return pa.float64()  # an all-null column is a metric that was undefined (e.g. no targets yet)
-    if all(isinstance(v, bool) for v in present):
-        return pa.bool_()
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        return pa.int64()
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return pa.float64()
-    if all(isinstance(v, str) for v in present):
-        return pa.string()
-    if all(isinstance(v, list) for v in present):
-        items = [x for v in present for x in v]
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-            return pa.list_(pa.int32())
-        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
-            return pa.list_(pa.float64())
-        if all(isinstance(x, str) for x in items):
-            return pa.list_(pa.string())
-    return pa.string()  # anything nested (the resolved config) is stored as JSON text
+        return pa.null()
+    return next(tp for tp in _INFERRED if all(map(_fits(tp), present)))
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -46,8 +103,8 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
     arrays = {}
     for name in names:
         values = [r.get(name) for r in rows]
-        tp = _column_type(values)
-        if tp == pa.string():
+        tp = column_type(name, values)
+        if tp == _STR:
             values = [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
         arrays[name] = pa.array(values, type=tp)
     return pa.table(arrays)
@@ -63,7 +120,11 @@ def read_parts(family_dir: Path) -> pa.Table | None:
             continue
     if not tables:
         return None
-    table = pa.concat_tables(tables, promote_options="permissive")
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        # Parts written before the declared types (or an undeclared field typed two ways): retype from values.
+        table = rows_to_table([r for t in tables for r in t.to_pylist()])
     if "seq" in table.column_names:
         seq = table.column("seq").to_pylist()
         keep, seen = [], set()
@@ -73,6 +134,37 @@ def read_parts(family_dir: Path) -> pa.Table | None:
                 keep.append(i)
         table = table.take(keep)
     return table
+
+
+class Superseded:
+    """The rule of docs/events.md: an event is superseded when a later ``run_resume`` (higher seq) resumed from a
+    step below the event's step, so the resumed run redid that step. ``mark`` writes it into a table as a boolean
+    column, so pandas, polars and DuckDB users filter with ``NOT superseded``."""
+
+    COLUMN = "superseded"
+
+    def __init__(self, resumes: list[tuple[int, int]]):
+        self.resumes = [(seq, from_step) for seq, from_step in resumes if seq is not None and from_step is not None]
+
+    @classmethod
+    def of_rows(cls, rows: list[dict]) -> Superseded:
+        return cls([(r.get("seq"), r.get("from_step")) for r in rows if r.get("event") == "run_resume"])
+
+    @classmethod
+    def of_table(cls, table: pa.Table | None) -> Superseded:
+        return cls.of_rows(table.to_pylist() if table is not None else [])
+
+    def mark(self, table: pa.Table) -> pa.Table:
+        """``table`` with a fresh ``superseded`` column (a column from an earlier compaction is recomputed)."""
+        if self.COLUMN in table.column_names:
+            table = table.drop_columns([self.COLUMN])
+        flag = pa.array([False] * table.num_rows, _BOOL)
+        if {"step", "seq"} <= set(table.column_names):
+            step, seq = table.column("step"), table.column("seq")
+            for resume_seq, from_step in self.resumes:
+                redone = pc.and_(pc.greater(step, from_step), pc.less(seq, resume_seq))
+                flag = pc.or_(flag, pc.fill_null(redone, False))
+        return table.append_column(self.COLUMN, flag)
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
@@ -113,18 +205,18 @@ class ParquetSink:
 
 
 def compact(root: Path) -> None:
-    """One part per family. The merged part replaces the first one atomically before the rest go, so a crash
-    in between leaves duplicates (readers drop repeated seq), never a gap."""
-    if not Path(root).is_dir():
+    """One part per family, with the ``superseded`` flag. The merged part replaces the first one atomically
+    before the rest go, so a crash in between leaves duplicates (readers drop repeated seq), never a gap."""
+    root = Path(root)
+    if not root.is_dir():
         return
-    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+    rule = Superseded.of_table(read_parts(root / "run_resume"))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         parts = sorted(folder.glob("part-*.parquet"))
-        if len(parts) < 2:
-            continue
-        table = read_parts(folder)
+        table = read_parts(folder) if parts else None
         if table is None:
             continue
-        write_atomic(table, parts[0])
+        write_atomic(rule.mark(table), parts[0])
         for p in parts[1:]:
             p.unlink()
 

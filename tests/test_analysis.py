@@ -4,6 +4,7 @@ one step, no eval, duplicated and drifting Parquet parts, unknown event families
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import shutil
@@ -211,19 +212,64 @@ def resumed(events: list[dict], from_step: int = 4) -> tuple[list[dict], list[di
     return first, second
 
 
-@pytest.mark.parametrize("parquet", [False, True])
+@pytest.mark.parametrize("parquet", ["none", "parts", "flagged"])
 def test_resumed_run_has_each_step_once(real_run, tmp_path, parquet):
     first, second = resumed(events_of(real_run))
     path = make_run(tmp_path / "resumed", first + second)
-    if parquet:  # the first launch compacted, the second wrote its own parts
+    if parquet == "parts":  # the first launch compacted, the second wrote its own parts
         write_parts(path, first)
         write_parts(path, second)
+    if parquet == "flagged":  # compacted after the resume: the writer's own superseded column on every row
+        stale = {e["seq"] for e in first if e["step"] > 4}
+        write_parts(path, [dict(e, superseded=e["seq"] in stale) for e in first + second])
     run = analysis.load_run(path)
     assert run.steps == list(range(1, 9))
+    assert "superseded" not in run.train_step and "superseded" not in run.metrics()
     assert (run.metrics().loc[5:, "loss"] > 100).all() and (run.metrics().loc[:4, "loss"] < 100).all()
     assert (run.eval.step.value_counts() == 1).all() and len(run.slices_at(6)) == 18
     assert run.start["resumed"] is True and run.status == "finished"
     assert "| resumed | yes |" in write_report(path, formats=("md",))[0].read_text()
+
+
+def test_real_crash_and_resume(tmp_path, tiny, codes_cache, monkeypatch):
+    """The trainer's own crash and resume: launch 1 dies during step 7, launch 2 resumes from the step-4
+    checkpoint in the same dir and redoes steps 5-8. Its Parquet and its events.jsonl both read as each step
+    once, from the launch that counts, and the report is written."""
+    from higgs_accel import loop
+    from tests.conftest import of, train_run
+
+    log_step = loop.log_train_step
+
+    def crash_at_7(run, *args):
+        if args[-1] == 7:  # the step number, log_train_step's last argument
+            raise RuntimeError("planted crash")
+        return log_step(run, *args)
+
+    run_dir = tmp_path / "run"
+    settings = dict(train__max_steps=8, train__save_every=4, train__eval_every=4, log__log_steps=2)
+    monkeypatch.setattr(loop, "log_train_step", crash_at_7)
+    with pytest.raises(RuntimeError, match="planted crash"):
+        train_run(run_dir, tiny, codes_cache, **settings)
+    monkeypatch.undo()
+    events = train_run(run_dir, tiny, codes_cache, **settings, resume="latest")
+    resume = of(events, "run_resume")[0]
+    assert resume["from_step"] == 4
+    assert [e["step"] for e in of(events, "train_step")] == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]
+
+    jsonl_only = tmp_path / "jsonl-only"
+    jsonl_only.mkdir()
+    shutil.copy(run_dir / "events.jsonl", jsonl_only)
+    runs = [analysis.load_run(run_dir), analysis.load_run(jsonl_only)]
+    for run in runs:
+        assert run.steps == list(range(1, 9)) and run.status == "finished" and run.start["resumed"] is True
+        assert (run.train_step.loc[run.train_step.step >= 5, "seq"] > resume["seq"]).all()
+        assert run.eval.step.tolist() == [4, 8] and run.slice_steps() == [2, 4, 6, 8]
+        assert not run.pred_slice.duplicated(["step", "phase", "modality", "codebook", "sample"]).any()
+        assert "superseded" not in run.train_step
+    for family in runs[0].tables:
+        assert runs[0].frame(family).seq.tolist() == runs[1].frame(family).seq.tolist(), family
+    md = write_report(run_dir, formats=("md",))[0].read_text()
+    assert "| status | finished |" in md and "| resumed | yes |" in md and "### Step 6" in md
 
 
 def test_one_step_run(real_run, tmp_path):
@@ -295,6 +341,106 @@ def test_report_real_run(real_run, tmp_path):
     assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
     assert "<|eot_id|>" in md and "&lt;|eot_id|&gt;" in page  # text slices decoded; escaped in HTML
     assert "### Step 2" in md and "### Step 8" in md
+    run = analysis.load_run(real_run)
+    assert_header(run, md, page)
+    assert_best_final(run.metrics("eval"), md_table(md, "## Eval: best and final"))
+    assert_best_final(run.metrics("train"), md_table(md, "## Train: best and final"))
+    assert_mismatches_marked(run, md, page)
+    assert "first_mismatch.png" in images
+    assert_first_mismatch_table(run, md)
+
+
+def md_table(md: str, after: str, header: str = "| metric |") -> list[list[str]]:
+    """The body cells of the first Markdown table after the text ``after`` whose header line starts with
+    ``header``."""
+    lines = md.split(after, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in table[2:]]
+
+
+def assert_header(run, md: str, page: str) -> None:
+    start = run.start
+    run_rows = dict(md_table(md, "# Run", "| run |"))
+    assert all(f"{k} {v}" in run_rows["versions"] for k, v in start["versions"].items())
+    assert "torch" in run_rows["versions"] and run_rows["world size"] == "1"
+    assert run_rows["hardware"] == ", ".join(f"{k} {v}" for k, v in start["hardware"].items())
+    assert run_rows["trainable parameters"].startswith(f"{start['trainable_params']:,} (")
+    assert "<td class=l>world size</td><td>1</td>" in page
+    data = {r[0]: r[1:] for r in md_table(md, "# Run", "| data |")}
+    assert data == {split: [str(s["kept"]), str(s["skipped"])] for split, s in run.data_summary.items()}
+    assert set(data) == {"train", "val"} and "<th>kept</th><th>skipped</th>" in page
+
+
+def assert_best_final(df: pd.DataFrame, rows: list[list[str]]) -> None:
+    """Every loss and accuracy of the frame, with its best and final value and their steps."""
+    quality = [c for c in df.columns if ("loss" in c or "acc" in c) and df[c].notna().any()]
+    assert [r[0] for r in rows] == quality
+    for metric, best, best_step, final, final_step in rows:
+        s = df[metric].dropna()
+        step = s.idxmin() if "loss" in metric else s.idxmax()
+        assert float(best) == pytest.approx(s[step], rel=1e-3) and int(best_step) == step, metric
+        assert float(final) == pytest.approx(s.iloc[-1], rel=1e-3) and int(final_step) == s.index[-1], metric
+
+
+def expected_marks(row) -> int:
+    """Wrong predictions in the windows a slice grid shows: the first, and the last unless it repeats it."""
+    first = sum(p != lab for p, lab in zip(row["first_pred"], row["first_label"], strict=True))
+    if set(row["last_pos"]) <= set(row["first_pos"]):
+        return first
+    return first + sum(p != lab for p, lab in zip(row["last_pred"], row["last_label"], strict=True))
+
+
+def assert_mismatches_marked(run, md: str, page: str) -> None:
+    """Each step-8 train slice marks exactly its wrong predictions: ^ in Markdown, red cells in HTML."""
+    counts = []
+    for _, row in run.slices_at(8).iterrows():
+        what = "text" if row["modality"] == "text" else f"audio cb{int(row['codebook'])}"
+        caption = f"train step 8 · sample {row['sample']} · {what} · "
+        grid = md.split(f"**{caption}", 1)[1].split("```\n", 1)[1].split("```", 1)[0].splitlines()
+        i = next(k for k, line in enumerate(grid) if line.startswith("pred "))
+        marks = grid[i + 1].count("^") if not grid[i + 1].startswith("label") else 0
+        table = page.split(f'<div class="cap">{caption}', 1)[1].split("</table>", 1)[0]
+        pred_row = table.split("<tr><th>pred</th>", 1)[1].split("</tr>", 1)[0]
+        counts.append(expected_marks(row))
+        assert marks == counts[-1] and pred_row.count("class=bad") == counts[-1], caption
+    assert 0 in counts and max(counts) > 0  # some slices right, some wrong: both ways are checked
+
+
+def assert_first_mismatch_table(run, md: str) -> None:
+    """The last row of the first-mismatch table: per codebook, the mean index over samples (K when all right)."""
+    rows = md_table(md, "first diverge from the labels", "| step |")
+    assert [r[0] for r in rows] == [str(s) for s in run.slice_steps()]
+    audio = run.slices_at(8)
+    audio = audio[audio.modality == "audio"]
+    window = len(audio.iloc[0]["first_pred"])
+    expected = audio["first_mismatch"].fillna(window).groupby(audio["codebook"]).mean()
+    assert rows[-1][1:] == [f"{v:.1f}" for v in expected.sort_index()]
+
+
+def test_warnings_fire_on_stalled_logs_only(real_run, tmp_path):
+    """A healthy log draws no warning; a stalled text loss, a flat codebook loss and a dead codebook each do."""
+    def curves(e: dict, stalled: bool) -> None:
+        s = e["step"]
+        e.update(loss=50 / s, text_loss=3.0 if stalled else 4 / s, audio_loss=46 / s)
+        for cb in range(8):
+            e[f"audio_loss_cb{cb}"] = 6.0 + 0.01 * (-1) ** s if stalled and cb == 5 else 6 / s
+            e[f"audio_acc_cb{cb}"] = 0.0 if stalled and cb == 3 else 0.1 * s
+
+    runs = {}
+    for stalled in (False, True):
+        events = events_of(real_run)
+        for e in events:
+            if e["event"] == "train_step":
+                curves(e, stalled)
+        runs[stalled] = make_run(tmp_path / str(stalled), events, parquet=True)
+    assert warnings_for(analysis.load_run(runs[False])) == []
+    assert "Nothing: no NaN/inf" in write_report(runs[False], formats=("md",))[0].read_text()
+    found = warnings_for(analysis.load_run(runs[True]))
+    assert [w.split(" (")[0] for w in found] == ["text loss is not improving", "codebook 5 loss is not improving",
+                                                   "codebook(s) 3 predict nothing right at the end of training"]
+    worth = write_report(runs[True], formats=("md",))[0].read_text().split("## Worth a look")[1].split("## ")[0]
+    assert all(f"- {w}" in worth for w in found)
 
 
 def test_cli_report_formats_and_steps(real_run, tmp_path, capsys):
@@ -315,10 +461,19 @@ def test_default_report_dir(real_run, tmp_path):
 # ---------------------------------------------------------------- diff
 
 
+def _is_cb0_slice(e: dict) -> bool:
+    """Sample 0, codebook 0 of step 8's train slices: the slice the diff's side-by-side test changes in B."""
+    return (e["event"] == "pred_slice" and e["step"] == 8 and e["phase"] == "train" and e["modality"] == "audio"
+            and e["codebook"] == 0 and e["sample"] == 0)
+
+
 def _changed_copy(real_run: Path, path: Path) -> Path:
-    """B: the same run, but its loss parts at step 5, eval loss ends 0.1 higher and lr was changed."""
+    """B: the same run, but its loss parts at step 5, eval loss ends 0.1 higher, lr was changed and the first
+    prediction of one step-8 slice differs."""
     events = events_of(real_run)
     for e in events:
+        if _is_cb0_slice(e):
+            e["first_pred"][0] = (e["first_pred"][0] + 1) % 1026
         if e["event"] == "train_step" and e["step"] >= 5:
             e["loss"] += 0.5
         if e["event"] == "eval" and e["step"] == 8:
@@ -352,7 +507,7 @@ def test_diff_changed_run(real_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["diff", str(real_run), str(b), "--out", str(out), "--fail-if-worse", "eval.loss:0.05"]) == 1
     assert {"diff.md", "diff.html", "diff.json", "curves.png"} <= {p.name for p in out.iterdir()}
-    assert "side by side" in (out / "diff.md").read_text()
+    assert_slice_difference_marked(real_run, out)
     assert main(["diff", str(real_run), str(b), "--fail-if-worse", "eval.loss:0.2",
                  "--fail-if-worse", "eval.audio_acc:0.05"]) == 0
     assert main(["diff", str(real_run), str(b), "--fail-if-worse", "eval.audio_acc:0.01"]) == 1
@@ -360,11 +515,68 @@ def test_diff_changed_run(real_run, tmp_path, capsys):
     assert main(["diff", str(real_run), str(b), "--fail-if-worse", "loss"]) == 2
 
 
+def assert_slice_difference_marked(real_run: Path, out: Path) -> None:
+    """The diff shows A's and B's predictions of the changed slice and marks only the first one, where they part."""
+    old = next(e for e in events_of(real_run) if _is_cb0_slice(e))["first_pred"][0]
+    new = (old + 1) % 1026
+    md, page = (out / "diff.md").read_text(), (out / "diff.html").read_text()
+    assert "## Predictions at step 8, side by side" in md and "<h2>Predictions at step 8, side by side</h2>" in page
+    grid = re.search(r"\*\*train step 8 · sample 0 · audio cb0 · [^*]+\*\*\n\n```\n(.*?)```", md, re.S).group(1)
+    lines = grid.splitlines()
+    pred_a = next(line for line in lines if line.startswith("pred A"))
+    i = lines.index(next(line for line in lines if line.startswith("pred B")))
+    pred_b, marks = lines[i], lines[i + 1]
+    assert pred_a.split()[2] == str(old) and pred_b.split()[2] == str(new)
+    assert marks.count("^") == 1 and marks.index("^") == pred_b.index(str(new), 6) + len(str(new)) - 1
+    section = page.split("sample 0 · audio cb0 · A")[1].split("</table>")[0]
+    assert re.search(rf"<tr><th>pred A</th><td( class=bad)?>{old}</td>", section)
+    assert re.search(rf"<tr><th>pred B</th><td class=bad>{new}</td>(<td>[^<]*</td>)+</tr>", section)
+
+
 def test_gate_fails_when_b_lacks_the_metric(real_run, tmp_path):
     events = [e for e in events_of(real_run) if e["event"] != "eval"]
     b = analysis.load_run(make_run(tmp_path / "no-eval", events))
     gate = check_gate(analysis.load_run(real_run), b, "eval.loss:1")
     assert not gate["ok"] and "missing in B" in gate["why"]
+
+
+@pytest.mark.parametrize("parquet", [False, True])
+def test_gate_fails_when_b_ends_non_finite(real_run, tmp_path, capsys, parquet):
+    """B's eval loss turns NaN at its last eval: an earlier finite value must not stand in for it."""
+    events = events_of(real_run)
+    for e in events:
+        if e["event"] == "eval" and e["step"] == 8:
+            e.update(loss=None, nonfinite=["loss"])
+    b = make_run(tmp_path / "nan", events, parquet=parquet)
+    gate = check_gate(analysis.load_run(real_run), analysis.load_run(b), "eval.loss:100")
+    assert not gate["ok"] and gate["why"] == "B's final eval.loss (step 8) is NaN/inf"
+    assert check_gate(analysis.load_run(real_run), analysis.load_run(b), "eval.audio_acc:0")["ok"]
+    assert main(["diff", str(real_run), str(b), "--fail-if-worse", "eval.loss:100"]) == 1
+    assert "eval.loss:100 failed: B's final eval.loss (step 8) is NaN/inf" in capsys.readouterr().err
+
+
+def test_gate_skips_a_plain_null(real_run, tmp_path):
+    """A null without ``nonfinite`` is a step without targets: the gate takes the last step that has a value."""
+    events = events_of(real_run)
+    for e in events:
+        if e["event"] == "train_step" and e["step"] == 8:
+            e["text_acc"] = None
+    b = analysis.load_run(make_run(tmp_path / "no-targets", events))
+    gate = check_gate(analysis.load_run(real_run), b, "train.text_acc:1")
+    assert gate["ok"] and gate["b"] == b.metrics().loc[7, "text_acc"]
+
+
+def test_gate_fails_when_b_crashed_or_stopped_early(real_run, tmp_path, capsys):
+    a = analysis.load_run(real_run)
+    crashed = [e for e in aged(events_of(real_run)) if e["event"] != "run_end"]
+    gate = check_gate(a, analysis.load_run(make_run(tmp_path / "crashed", crashed)), "eval.loss:100")
+    assert not gate["ok"] and gate["why"] == "B has not finished (status crashed)"
+    short = [e for e in events_of(real_run) if e["step"] <= 6 or e["event"] == "run_end"]
+    gate = check_gate(a, analysis.load_run(make_run(tmp_path / "short", short)), "train.loss:100")
+    assert not gate["ok"] and gate["why"] == "B ended at step 6, before A's last step 8"
+    assert main(["diff", str(real_run), str(tmp_path / "short"), "--fail-if-worse", "train.loss:100"]) == 1
+    assert "before A's last step 8" in capsys.readouterr().err
+    assert main(["diff", str(tmp_path / "short"), str(real_run), "--fail-if-worse", "train.loss:100"]) == 0
 
 
 def test_diff_unmatched_steps(real_run, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -15,11 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import soundfile as sf
-from accelerate.data_loader import BatchSamplerShard
+import torch
+from accelerate.data_loader import prepare_data_loader, skip_first_batches
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader
 from transformers import HiggsAudioV2TokenizerModel
 
-from higgs_accel.codes import CodeCache, resolve
-from higgs_accel.config import ConfigError, DataConfig, ModelConfig
+from higgs_accel.codes import CodeCache, codec_identity, prepare, resolve
+from higgs_accel.config import ConfigError, DataConfig, ModelConfig, load_config
 from higgs_accel.data import EpochSampler, LengthGroupedBatches, read_source
 from higgs_accel.model import load_codec
 from higgs_accel.tiny import speech_like
@@ -105,6 +109,40 @@ def test_run_completes_and_skips_exactly_the_planted_problems(corpus, tiny, tmp_
     assert max(e["epoch"] for e in of(events, "train_step")) >= 1
 
 
+def test_min_seconds_and_val_manifest_skips_are_reported_under_their_split(tiny, codes_cache, tmp_path):
+    rows = []
+    for i, seconds in enumerate((0.4, 1.2, 2.0)):
+        t = np.arange(int(seconds * 24000)) / 24000
+        sf.write(tmp_path / f"{i}.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)
+        rows.append({"audio": f"{i}.wav", "text": f"tone {i}"})
+    train = _manifest(tmp_path, rows)
+    val = tmp_path / "val.jsonl"
+    val.write_text("{broken\n" + json.dumps({"audio": "1.wav", "text": "tone"}) + "\n")
+    events = train_run(tmp_path / "run", tiny, codes_cache, data__train_manifest=train, data__val_manifest=str(val),
+                       data__min_seconds=1.0, train__max_steps=1, train__batch_size=2, train__eval_every=0,
+                       train__save_every=0)
+    skips = of(events, "data_skip")
+    assert [(e["split"], e["source"], e["line"], e["reason"]) for e in skips] == [
+        ("train", train, 1, "length"), ("val", str(val), 1, "invalid_json")]
+    assert "0.40s outside [1.0, 30.0]" in skips[0]["detail"]
+    assert {e["split"]: (e["kept"], e["skipped"]) for e in of(events, "data_summary")} == {"train": (2, 1),
+                                                                                          "val": (1, 1)}
+
+
+def test_prepare_counts_val_manifest_problems_under_val(tiny, codes_cache, tmp_path, capsys):
+    wav = Path(tiny["data.train_manifest"]).parent / json.loads(Path(tiny["data.train_manifest"]).read_text()
+                                                                 .splitlines()[0])["audio"]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"audio": str(wav), "text": "fine"}) + "\n")
+    (tmp_path / "val.jsonl").write_text("{broken\n" + json.dumps({"audio": str(wav), "text": "fine"}) + "\n")
+    pairs = [("model.base", tiny["model.base"]), ("model.audio_tokenizer", tiny["model.audio_tokenizer"]),
+             ("data.train_manifest", str(tmp_path / "train.jsonl")), ("data.val_manifest", str(tmp_path / "val.jsonl")),
+             ("data.codes_cache", str(codes_cache)), ("train.output_dir", str(tmp_path / "run"))]
+    prepare(load_config(None, [(k, v, "test") for k, v in pairs]))
+    err = capsys.readouterr().err
+    assert "data train: 1 kept, 0 skipped (none)" in err
+    assert "data val: 1 kept, 1 skipped (invalid_json: 1)" in err
+
+
 def test_strict_lists_every_problem(corpus, tiny, tmp_path):
     manifest, planted = corpus
     with pytest.raises(ConfigError) as err:
@@ -178,6 +216,35 @@ def test_changed_file_reencodes_and_unchanged_is_not_rehashed(codec, tmp_path):
     assert again.encode_calls == 1 and samples[0].codes != first
 
 
+def test_other_codec_weights_get_their_own_cache_and_reencode(codec, tiny, tmp_path):
+    sf.write(tmp_path / "x.wav", _speech("old green hills", 24000), 24000)
+    samples, _ = read_source(_manifest(tmp_path, [{"audio": "x.wav", "text": "t"}]), DataConfig())
+    cache = CodeCache(tmp_path / "codes", codec)
+    resolve(samples, cache, 0, 30)
+    reloaded = CodeCache(tmp_path / "codes", load_codec(ModelConfig(audio_tokenizer=tiny["model.audio_tokenizer"])))
+    resolve(samples, reloaded, 0, 30)
+    assert reloaded.dir == cache.dir and reloaded.encode_calls == 0
+
+    torch.manual_seed(123)
+    other = HiggsAudioV2TokenizerModel(codec.config).eval()
+    retrained = CodeCache(tmp_path / "codes", other)
+    resolve(samples, retrained, 0, 30)
+    assert retrained.dir != cache.dir and retrained.encode_calls == 1
+
+
+def test_codec_identity_sees_every_weight_not_just_sums(codec):
+    """Two codecs whose every tensor has the same sum (a single 1 moved within one weight) are different codecs."""
+    name = next(n for n, p in codec.named_parameters() if p.numel() > 1)
+    identities = set()
+    for position in (0, 1):
+        moved = copy.deepcopy(codec)
+        with torch.no_grad():
+            moved.get_parameter(name).zero_().view(-1)[position] = 1.0
+        identities.add(codec_identity(moved))
+    assert len(identities) == 2 and codec_identity(codec) not in identities
+    assert codec_identity(copy.deepcopy(codec)) == codec_identity(codec)
+
+
 def _manifest(root: Path, rows: list[dict]) -> str:
     path = root / "m.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -230,10 +297,52 @@ def test_length_grouping_wastes_less_padding_and_covers_every_sample_once():
     assert all(len(b) * max(lengths[i] for i in b) <= 2000 for b in capped if len(b) > 1)
     assert sorted(i for b in capped for i in b) == list(range(len(lengths)))
 
-    # sharded across two processes the way accelerate does it: each sample once per epoch
-    batches = LengthGroupedBatches(EpochSampler(len(lengths), 1), lengths, batch_size=8)
-    seen = [i for rank in range(2) for b in BatchSamplerShard(batches, 2, rank, even_batches=False) for i in b]
-    assert sorted(seen) == list(range(len(lengths)))
+
+def _prepared(lengths: list[int], max_tokens: int, rank: int, epoch: int = 0):
+    """A fresh length-grouped loader put through accelerate's own preparation for rank ``rank`` of 2, with the
+    dataloader settings ``Accelerator()`` uses by default; set to ``epoch``."""
+    config = DataLoaderConfiguration()
+    batches = LengthGroupedBatches(EpochSampler(len(lengths), seed=1), lengths, batch_size=8, max_tokens=max_tokens)
+    loader = DataLoader(range(len(lengths)), batch_sampler=batches, collate_fn=list)
+    prepared = prepare_data_loader(loader, num_processes=2, process_index=rank, split_batches=config.split_batches,
+                                   dispatch_batches=config.dispatch_batches, even_batches=config.even_batches,
+                                   use_seedable_sampler=config.use_seedable_sampler)
+    prepared.set_epoch(epoch)
+    return prepared, batches
+
+
+@pytest.mark.parametrize("max_tokens", [0, 2000])
+def test_two_processes_see_every_sample_each_epoch(max_tokens):
+    """197 samples in batches of 8 (or of at most 2000 tokens) leave short batches and an odd batch count."""
+    lengths = [int(x) for x in np.random.default_rng(3).integers(50, 600, 197)]
+    orders = []
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(2):
+            prepared, batches = _prepared(lengths, max_tokens, rank, epoch)
+            per_rank.append(list(prepared))
+            assert len(prepared) == len(per_rank[-1])  # what steps_per_epoch is computed from
+        everything = list(batches)  # the same epoch, unsharded
+        assert len(per_rank[0]) == len(per_rank[1]) == -(-len(everything) // 2)
+        # batches dealt in turn, whole; only the last round is topped up, with the epoch's first batch
+        dealt = [b for pair in zip(*per_rank) for b in pair]
+        assert dealt == everything + everything[:len(dealt) - len(everything)]
+        assert sorted({i for b in dealt for i in b}) == list(range(len(lengths)))
+        orders.append(dealt)
+    assert orders[0] != orders[1]
+    assert [list(_prepared(lengths, max_tokens, r, 1)[0]) for r in range(2)] == [orders[1][0::2], orders[1][1::2]]
+
+
+def test_resume_mid_epoch_on_two_processes_continues_the_same_order():
+    """What the loop does on resume: a fresh process sets the epoch on the prepared loader, then skips the batches
+    already consumed (accelerate's skip loader cannot reach our sampler's epoch itself under several processes)."""
+    lengths = [int(x) for x in np.random.default_rng(4).integers(50, 600, 90)]
+    for rank in range(2):
+        full = list(_prepared(lengths, 0, rank, epoch=2)[0])
+        assert full != list(_prepared(lengths, 0, rank)[0])
+        prepared, _ = _prepared(lengths, 0, rank)
+        prepared.set_epoch(2)
+        assert list(skip_first_batches(prepared, 3)) == full[3:]
 
 
 def test_codes_lost_mid_run_skip_the_sample_and_training_goes_on(tiny, codes_cache, tmp_path, monkeypatch):

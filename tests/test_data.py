@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2Config,
 from higgs_accel.chat import IGNORE, TARGET, SpecialIds, build_example, chat_prompt
 from higgs_accel.codes import CodeCache
 from higgs_accel.config import DataConfig, ModelConfig
-from higgs_accel.data import FileAudio, Sample, collate, load_audio, read_manifest
+from higgs_accel.data import FileAudio, Sample, collate, load_audio, load_splits, read_manifest
 from higgs_accel.model import load_codec
 
 SYSTEM = "Generate audio following instruction."
@@ -66,6 +66,71 @@ def test_matches_transformers_processor(parts):
             _theirs(parts, Sample(sample.source, 0, sample.ref_audio, "x"))["audio_input_ids"][0]))
         assert torch.equal(ours["audio_labels"][-n_target:], theirs["audio_labels"][0][-n_target:])
         assert (ours["audio_labels"][:-n_target] == IGNORE).all()
+
+
+def test_collated_batch_matches_the_processor_batching_the_same_two_conversations(parts):
+    """Two conversations of different lengths, one with a reference audio (two audios in its row), collated by us and
+    batched by the processor: the same ids, masks and padding. The processor pads text on the left unless told
+    otherwise; asked for right padding (ours) it gives exactly our batch, and its left-padded rows hold our tokens."""
+    _, _, ids, processor, samples = parts
+    pair = [samples[0], _with_reference(samples[1], samples[2])]
+    ours = collate([_ours(parts, s) for s in pair], ids.pad, ids.stream_eos)
+    texts = [chat_prompt(s, SYSTEM) + TARGET for s in pair]
+    audio = [load_audio(a.path, 24000) for s in pair for a in (s.ref_audio, s.audio) if a is not None]
+    theirs = processor(text=list(texts), audio=audio, output_labels=True, return_tensors="pt", padding_side="right")
+    text_len, frames = ours["attention_mask"].sum(1), ours["audio_input_ids_mask"].sum(1)
+    assert text_len[0] != text_len[1] and frames[0] != frames[1]  # both rows really get padded somewhere
+    for key in ("input_ids", "attention_mask", "audio_input_ids", "audio_input_ids_mask"):
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    text_pad, frame_pad = ours["attention_mask"] == 0, ~ours["audio_input_ids_mask"]
+    assert (ours["labels"][text_pad] == IGNORE).all() and (theirs["labels"][text_pad] == IGNORE).all()
+    assert (ours["audio_labels"][frame_pad] == IGNORE).all() and (theirs["audio_labels"][frame_pad] == IGNORE).all()
+
+    left = processor(text=list(texts), audio=audio, return_tensors="pt")
+    assert (left["attention_mask"][:, 0] == 0).any()  # the default really pads on the left
+    for i in range(2):
+        kept = left["input_ids"][i][left["attention_mask"][i].bool()]
+        assert torch.equal(kept, ours["input_ids"][i][: text_len[i]])
+    assert torch.equal(left["audio_input_ids"], ours["audio_input_ids"])
+
+
+def test_multi_speaker_transcript_reaches_the_user_turn_unchanged(parts, tmp_path):
+    tok, _, ids, _, samples = parts
+    text = "[SPEAKER0] Hi. [SPEAKER1] Hello."
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": str(samples[0].audio.path), "text": text}) + "\n")
+    (sample,), _ = read_manifest(tmp_path / "m.jsonl", DataConfig())
+    assert sample.text == text
+    ex = _ours(parts, sample)
+    user_turn = f"<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+    assert user_turn in tok.decode(ex["input_ids"])
+    expected = tok(user_turn, add_special_tokens=False)["input_ids"]
+    ids_list = ex["input_ids"].tolist()
+    assert any(ids_list[i:i + len(expected)] == expected for i in range(len(ids_list)))
+
+
+def test_val_fraction_split_is_seeded_and_disjoint(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": f"{i}.wav", "text": f"line {i}"}) + "\n" for i in range(40)))
+    cfg = DataConfig(train_manifest=str(manifest), val_fraction=0.2)
+    train, val, train_skips, val_skips = load_splits(cfg, seed=7)
+    assert not train_skips and not val_skips and len(val) == 8 and len(train) == 32
+    assert {s.line for s in train}.isdisjoint({s.line for s in val})
+    assert sorted(s.line for s in train + val) == list(range(1, 41))
+    again_train, again_val, _, _ = load_splits(cfg, seed=7)
+    assert [s.line for s in again_train] == [s.line for s in train]
+    assert [s.line for s in again_val] == [s.line for s in val]
+    assert [s.line for s in load_splits(cfg, seed=8)[1]] != [s.line for s in val]
+
+
+def test_unparsable_lines_of_a_val_manifest_are_val_skips(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "fine"}) + "\n{broken\n")
+    (tmp_path / "val.jsonl").write_text(json.dumps({"audio": "b.wav"}) + "\n" + json.dumps(
+        {"audio": "b.wav", "text": "fine"}) + "\n")
+    cfg = DataConfig(train_manifest=str(tmp_path / "train.jsonl"), val_manifest=str(tmp_path / "val.jsonl"))
+    train, val, train_skips, val_skips = load_splits(cfg, seed=0)
+    assert [s.text for s in train] == ["fine"] and [s.line for s in val] == [2]
+    assert [(s.source, s.line, s.reason) for s in train_skips] == [(cfg.train_manifest, 2, "invalid_json")]
+    assert [(s.source, s.line, s.reason) for s in val_skips] == [(cfg.val_manifest, 1, "missing_field")]
 
 
 def test_delay_pattern_shape_for_one_second(parts, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -10,18 +11,23 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import structlog
+import transformers
 
+from higgs_accel import loop
 from higgs_accel.events import EventLog
 from higgs_accel.rebuild import rebuild_parquet
-from higgs_accel.sinks import ConsoleSink, ParquetSink, compact, read_parts
+from higgs_accel.sinks import ConsoleSink, ParquetSink, TrackerSink, compact, declared_type, read_parts
 from tests.conftest import of, read_events, train_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +66,78 @@ def test_nonfinite_numbers_become_null_with_a_flag(tmp_path):
     e = json.loads(line)
     assert e["loss"] is None and e["grad_norm"] is None and e["nonfinite"] == ["loss", "grad_norm"]
     assert pq.read_table(tmp_path / "events" / "train_step").column("loss").to_pylist() == [None]
+
+
+def test_nonfinite_numbers_inside_lists_and_dicts_become_null_with_a_flag(tmp_path):
+    log = EventLog(tmp_path, "r1", sinks=[ParquetSink(tmp_path / "events")])
+    log.emit("eval_audio", step=1, acc=0.5, acc_cb=[0.5, float("nan"), float("-inf")],
+             hardware={"gpu": {"temps": [40.0, float("inf")]}}, sample_rate=24000)
+    log.close()
+    line = (tmp_path / "events.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    e = json.loads(line)
+    assert e["acc_cb"] == [0.5, None, None] and e["hardware"] == {"gpu": {"temps": [40.0, None]}}
+    assert e["nonfinite"] == ["acc_cb", "hardware"] and e["acc"] == 0.5
+    table = pq.read_table(tmp_path / "events" / "eval_audio")
+    assert table.schema.field("acc_cb").type == pa.list_(pa.float64())
+    assert table.column("acc_cb").to_pylist() == [[0.5, None, None]]
+
+
+def _lines(path: Path) -> list[dict]:
+    """Every line of a log, parsed: a line that does not parse fails the test (unlike readers, which skip it)."""
+    return [json.loads(x) for x in path.read_bytes().split(b"\n")[:-1]]
+
+
+def test_a_torn_last_line_is_cut_off_and_reported_when_the_log_is_reopened(tmp_path):
+    log = EventLog(tmp_path, "r1")
+    for i in range(3):
+        log.emit("train_step", step=i + 1, loss=float(i))
+    log.close()
+    fragment = '{"event": "train_step", "ts": "2025-01-01T00:00:00Z", "level": "in'
+    with open(tmp_path / "events.jsonl", "a") as f:  # what kill -9 in the middle of a write leaves
+        f.write(fragment)
+
+    log = EventLog(tmp_path, "r1")
+    log.emit("run_resume", step=3, checkpoint="c", from_step=3)
+    log.close()
+    events = _lines(tmp_path / "events.jsonl")
+    assert [e["seq"] for e in events] == list(range(5))
+    assert [e["step"] for e in of(events, "train_step")] == [1, 2, 3]
+    torn = of(events, "log_error")
+    assert [(e["sink"], e["error_type"], e["fragment"]) for e in torn] == [("JsonLines", "TornLine", fragment)]
+    assert of(events, "run_resume")[0]["seq"] == 4
+
+
+def test_a_whole_last_event_without_its_newline_is_kept(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"event": "train_step", "seq": 0, "step": 1}')
+    log = EventLog(tmp_path, "r1")
+    log.emit("train_step", step=2)
+    log.close()
+    events = _lines(tmp_path / "events.jsonl")
+    assert [(e["event"], e["seq"], e["step"]) for e in events] == [("train_step", 0, 1), ("train_step", 1, 2)]
+
+
+def test_a_log_that_is_one_fragment_starts_over(tmp_path):
+    (tmp_path / "events.jsonl").write_text('{"event": "run_st')
+    log = EventLog(tmp_path, "r1")
+    log.emit("run_start")
+    log.close()
+    events = _lines(tmp_path / "events.jsonl")
+    assert [(e["event"], e["seq"]) for e in events] == [("log_error", 0), ("run_start", 1)]
+    assert events[0]["fragment"] == '{"event": "run_st'
+
+
+def test_report_error_applies_the_once_per_sink_and_error_type_rule(tmp_path):
+    log = EventLog(tmp_path, "r1")
+    log.report_error("pred_slice", IndexError("slice 1"))
+    log.report_error("pred_slice", IndexError("slice 2"))
+    log.report_error("pred_slice", ValueError("other type"))
+    log.report_error("eval_audio", IndexError("other sink"))
+    reported = [(e["sink"], e["error_type"], e["error"]) for e in read_events(tmp_path)]  # written at once
+    log.close()
+    assert reported == [("pred_slice", "IndexError", "slice 1"), ("pred_slice", "ValueError", "other type"),
+                        ("eval_audio", "IndexError", "other sink")]
+    assert all(e["level"] == "warning" and e["event"] == "log_error" for e in read_events(tmp_path))
 
 
 @pytest.mark.parametrize("target", ["parquet", "console", "jsonl"])
@@ -101,6 +179,105 @@ def test_rolling_parts_are_complete_and_compacted(tmp_path):
     assert read_parts(tmp_path / "train_step").num_rows == 10
 
 
+def _read_everywhere(folder: Path, field: str) -> list:
+    """One column of an event family as pandas, polars and DuckDB read the folder; they must agree."""
+    by_pandas = [None if pd.isna(v) else v for v in pd.read_parquet(folder)[field]]
+    by_polars = pl.read_parquet(str(folder / "*.parquet"))[field].to_list()
+    by_duckdb = [r[0] for r in duckdb.sql(f"SELECT {field} FROM '{folder}/*.parquet' ORDER BY seq").fetchall()]
+    assert by_pandas == by_polars == by_duckdb
+    return by_pandas
+
+
+@pytest.mark.parametrize("family, field", [("eval_audio", "reason"), ("generate_audio", "error"),
+                                           ("run_end", "error"), ("data_skip", "detail")])
+def test_a_text_field_null_in_every_row_of_one_part_keeps_its_type(family, field, tmp_path):
+    log = EventLog(tmp_path, "r1", sinks=[ParquetSink(tmp_path / "events", flush_events=1)])
+    log.emit(family, step=1, **{field: None})
+    log.emit(family, step=2, **{field: "went wrong"})
+    folder = tmp_path / "events" / family
+    parts = sorted(folder.glob("part-*.parquet"))
+    assert len(parts) == 2 and all(pq.read_schema(p).field(field).type == pa.string() for p in parts)
+    assert _read_everywhere(folder, field) == [None, "went wrong"]
+    log.close()
+    assert len(list(folder.glob("part-*.parquet"))) == 1
+    assert _read_everywhere(folder, field) == [None, "went wrong"]
+
+
+def test_an_undeclared_field_null_in_one_part_still_compacts(tmp_path):
+    log = EventLog(tmp_path, "r1", sinks=[ParquetSink(tmp_path / "events", flush_events=1)])
+    log.emit("speaker_probe", step=1, verdict=None)
+    log.emit("speaker_probe", step=2, verdict="same speaker")
+    log.close()
+    table = pq.read_table(tmp_path / "events" / "speaker_probe")
+    assert table.column("verdict").to_pylist() == [None, "same speaker"]
+
+
+def test_parts_typed_by_an_older_writer_still_compact(tmp_path):
+    folder = tmp_path / "eval_audio"
+    folder.mkdir()
+    pq.write_table(pa.table({"seq": [0], "step": [1], "reason": pa.array([None], pa.float64())}),
+                   folder / "part-000000000000.parquet")
+    pq.write_table(pa.table({"seq": [1], "step": [2], "reason": ["no target audio codes"]}),
+                   folder / "part-000000000001.parquet")
+    compact(tmp_path)
+    assert [p.name for p in folder.iterdir()] == ["part-000000000000.parquet"]
+    assert read_parts(folder).column("reason").to_pylist() == [None, "no target audio codes"]
+
+
+@pytest.fixture
+def jq() -> None:
+    """The recipes are shell commands for the jq program: required in CI (.ci/run installs it), else skipped."""
+    if shutil.which("jq"):
+        return
+    if os.environ.get("CI"):
+        pytest.fail("jq is required in CI (.ci/run installs it)")
+    pytest.skip("jq is not installed (apt-get install jq); .ci/run installs it")
+
+
+def _docs_commands(prefix: str) -> list[str]:
+    text = (REPO / "docs" / "events.md").read_text()
+    return [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()
+            if line.startswith(prefix)]
+
+
+def _superseded_jq(run_dir: Path) -> list[list]:
+    """The documented jq recipe that applies the superseded rule to events.jsonl, run on ``run_dir``."""
+    [cmd] = [c for c in _docs_commands("jq ") if "run_resume" in c]
+    r = subprocess.run(cmd.replace("RUN_DIR", str(run_dir)), shell=True, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(x) for x in r.stdout.splitlines()]
+
+
+def test_superseded_events_are_marked_by_compaction_rebuild_and_the_jq_recipe(tmp_path, jq):
+    first = EventLog(tmp_path, "r1", sinks=[ParquetSink(tmp_path / "events")])
+    for step in range(1, 6):
+        first.emit("train_step", step=step, loss=10.0 - step)
+    first.emit("run_end", step=5, status="crashed", error="RuntimeError: boom")
+    first.close()  # compacted: every row not superseded, yet
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"event": "train_step", "step": 6, "lo')  # and then a hard kill, for good measure
+    second = EventLog(tmp_path, "r1", sinks=[ParquetSink(tmp_path / "events")])
+    second.emit("run_start", step=3)
+    second.emit("run_resume", step=3, checkpoint="checkpoints/step-3", from_step=3)
+    for step in range(4, 8):
+        second.emit("train_step", step=step, loss=1.0 / step)
+    second.close()
+
+    def flags(family: str) -> list[tuple[int, bool]]:
+        table = pd.read_parquet(tmp_path / "events" / family)
+        return list(zip(table["step"], table["superseded"]))
+
+    expected = [(1, False), (2, False), (3, False), (4, True), (5, True), (4, False), (5, False), (6, False),
+                (7, False)]
+    assert flags("train_step") == expected
+    assert flags("run_end") == [(5, True)] and flags("run_resume") == [(3, False)]
+    kept = pd.read_parquet(tmp_path / "events" / "train_step").query("not superseded")
+    assert kept["step"].tolist() == list(range(1, 8)) and kept["loss"].iloc[-1] == pytest.approx(1 / 7)
+    rebuild_parquet(tmp_path)
+    assert flags("train_step") == expected and flags("run_end") == [(5, True)]
+    assert _superseded_jq(tmp_path) == [[s, 10.0 - s] for s in (1, 2, 3)] + [[s, 1.0 / s] for s in range(4, 8)]
+
+
 @pytest.mark.slow
 def test_kill_9_leaves_whole_lines_and_readable_parts_then_resume_sees_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
@@ -116,11 +293,13 @@ def test_kill_9_leaves_whole_lines_and_readable_parts_then_resume_sees_each_step
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    lines = events_file.read_bytes().split(b"\n")
-    whole = [json.loads(x) for x in lines[:-1]]
+    torn = not events_file.read_bytes().endswith(b"\n")
+    whole = [json.loads(x) for x in events_file.read_bytes().split(b"\n")[:-1]]
     assert whole and all(e["event"] for e in whole)
-    for part in (run_dir / "events").glob("*/part-*.parquet"):
-        pq.read_table(part)
+    parts = list((run_dir / "events").glob("*/part-*.parquet"))
+    assert parts  # flushes every 40 events and at each checkpoint: some parts were written before the kill
+    for part in parts:
+        assert pq.read_table(part).num_rows
     assert not of(whole, "run_end")
 
     rebuild_parquet(run_dir)
@@ -133,27 +312,65 @@ def test_kill_9_leaves_whole_lines_and_readable_parts_then_resume_sees_each_step
                                     "train.eval_every=0", "--resume", "latest"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    events = read_events(run_dir) if events_file.read_bytes().endswith(b"\n") else None
-    assert events is not None
-    resume = of(events, "run_resume")[0]
-    from_step = resume["from_step"]
-    assert from_step == int(done[-1].split("-")[1])
-    kept = [e for e in of(events, "train_step") if not (e["step"] > from_step and e["seq"] < resume["seq"])]
-    assert [e["step"] for e in kept] == list(range(1, last_step + 4))
+    events = _lines(events_file)  # a torn line glued to the resumed run's first event would not parse
     assert [e["seq"] for e in events] == list(range(len(events)))
+    assert [e["error_type"] for e in of(events, "log_error")] == (["TornLine"] if torn else [])
+    from_step = of(events, "run_resume")[0]["from_step"]
+    assert from_step == int(done[-1].split("-")[1])
+    # The product's readers, not the rule again: the superseded column of the compacted table, and the jq recipe.
+    steps = pd.read_parquet(run_dir / "events" / "train_step")
+    assert steps["superseded"].sum() == last_step - from_step
+    assert steps.query("not superseded")["step"].tolist() == list(range(1, last_step + 4))
+    if shutil.which("jq") or os.environ.get("CI"):
+        assert [s for s, _ in _superseded_jq(run_dir)] == list(range(1, last_step + 4))
+
+
+class FailingTracker:
+    """An accelerate tracker backend that is down: every ``log`` raises."""
+
+    def log(self, values, step):
+        raise ConnectionError("tracker unreachable")
+
+    def end_training(self):
+        pass
+
+
+class EventLogWithFailingTracker(EventLog):
+    def __init__(self, *args, sinks=(), **kwargs):
+        super().__init__(*args, sinks=[*sinks, TrackerSink(FailingTracker())], **kwargs)
+
+
+def planting_library_logs(peak_memory_mb):
+    """``peak_memory_mb`` (called once per step) that also logs a transformers warning and a Python warning once."""
+    planted = []
+
+    def wrapped():
+        if not planted:
+            planted.append(True)
+            transformers.utils.logging.get_logger("transformers.planted").warning("planted transformers warning")
+            warnings.warn("planted python warning", UserWarning, stacklevel=1)
+        return peak_memory_mb()
+
+    return wrapped
 
 
 @pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory, tiny, codes_cache):
-    """A finished run with one planted bad manifest line, for the documented jq and Parquet recipes."""
+def full_run(tmp_path_factory, tiny, codes_cache):
+    """A finished run that meets every event but run_resume: a planted bad manifest line (data_skip), evals with
+    eval audio and generation, checkpoints, a transformers and a Python warning (library_log) and a tracker that is
+    down (log_error). One run serves the documented recipes and the checks below: each tiny run costs a while."""
     run_dir = tmp_path_factory.mktemp("recipes") / "demo"
     manifest = run_dir.parent / "train.jsonl"
     root = Path(tiny["data.train_manifest"]).parent
     rows = [json.loads(x) for x in Path(tiny["data.train_manifest"]).read_text().splitlines()]
     manifest.write_text("".join(json.dumps({**r, "audio": str(root / r["audio"])}) + "\n" for r in rows)
                         + '{"audio": "missing.wav", "text": "gone"}\n')
-    train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), train__max_steps=20,
-              train__eval_every=10, train__save_every=0, log__log_steps=20)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "EventLog", EventLogWithFailingTracker)
+        mp.setattr(loop, "peak_memory_mb", planting_library_logs(loop.peak_memory_mb))
+        train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), train__max_steps=20,
+                  train__eval_every=10, train__save_every=10, log__log_steps=20, log__generate_every=1,
+                  log__generate_max_new_tokens=16)
     return run_dir
 
 
@@ -163,23 +380,22 @@ def _readme_jq_commands() -> list[str]:
             if line.startswith("jq ")]
 
 
-def test_readme_jq_recipes_run_on_a_real_log(recipe_run):
-    if not shutil.which("jq"):
-        pytest.fail("jq is required (.ci/run installs it)")
+def test_readme_jq_recipes_run_on_a_real_log(full_run, jq):
     commands = _readme_jq_commands()
     assert len(commands) >= 4
     for cmd in commands:
-        cmd = cmd.replace("runs/demo", str(recipe_run))
+        cmd = cmd.replace("runs/demo", str(full_run))
         r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, (cmd, r.stderr)
         assert r.stdout.strip(), f"no output from: {cmd}"
-    skips = subprocess.run(commands[-1].replace("runs/demo", str(recipe_run)), shell=True, capture_output=True,
+    [skip_recipe] = [c for c in commands if '"data_skip"' in c]
+    skips = subprocess.run(skip_recipe.replace("runs/demo", str(full_run)), shell=True, capture_output=True,
                            text=True).stdout.strip().splitlines()
     assert len(skips) == 1 and '"missing_file"' in skips[0] and ",17," in skips[0]
 
 
-def test_parquet_reads_in_pandas_polars_and_duckdb(recipe_run):
-    events = recipe_run / "events"
+def test_parquet_reads_in_pandas_polars_and_duckdb(full_run):
+    events = full_run / "events"
     steps = pd.read_parquet(events / "train_step")
     assert list(steps["step"]) == list(range(1, 21)) and steps["loss"].dtype == "float64"
     slices = pl.read_parquet(str(events / "pred_slice" / "*.parquet"))
@@ -191,8 +407,6 @@ def test_parquet_reads_in_pandas_polars_and_duckdb(recipe_run):
 
 
 def test_trackers_get_numeric_metrics_of_steps_and_evals(tmp_path):
-    from higgs_accel.sinks import TrackerSink
-
     class FakeAccelerator:
         logged: list = []
 
@@ -211,3 +425,134 @@ def test_trackers_get_numeric_metrics_of_steps_and_evals(tmp_path):
     assert acc.logged[0] == (3, {"train/loss": 1.5, "train/lr": 0.1, "train/epoch": 0})
     assert acc.logged[1] == (3, {"eval/loss": 2.0, "eval/epoch": 0})
     assert acc.logged[2] == "end"
+
+
+def test_library_warnings_reach_the_log_once_each_as_library_log(full_run):
+    planted = [e for e in of(read_events(full_run), "library_log") if "planted" in e["message"]]
+    assert sorted((e["logger"], e["level"]) for e in planted) == [("py.warnings", "warning"),
+                                                                 ("transformers.planted", "warning")]
+    by_logger = {e["logger"]: e["message"] for e in planted}
+    assert by_logger["transformers.planted"] == "planted transformers warning"
+    assert "UserWarning: planted python warning" in by_logger["py.warnings"]
+
+
+def test_a_failing_tracker_is_reported_once_and_training_finishes(full_run):
+    events = read_events(full_run)
+    errors = [(e["sink"], e["error_type"], e["error"]) for e in of(events, "log_error")]
+    assert errors == [("TrackerSink", "ConnectionError", "tracker unreachable")]
+    assert len(of(events, "train_step")) == 20 and of(events, "run_end")[0]["status"] == "finished"
+    assert (full_run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+COMMON = ("event", "ts", "run_id", "seq", "step", "epoch", "phase", "rank", "schema_version", "level")
+
+
+def test_every_event_of_a_real_run_has_the_common_fields(full_run):
+    events = read_events(full_run)
+    assert len({e["event"] for e in events}) >= 12
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps) and steps[-1] == 20
+    for e in events:
+        missing = [k for k in COMMON if k not in e]
+        assert not missing, (e["event"], missing)
+        assert e["run_id"] == events[0]["run_id"] and e["rank"] == 0 and e["schema_version"] == 1
+        assert e["level"] in ("info", "warning", "error") and e["phase"] in ("train", "eval")
+        assert type(e["step"]) is int and type(e["epoch"]) is int
+        assert datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).utcoffset() == timedelta(0)
+    assert {e["phase"] for e in of(events, "eval")} == {"eval"}
+    assert {e["phase"] for e in of(events, "train_step")} == {"train"}
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| `")]
+
+
+def _field_names(cell: str) -> list[str]:
+    """Backticked names of a table cell; `x_cb0` .. `x_cb7` stands for every one in between."""
+    names = []
+    for stem, lo, hi in re.findall(r"`(\w+?)(\d+)` \.\. `\w+?(\d+)`", cell):
+        names += [f"{stem}{i}" for i in range(int(lo), int(hi) + 1)]
+    cell = re.sub(r"`\w+` \.\. `\w+`", "", cell)
+    return names + re.findall(r"`(\w+)`", cell)
+
+
+def documented_fields() -> tuple[set[str], dict[str, dict[str, bool]]]:
+    """From docs/events.md: the fields on every event, and per event its fields, each mapped to whether it is on
+    every event of that name (a row that says "absent" is not)."""
+    text = (REPO / "docs" / "events.md").read_text()
+    common_part, events_part = text.split("## Fields on every event")[1].split("\n## Events\n")
+    common = {name for row in _table_rows(common_part) for name in _field_names(row[0])}
+    events = {}
+    for name, body in re.findall(r"^### `(\w+)`[^\n]*\n(.*?)(?=^### |\Z)", events_part, re.S | re.M):
+        events[name] = {f: "absent" not in row[1] for row in _table_rows(body) for f in _field_names(row[0])}
+    return common, events
+
+
+def test_every_event_and_field_of_a_real_run_is_documented_and_back(full_run):
+    common, documented = documented_fields()
+    assert set(COMMON) | {"nonfinite"} == common
+    emitted: dict[str, list[dict]] = {}
+    for e in read_events(full_run):
+        emitted.setdefault(e["event"], []).append(e)
+    assert set(emitted) <= set(documented), set(emitted) - set(documented)
+    assert set(documented) - set(emitted) == {"run_resume"}  # met by the resume test
+    for name, events in emitted.items():
+        fields = documented[name]
+        seen = set().union(*events) - common
+        assert seen <= set(fields), f"{name}: undocumented {seen - set(fields)}"
+        assert set(fields) - seen <= {"fragment"}, f"{name}: documented, never emitted {set(fields) - seen}"
+        always = {f for f, on_every in fields.items() if on_every}
+        on_all = set.intersection(*[set(e) for e in events])
+        assert always <= on_all, f"{name}: missing on some events {always - on_all}"
+
+
+def test_the_parquet_tables_of_a_real_run_have_the_declared_types(full_run):
+    folders = sorted((full_run / "events").iterdir())
+    assert len(folders) >= 12
+    for folder in folders:
+        [part] = folder.glob("part-*.parquet")  # compacted at the end of the run
+        schema = pq.read_schema(part)
+        assert "superseded" in schema.names
+        for field in schema:
+            assert field.type == declared_type(field.name), (folder.name, field.name, field.type)
+
+
+def _slice_event(**fields) -> dict:
+    common = dict(ts="2025-01-01T00:00:00Z", level="info", step=5, epoch=0, phase="train", seq=0, run_id="r",
+                  rank=0, schema_version=1, event="pred_slice", sample=0, n_match=1, n_targets=3)
+    return {**common, **fields}
+
+
+def test_console_shows_slices_as_aligned_two_row_comparisons_and_hides_debug_noise():
+    text = _slice_event(modality="text", codebook=None, logits_shape=[9, 100], labels_shape=[1, 12],
+                        first_pred=[5, 6, 1234], first_label=[5, 7, 1234], last_pred=[8, 9], last_label=[8, 9],
+                        first_pred_text=["Hi", "!", "<|eot_id|>"], first_label_text=["Hi", "...", "<|eot_id|>"],
+                        last_pred_text=["a", "b"], last_label_text=["a", "b"])
+    audio = dict(modality="audio", logits_shape=[40, 8, 1026], labels_shape=[1, 20, 8], first_pred=[324, 324, 5],
+                 first_label=[171, 324, 5], last_pred=[1025], last_label=[1025])
+    noise = [_slice_event(**audio, codebook=1), dict(text, event="library_log", level="warning",
+                                                      logger="transformers.x", message="noisy"),
+             dict(text, event="probe", level="debug", note="details")]
+    shown = {}
+    for level in ("info", "debug"):
+        out = io.StringIO()
+        console = ConsoleSink(total_steps=10, log_steps=5, level=level, stream=out)
+        for e in [text, _slice_event(**audio, codebook=0), *noise]:
+            console.write(e)
+        shown[level] = out.getvalue()
+    lines = shown["info"].splitlines()
+    assert lines[0] == "train step 5 sample 0 text: 1/3 match | logits [9, 100] labels [1, 12]"
+    assert lines[1] == "  first pred  'Hi'   '!' '<|eot_id|>'"
+    assert lines[2] == "        label 'Hi' '...' '<|eot_id|>'   * mismatch"
+    assert lines[4] == "        label 'a' 'b'"  # no mismatch mark when all match
+    assert lines[5].startswith("train step 5 sample 0 audio codebook 0: 1/3 match")
+    for pred, label in ((lines[1], lines[2]), (lines[6], lines[7])):  # every cell ends in the same column
+        ends = [m.end() for m in re.finditer(r"\S+", pred)][2:]
+        assert ends == [m.end() for m in re.finditer(r"\S+", label)][1:len(ends) + 1]
+    assert lines[6] == "  first pred  324 324 5" and lines[7] == "        label 171 324 5   * mismatch"
+    assert len(lines) == 10 and "codebook 1" not in shown["info"] and "noisy" not in shown["info"]
+    assert "details" not in shown["info"]
+    assert "audio codebook 1" in shown["debug"] and "[transformers.x] noisy" in shown["debug"]
+    assert "[debug] probe" in shown["debug"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import numpy as np
@@ -11,9 +10,9 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from higgs_accel import export as export_mod
 from higgs_accel import generate as gen
 from higgs_accel.chat import SpecialIds, build_example, delay_pattern
+from higgs_accel.cli import parse_args
 from higgs_accel.codes import CodeCache
 from higgs_accel.config import ConfigError, DataConfig
 from higgs_accel.data import FileAudio, collate, read_manifest
@@ -39,12 +38,8 @@ def parts(run_dir, tiny):
 
 
 def call_cli(*argv) -> int:
-    """Parse with a parser holding only our subcommands and run the chosen func, as cli.py will."""
-    parser = argparse.ArgumentParser(prog="higgs-accel")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen.register(sub)
-    export_mod.register(sub)
-    args = parser.parse_args([str(a) for a in argv])
+    """Run ``higgs-accel ARGV`` through the real parser; a ConfigError propagates (``main`` turns it into exit 2)."""
+    args = parse_args([str(a) for a in argv])
     return args.func(args)
 
 
@@ -246,6 +241,7 @@ def test_generate_cli_writes_a_wav(run_dir, tmp_path, tiny):
     assert call_cli("generate", "--base", tiny["model.base"], "--audio-tokenizer", tiny["model.audio_tokenizer"],
                     "--text", "Hi.", "--ref-audio", ref, "--ref-text", "Some words.", "--out", tmp_path / "b.wav",
                     "--max-new-tokens", 12, "--do-sample", "--seed", 1) == 0
+    assert sf.info(tmp_path / "b.wav").frames > 0
     # too few steps for one frame: a reported failure (exit 1), no file
     assert call_cli("generate", "--run", run_dir, "--text", "Hi.", "--out", tmp_path / "c.wav",
                     "--max-new-tokens", 3) == 1
@@ -270,3 +266,26 @@ def test_bad_input_is_a_config_error(argv, message, run_dir, tiny):
     with pytest.raises(ConfigError) as e:
         call_cli(*argv)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- during training
+
+
+def test_training_generates_every_n_evals_in_the_reference_voice(tmp_path, tiny, codes_cache):
+    ref = f"{tiny['data.train_manifest'].rsplit('/', 1)[0]}/wav/train-000.wav"
+    events = train_run(tmp_path / "run", tiny, codes_cache, train__max_steps=4, train__eval_every=1,
+                       train__save_every=0, log__generate_every=2, log__generate_max_new_tokens=20,
+                       log__generate_prompts=["One.", "Two."], log__generate_ref_audio=ref,
+                       log__generate_ref_text="Some words.", log__generate_do_sample=True, log__generate_top_k=50)
+    generated = [e for e in events if e["event"] == "generate_audio"]
+    # evals at steps 1, 2, 3 and the last (4): every second one generates, and the last one always does
+    assert [(e["step"], e["prompt"]) for e in generated] == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    for e in generated:
+        assert e["error"] is None and sf.info(e["path"]).frames > 0
+
+
+def test_a_bad_reference_voice_stops_the_run_before_training(tmp_path, tiny, codes_cache):
+    not_audio = tmp_path / "voice.wav"
+    not_audio.write_text("not a wav file")
+    with pytest.raises(ConfigError, match="'log.generate_ref_audio': cannot use"):
+        train_run(tmp_path / "run", tiny, codes_cache, log__generate_every=1, log__generate_ref_audio=str(not_audio))

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from higgs_accel.chat import SpecialIds
-from higgs_accel.config import ConfigError
-from higgs_accel.data import collate
+from higgs_accel.chat import SpecialIds, build_example
+from higgs_accel.config import ConfigError, DataConfig
+from higgs_accel.data import FileAudio, Sample, collate
 from tests.conftest import make_config, of, read_events, train_run
 
 
@@ -65,7 +67,10 @@ def test_events_and_run_files(finished):
     assert len({e["run_id"] for e in events}) == 1
     start = of(events, "run_start")[0]
     assert 0 < start["trainable_params"] < start["total_params"] and start["world_size"] == 1
-    assert of(events, "run_end")[0]["status"] == "finished"
+    end = of(events, "run_end")[0]
+    assert end["status"] == "finished" and end["completed_steps"] == 6
+    for key in ("samples", "tokens", "audio_frames", "text_targets", "audio_targets"):
+        assert end[key] == sum(e[key] for e in steps) > 0, key
     assert [e["step"] for e in of(events, "eval")] == [3, 6]
     slices = of(events, "pred_slice")
     assert {(e["phase"], e["step"]) for e in slices} == {("train", 2), ("train", 4), ("train", 6), ("eval", 3),
@@ -85,33 +90,57 @@ def test_events_and_run_files(finished):
     assert saved and all("lora_" in k for k in saved)
 
 
-def test_adapter_reloads_with_peft_and_reproduces_logits(finished, tiny, codes_cache):
+def head_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text and audio logits at every position, through the heads of a model, LoRA-wrapped or not."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          audio_input_ids=batch["audio_input_ids"],
+                          audio_input_ids_mask=batch["audio_input_ids_mask"]).last_hidden_state
+        return lm.text_lm_head(hidden), lm.audio_lm_head(hidden)
+
+
+def test_final_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tmp_path, tiny, codes_cache, monkeypatch):
+    """The model as training left it, against PeftModel.from_pretrained(base, RUN_DIR/adapter): same logits. With
+    the preset's LoRA (dropout, both heads in modules_to_save), so every kind of saved weight is covered."""
     from peft import PeftModel
 
-    from higgs_accel.codes import CodeCache, resolve
-    from higgs_accel.data import HiggsDataset, read_manifest
-    from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
+    from higgs_accel import checkpoint, loop
+    from higgs_accel.model import load_base_model, load_text_tokenizer
 
-    run_dir, _ = finished
-    cfg = make_config(run_dir, tiny, codes_cache, lora__modules_to_save=[], lora__dropout=0.1)
+    trained = {}
+    save_adapter = checkpoint.save_adapter
+
+    def keep_model(accelerator, module, run_dir):
+        trained["model"] = accelerator.unwrap_model(module).peft
+        return save_adapter(accelerator, module, run_dir)
+
+    monkeypatch.setattr(loop.ckpt, "save_adapter", keep_model)
+    run_dir = tmp_path / "run"
+    train_run(run_dir, tiny, codes_cache, train__max_steps=4, train__eval_every=0, train__save_every=0,
+              lora__dropout=0.1)
+    cfg = make_config(run_dir, tiny, codes_cache)
+    assert cfg.lora.modules_to_save == ["audio_lm_head", "text_lm_head"]
     tok = load_text_tokenizer(cfg.model)
     reloaded = PeftModel.from_pretrained(load_base_model(cfg.model), run_dir / "adapter").eval()
-    ids = SpecialIds.from_parts(tok, reloaded.config)
-    cache = CodeCache(codes_cache, load_codec(cfg.model))
-    samples, _ = resolve(read_manifest(tiny["data.val_manifest"], cfg.data)[0], cache, 0, 30)
-    ds = HiggsDataset(samples, cache, tok, ids, cfg.data)
-    batch = collate([ds[0], ds[1]], ids.pad, ids.stream_eos)
-    # The same weights loaded the way training holds them: a fresh LoRA model with the saved adapter state.
-    from peft import set_peft_model_state_dict
+    base = load_base_model(cfg.model).eval()
+    ids = SpecialIds.from_parts(tok, base.config)
+    batch = collate([example(tok, ids, frames) for frames in (30, 18)], ids.pad, ids.stream_eos)
+    text, audio = head_logits(trained["model"].eval(), batch)
+    text_again, audio_again = head_logits(reloaded, batch)
+    torch.testing.assert_close(text_again, text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(audio_again, audio, atol=1e-5, rtol=0)
+    assert not torch.allclose(head_logits(base, batch)[1], audio, atol=1e-3), "training should change the model"
 
-    fresh = add_lora(load_base_model(cfg.model), cfg.lora)
-    set_peft_model_state_dict(fresh, load_file(run_dir / "adapter" / "adapter_model.safetensors"))
-    with torch.no_grad():
-        a = DualLossModel(reloaded, ids).eval()(batch)
-        b = DualLossModel(fresh.eval(), ids).eval()(batch)
-        base = DualLossModel(add_lora(load_base_model(cfg.model), cfg.lora).eval(), ids).eval()(batch)
-    assert torch.allclose(a.loss, b.loss, atol=1e-6)
-    assert not torch.allclose(a.loss, base.loss, atol=1e-3), "the adapter should change the model"
+
+def example(tok, ids: SpecialIds, frames: int) -> dict:
+    """One voice-cloning sample laid out by the trainer's chat code, with random codes."""
+    rng = np.random.default_rng(frames)
+    sample = Sample(source="test", line=1, audio=FileAudio(Path("a.wav")), text="hello there",
+                    ref_audio=FileAudio(Path("r.wav")), ref_text="a reference")
+    codes = [rng.integers(0, 1024, size=(ids.num_codebooks, n)) for n in (frames, frames // 2)]
+    return build_example(sample, codes[0], codes[1], tok, ids, DataConfig().system_prompt, train_on_prompt=False,
+                         train_audio_eos=True)
 
 
 def test_resume_continues_exactly(finished, tmp_path, tiny, codes_cache):
@@ -152,6 +181,23 @@ def test_refuses_to_mix_two_runs(tmp_path, tiny, codes_cache):
         train_run(tmp_path, tiny, codes_cache, train__max_steps=1)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train_run(tmp_path, tiny, codes_cache, train__max_steps=1, resume="latest")
+
+
+def test_a_run_that_fails_to_start_says_so_and_the_next_one_replaces_it(tmp_path, tiny, codes_cache):
+    manifest = tmp_path / "data.jsonl"
+    root = tiny["data.train_manifest"].rsplit("/", 1)[0]
+    lines = [json.loads(x) for x in open(tiny["data.train_manifest"]).read().splitlines()[:4]]
+    lines = [{**x, "audio": f"{root}/{x['audio']}"} for x in lines] + [{"audio": "gone.wav", "text": "Missing."}]
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="'data.strict': 1 bad sample"):
+        train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), data__strict=True)
+    end = read_events(run_dir)[-1]
+    assert end["event"] == "run_end" and end["status"] == "failed" and "gone.wav" in end["error"]
+    # Nothing was trained, so the same command again (without strict) needs no overwrite.
+    events = train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), train__max_steps=1,
+                       train__eval_every=0, train__save_every=0)
+    assert [e["status"] for e in of(events, "run_end")] == ["finished"] and len(of(events, "run_start")) == 1
 
 
 def test_gradient_accumulation_checkpointing_and_linear_schedule(tmp_path, tiny, codes_cache):
