@@ -100,14 +100,21 @@ def column_type(name: str, values: list) -> pa.DataType:
 def rows_to_table(rows: list[dict]) -> pa.Table:
     """Typed columns: floats for metrics, list<int32> for token slices, strings for text, JSON for nested."""
     names = list(dict.fromkeys(k for r in rows for k in r))
-    arrays = {}
-    for name in names:
-        values = [r.get(name) for r in rows]
-        tp = column_type(name, values)
-        if tp == _STR:
-            values = [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
-        arrays[name] = pa.array(values, type=tp)
-    return pa.table(arrays)
+    return pa.table({name: _column(name, [r.get(name) for r in rows]) for name in names})
+
+
+def _column(name: str, values: list) -> pa.Array:
+    declared = declared_type(name)
+    if declared is not None and declared != _STR:
+        # Fast path, all in Arrow: its own inference, then a safe cast, which refuses truncation and overflow.
+        try:
+            return pa.array(values).cast(declared)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass
+    tp = column_type(name, values)
+    if tp == _STR:
+        values = [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
+    return pa.array(values, type=tp)
 
 
 def read_parts(family_dir: Path) -> pa.Table | None:

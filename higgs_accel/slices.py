@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .chat import IGNORE
 from .losses import LossOutput
 
 
-def _ends(pos: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, k: int) -> dict:
+def _ends(pos: np.ndarray, pred: np.ndarray, label: np.ndarray, k: int) -> dict:
     out = {}
     for part, sl in (("first", slice(0, k)), ("last", slice(max(len(pos) - k, 0), len(pos)))):
         out[f"{part}_pos"] = pos[sl].tolist()
@@ -21,9 +21,12 @@ def _ends(pos: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, k: int) ->
 
 def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, codebooks: list[int]) -> list[dict]:
     """Fields of the pred_slice events for the first ``samples`` samples of the batch; moves only those tensors
-    to the CPU, and only on the steps that log slices."""
-    text_where, text_pred, text_label = out.text_where.cpu(), out.text_pred.cpu(), out.text_label.cpu()
-    audio_where, audio_pred, audio_label = out.audio_where.cpu(), out.audio_pred.cpu(), out.audio_label.cpu()
+    to the CPU, and only on the steps that log slices. The selection runs in numpy: on these small arrays each
+    torch call costs more than the work it does."""
+    text_where, text_pred, text_label, audio_where, audio_pred, audio_label = (
+        t.cpu().numpy() for t in (out.text_where, out.text_pred, out.text_label, out.audio_where, out.audio_pred,
+                                  out.audio_label))
+    input_ids = batch["input_ids"].cpu().numpy()
     has = audio_label != IGNORE
     batch_match = ((audio_pred == audio_label) & has).sum(0).tolist()
     batch_targets = has.sum(0).tolist()
@@ -33,10 +36,10 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
     audio_bos = tokenizer.convert_tokens_to_ids("<|audio_out_bos|>")
 
     def decode(ids):
-        return [tokenizer.decode([i]) for i in ids]
+        return tokenizer.batch_decode([[i] for i in ids])
 
     rows = []
-    for b in range(min(samples, len(batch["input_ids"]))):
+    for b in range(min(samples, len(input_ids))):
         sel = text_where[:, 0] == b
         row = _ends(text_where[sel, 1], text_pred[sel], text_label[sel], k)
         for part in ("first", "last"):
@@ -46,7 +49,7 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
         in_b = audio_where[:, 0] == b
         # Frame numbers inside the target utterance: the target audio starts after the last <|audio_out_bos|>,
         # with its stream BOS; codebook c's stream is delayed by c frames.
-        starts = (batch["input_ids"][b] == audio_bos).nonzero()
+        starts = np.flatnonzero(input_ids[b] == audio_bos)
         first_frame = int(starts[-1]) + 1 if len(starts) else 0
         for c in codebooks:
             sel = in_b & has[:, c]
