@@ -61,7 +61,7 @@ def improvement(series: pd.Series) -> float | None:
 def warnings_for(run: Run) -> list[str]:
     out: list[str] = []
     status = run.status
-    if status in ("crashed", "interrupted"):
+    if status in ("crashed", "interrupted", "failed"):
         err = (run.end or {}).get("error")
         out.append(f"the run {status}" + (f": {err}" if err else " (no run_end event)" if run.end is None else ""))
     total = run.start.get("total_steps")

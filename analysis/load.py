@@ -225,7 +225,8 @@ def parse_ts(ts: str | None) -> datetime | None:
 
 
 def run_status(end: dict | None, last_ts: datetime | None, now: datetime | None = None) -> str:
-    """finished / crashed / interrupted from run_end; without it, running if the log is fresh, else crashed."""
+    """finished / crashed / interrupted / failed (to start) from run_end; without it, running if the log is fresh,
+    else crashed."""
     if end is not None:
         return str(end.get("status") or "crashed")
     now = now or datetime.now(timezone.utc)

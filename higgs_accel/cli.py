@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import export, generate
-from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name
+from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
 
 TRAIN_EPILOG = """\
 Values apply in this order: --config YAML, then key=value overrides, then --section.key flags.
@@ -15,6 +15,13 @@ Examples:
   higgs-accel train --config run.yaml train.lr=1e-4 lora.r=32
   accelerate launch --config_file accelerate_config.yaml -m higgs_accel train --config run.yaml
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other bad input (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -> argparse.ArgumentParser:
@@ -104,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # key=value overrides may come after flags too, which argparse's positional matching does not allow.
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command not in ("train", "prepare")]
+    for flag in stray:
+        if flag.startswith("--") and "." in flag:  # a mistyped config key: name it, with the closest real one
+            raise unknown_key(flag[2:].split("=")[0], "command line", prefix="--")
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
@@ -112,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="higgs-accel", description=__doc__)
+    parser = _Parser(prog="higgs-accel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "prepare", "encode all audio into the codes cache before training (same options as train)"
@@ -132,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         return args.func(args)
     except ConfigError as e:
         print(f"higgs-accel: error: {e}", file=sys.stderr)

@@ -101,7 +101,8 @@ class LogConfig:
     parquet_flush_events: int = _opt(500, "write a Parquet part at least every N events")
     parquet_flush_seconds: float = _opt(30.0, "... or at least every N seconds")
     log_with: list[str] = _opt([], "accelerate trackers fed from the same events (tensorboard, wandb, ...)")
-    eval_audio_samples: int = _opt(2, "eval samples decoded to WAV (teacher-forced prediction + label) at each eval")
+    eval_audio_samples: int = _opt(2, "eval samples decoded to WAV (teacher-forced prediction + label) at each eval; "
+                                    "taken from the first eval batch, so at most train.batch_size")
     generate_every: int = _opt(0, "speak log.generate_prompts to WAV every N evals and at the last one (0: never)")
     generate_prompts: list[str] = _opt(["The quick brown fox jumps over the lazy dog."], "texts spoken at generate "
                                        "evals (a YAML list; on the command line commas split prompts)")
@@ -220,10 +221,11 @@ def type_name(key: str) -> str:
     return _type_name(all_keys()[key][1])
 
 
-def _unknown(key: str, where: str) -> ConfigError:
+def unknown_key(key: str, where: str, prefix: str = "") -> ConfigError:
+    """The error for a key no section has, with the closest real key; ``prefix`` is how the user wrote keys."""
     close = difflib.get_close_matches(key, all_keys(), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
 
 
 def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
@@ -281,7 +283,7 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
     cfg = RunConfig()
     for key, (value, where) in values.items():
         if key not in keys:
-            raise _unknown(key, where)
+            raise unknown_key(key, where)
         value = _coerce(key, value, where)
         target = getattr(cfg, key.split(".")[0]) if "." in key else cfg
         setattr(target, key.split(".")[-1], value)
@@ -327,12 +329,14 @@ def validate(cfg: RunConfig) -> None:
                        "data.train_manifest": cfg.data.train_manifest}.items():
             if not v:
                 raise ConfigError(f"'{key}' is required (or use --preset tiny)")
-        for key in ("data.train_manifest", "data.val_manifest"):
-            path = getattr(cfg.data, key.split(".")[1])
-            if path and not Path(path).exists():
-                raise ConfigError(f"'{key}': file not found: {path}")
-        for key in ("model.base", "model.audio_tokenizer"):
-            check_model_ref(f"'{key}'", getattr(cfg.model, key.split(".")[1]))
+    # Whatever is set is checked, with a preset too (it fills only what is left empty).
+    for key in ("data.train_manifest", "data.val_manifest"):
+        path = getattr(cfg.data, key.split(".")[1])
+        if path and not Path(path).exists():
+            raise ConfigError(f"'{key}': file not found: {path}")
+    for key in ("model.base", "model.audio_tokenizer"):
+        if ref := getattr(cfg.model, key.split(".")[1]):
+            check_model_ref(f"'{key}'", ref)
 
 
 def check_model_ref(name: str, ref: str) -> None:

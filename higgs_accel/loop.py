@@ -169,12 +169,14 @@ def evaluate(run: Run, step: int) -> None:
     acc = run.accelerator
     run.log.bind(phase="eval")
     run.model.eval()
+    # Unwrapped: eval has no gradients to sync, and the processes may hold different numbers of val batches.
+    model = acc.unwrap_model(run.model)
     stats = torch.zeros(N_STATS, device=acc.device)
     first = None
     for batch in run.val_loader:
         if "input_ids" not in batch:
             continue
-        out = run.model(batch)
+        out = model(batch)
         stats += out.stats
         first = first or (out, batch)
     run.model.train()
@@ -266,6 +268,7 @@ def setup(cfg: RunConfig) -> Run:
 
 def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume_from: Path | None) -> Run:
     """Model, data, optimizer and schedule, prepared by accelerate; then the run_start event."""
+    from accelerate.data_loader import prepare_data_loader
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -321,7 +324,9 @@ def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume
                                   weight_decay=t.weight_decay, fused=torch.cuda.is_available() or None)
     model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
     if val_loader is not None:
-        val_loader = acc.prepare(val_loader)
+        # Sharded without even_batches: padding the last round with repeats would count those samples twice.
+        val_loader = prepare_data_loader(val_loader, acc.device, acc.num_processes, acc.process_index,
+                                         put_on_device=True, even_batches=False)
     steps_per_epoch = math.ceil(len(train_loader) / t.grad_accum)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]

@@ -35,6 +35,9 @@ def test_help_documents_every_option():
     (["--train.scheduler", "cosin"], "'train.scheduler' must be one of"),
     (["lora.r=0"], "'lora.r' must be at least 1"),
     (["--config", "nope.yaml"], "config file not found: nope.yaml"),
+    (["--train.lrr", "1"], "unknown key '--train.lrr' (did you mean '--train.lr'?)"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
 ])
 def test_bad_values_exit_2_with_one_line(args, message, tmp_path):
     r = cli("train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"), *args)
@@ -92,6 +95,8 @@ def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
     steps = [e for e in events if e["event"] == "train_step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     assert all(e["samples"] == 8 for e in steps)  # 4 per process, summed over both
+    val = [e for e in events if e["event"] == "run_start"][0]["val_samples"]
+    assert [e["samples"] for e in events if e["event"] == "eval"] == [val, val]  # each val sample counted once
     assert {e["rank"] for e in events} == {0}
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
