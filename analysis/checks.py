@@ -15,6 +15,7 @@ SPIKE_FACTOR = 1.2  # a step is a spike when its loss exceeds the recent median 
 SPIKE_NOISE = 8.0  # ... and by this many times the recent step-to-step noise (a noisy curve is not spiking)
 STALL_MIN_STEPS = 6  # fewer steps than this say nothing about improvement
 STALL_GAIN = 0.02  # a loss "improves" when its last tenth averages at least 2% below its first tenth
+EVAL_TREND_MIN = 3  # evals needed before the eval loss's trend is judged
 SKIP_SHARE = 0.05  # more than this share of a split's samples skipped is "many"
 
 
@@ -90,8 +91,18 @@ def warnings_for(run: Run) -> list[str]:
     if not errors.empty:
         out.append(f"{len(errors)} logging error(s): " + "; ".join(
             f"{r.get('sink')}: {r.get('error_type')} {r.get('error')}" for _, r in errors.head(3).iterrows()))
-    if run.metrics("eval").empty and not train.empty:
+    evals = run.metrics("eval")
+    if evals.empty and not train.empty:
         out.append("no eval events: the run has no held-out numbers (data.val_manifest / train.eval_every)")
+    elif "loss" in evals and len(evals["loss"].dropna()) >= EVAL_TREND_MIN:
+        ev = evals["loss"].dropna()
+        gain = (ev.iloc[-1] - ev.iloc[0]) / abs(ev.iloc[0]) if ev.iloc[0] else None
+        train_gain = improvement(pd.to_numeric(train["loss"], errors="coerce")) if "loss" in train else None
+        if gain is not None and gain > -STALL_GAIN:
+            falling = train_gain is not None and train_gain <= -STALL_GAIN
+            out.append(f"eval loss is not improving ({ev.iloc[0]:.4g} at the first eval, {ev.iloc[-1]:.4g} at the "
+                       f"last: {gain:+.1%})" + (f" while the train loss fell {train_gain:+.1%}: overfitting?"
+                                               if falling else ""))
     acc = run.codebook_accuracy("train")
     if not acc.empty and len(acc) >= STALL_MIN_STEPS:
         tail = acc.iloc[-max(1, len(acc) // 10):].mean()

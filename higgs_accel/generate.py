@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .chat import AUDIO_PLACEHOLDER, SpecialIds, audio_placeholders, audio_streams, chat_prompt
-from .config import ConfigError, DataConfig, check_model_ref
+from .config import ConfigError, DataConfig
 from .data import FileAudio, Sample, load_audio
+from .model import load_ref
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
 DEFAULT_MAX_NEW_TOKENS = 750  # 30 s at the codec's 25 frames/s, plus the delay-pattern frames
@@ -190,15 +191,6 @@ def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
 
 
 # ---------------------------------------------------------------- loading (shared with export)
-
-
-def load_ref(flag: str, what: str, ref: str, loader):
-    check_model_ref(flag, ref)
-    try:
-        return loader(ref)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{flag}: cannot load {what} from '{ref}': {first}") from None
 
 
 def load_model(base: str, adapter: str | None, dtype: torch.dtype = torch.float32, flag: str = "--base"):

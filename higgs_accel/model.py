@@ -6,34 +6,37 @@ import torch
 from torch import nn
 
 from .chat import SpecialIds
-from .config import ConfigError, LoraConfig, ModelConfig
+from .config import ConfigError, LoraConfig, ModelConfig, check_model_ref
 from .losses import FRAMES, PADDED, SAMPLES, TOKENS, LossOutput, audio_labels_by_position, dual_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _load(what: str, key: str, ref: str, loader):
+def load_ref(name: str, what: str, ref: str, loader):
+    """``loader(ref)``, with a missing dir or a failed load as one line naming ``name`` (a config key in quotes,
+    or a command-line flag) and the first line of the reason."""
+    check_model_ref(name, ref)
     try:
         return loader(ref)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"'{key}': cannot load {what} from '{ref}': {first}") from None
+        raise ConfigError(f"{name}: cannot load {what} from '{ref}': {first}") from None
 
 
 def load_base_model(cfg: ModelConfig):
     from transformers import HiggsAudioV2ForConditionalGeneration
 
     # use_text_head=True keeps text_lm_head so a text loss exists; never trust_remote_code.
-    return _load("HiggsAudioV2ForConditionalGeneration", "model.base", cfg.base,
-                 lambda ref: HiggsAudioV2ForConditionalGeneration.from_pretrained(
-                     ref, use_text_head=True, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation))
+    return load_ref("'model.base'", "HiggsAudioV2ForConditionalGeneration", cfg.base,
+                    lambda ref: HiggsAudioV2ForConditionalGeneration.from_pretrained(
+                        ref, use_text_head=True, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation))
 
 
 def load_text_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     ref = cfg.text_tokenizer or cfg.base
-    tok = _load("the text tokenizer", "model.text_tokenizer", ref, AutoTokenizer.from_pretrained)
+    tok = load_ref("'model.text_tokenizer'", "the text tokenizer", ref, AutoTokenizer.from_pretrained)
     if tok.pad_token_id is None:
         raise ConfigError(f"'model.text_tokenizer': the tokenizer at '{ref}' has no pad token")
     return tok
@@ -42,8 +45,8 @@ def load_text_tokenizer(cfg: ModelConfig):
 def load_codec(cfg: ModelConfig):
     from transformers import HiggsAudioV2TokenizerModel
 
-    codec = _load("HiggsAudioV2TokenizerModel", "model.audio_tokenizer", cfg.audio_tokenizer,
-                  HiggsAudioV2TokenizerModel.from_pretrained)
+    codec = load_ref("'model.audio_tokenizer'", "HiggsAudioV2TokenizerModel", cfg.audio_tokenizer,
+                     HiggsAudioV2TokenizerModel.from_pretrained)
     return codec.eval().requires_grad_(False)
 
 

@@ -443,6 +443,24 @@ def test_warnings_fire_on_stalled_logs_only(real_run, tmp_path):
     assert all(f"- {w}" in worth for w in found)
 
 
+def test_flat_eval_loss_under_a_falling_train_loss_is_flagged(real_run, tmp_path):
+    events = events_of(real_run)
+    evals = [e for e in events if e["event"] == "eval"]
+    extra = {**evals[0], "step": 6, "seq": max(e["seq"] for e in events) + 1}
+    for losses, name in (([9.0, 8.0, 7.0], "falling"), ([9.0, 9.1, 9.05], "flat")):
+        run = [e for e in events if e["event"] != "eval"] + [{**e, "loss": x} for e, x in zip(
+            [evals[0], extra, evals[1]], losses)]
+        for e in run:
+            if e["event"] == "train_step":
+                e["loss"] = 50 / e["step"]
+        found = [w for w in warnings_for(analysis.load_run(make_run(tmp_path / name, run))) if "eval loss" in w]
+        if name == "falling":
+            assert found == []
+        else:
+            assert found == ["eval loss is not improving (9 at the first eval, 9.05 at the last: +0.6%) while the "
+                             "train loss fell -87.5%: overfitting?"], found
+
+
 def test_cli_report_formats_and_steps(real_run, tmp_path, capsys):
     assert main(["report", str(real_run), "--out", str(tmp_path), "--format", "md", "--steps", "2,5"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
