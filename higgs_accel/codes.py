@@ -22,6 +22,7 @@ import torch
 from .data import FileAudio, Sample, Skip, decode_audio
 
 SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
+MEMORY_BYTES = 256 * 2**20  # codes kept in memory per process once read: about 180 hours of audio
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +50,8 @@ class CodeCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.encode_calls = 0
         self._index = self._read_index()
+        self._memory: dict[str, np.ndarray] = {}
+        self._memory_bytes = 0
 
     # ------------------------------------------------ keys
 
@@ -81,7 +84,16 @@ class CodeCache:
     # ------------------------------------------------ entries
 
     def load(self, digest: str) -> np.ndarray:
-        return np.load(self.dir / f"{digest}.npy")
+        """Cached codes (read-only). The first read of each entry is kept in memory, up to ``MEMORY_BYTES`` per
+        process, so later epochs read no files: codes are small (10 s of audio: 4 KB), files are slow to open."""
+        codes = self._memory.get(digest)
+        if codes is None:
+            codes = np.load(self.dir / f"{digest}.npy")
+            codes.flags.writeable = False
+            if self._memory_bytes + codes.nbytes <= MEMORY_BYTES:
+                self._memory[digest] = codes
+                self._memory_bytes += codes.nbytes
+        return codes
 
     def lookup(self, digest: str) -> np.ndarray | dict | None:
         """Cached codes, or the recorded reason the audio has none, or None if never encoded."""

@@ -216,6 +216,24 @@ def test_changed_file_reencodes_and_unchanged_is_not_rehashed(codec, tmp_path):
     assert again.encode_calls == 1 and samples[0].codes != first
 
 
+def test_codes_are_read_from_disk_once_then_from_memory(codec, tmp_path, monkeypatch):
+    from higgs_accel import codes as codes_module
+
+    sf.write(tmp_path / "x.wav", _speech("old green hills", 24000), 24000)
+    samples, _ = read_source(_manifest(tmp_path, [{"audio": "x.wav", "text": "t"}]), DataConfig())
+    cache = CodeCache(tmp_path / "codes", codec)
+    resolve(samples, cache, 0, 30)
+    reads = []
+    real_load = np.load
+    monkeypatch.setattr(codes_module.np, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    first, second = cache.load(samples[0].codes), cache.load(samples[0].codes)
+    assert len(reads) == 1 and np.array_equal(first, second) and not first.flags.writeable
+    monkeypatch.setattr(codes_module, "MEMORY_BYTES", 0)  # over the limit: read every time, kept nowhere
+    small = CodeCache(tmp_path / "codes", codec)
+    small.load(samples[0].codes), small.load(samples[0].codes)
+    assert len(reads) == 3
+
+
 def test_other_codec_weights_get_their_own_cache_and_reencode(codec, tiny, tmp_path):
     sf.write(tmp_path / "x.wav", _speech("old green hills", 24000), 24000)
     samples, _ = read_source(_manifest(tmp_path, [{"audio": "x.wav", "text": "t"}]), DataConfig())
