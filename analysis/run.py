@@ -94,12 +94,12 @@ class Run:
 
     @cached_property
     def end(self) -> dict | None:
-        """run_end of the latest launch; None if that launch has not ended (crashed or still running)."""
-        events = self._events("run_end")
-        if not events:
-            return None
+        """run_end of the latest launch; None if that launch has not ended (crashed or still running). A start
+        that failed before training (a resume with a bad path, say) does not hide how the launch before it ended."""
         last_start = self.start.get("seq", -1)
-        return events[-1] if events[-1].get("seq", 0) > last_start else None
+        ends = [e for e in self._events("run_end") if e.get("seq", 0) > last_start]
+        trained = [e for e in ends if e.get("status") != "failed"]
+        return (trained or ends or [None])[-1]
 
     @cached_property
     def last_event_time(self) -> datetime | None:

@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     stray = [x for x in extra if x.startswith("-") or "=" not in x or args.command not in ("train", "prepare")]
     for flag in stray:
-        if flag.startswith("--") and "." in flag:  # a mistyped config key: name it, with the closest real one
+        if flag.startswith("--") and "." in flag and args.command in ("train", "prepare"):  # a mistyped config key
             raise unknown_key(flag[2:].split("=")[0], "command line", prefix="--")
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -75,7 +75,7 @@ def train(cfg: RunConfig) -> Path:
                     emit_skip(log, "train", skip)
                 weight = 1.0
                 if "input_ids" not in batch:  # every sample of this batch vanished from the cache mid-run
-                    if last is None:
+                    if acc.num_processes == 1 or last is None:
                         continue
                     # Redo the last batch at weight 0: every process must run the same forwards and backwards,
                     # or DDP's gradient all-reduce waits forever for the one that skipped.

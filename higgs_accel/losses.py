@@ -96,10 +96,12 @@ def summarize(stats: list[float], text_weight: float, audio_weight: float, audio
     cb_loss = [ce / n if n else None for ce, n in zip(stats[CB_CE], cb_n)]
     cb_acc = [ok / n if n else None for ok, n in zip(stats[CB_OK], cb_n)]
     present = [x for x in cb_loss if x is not None]
-    audio = sum(present, 0.0) if audio_reduction == "sum" else (sum(present) / len(present) if present else 0.0)
-    text = stats[TEXT_CE] / stats[TEXT_N] if stats[TEXT_N] else 0.0
+    # A part without targets is None, not 0.0: a step or eval that saw no targets must not read as a perfect loss.
+    audio = (sum(present) if audio_reduction == "sum" else sum(present) / len(present)) if present else None
+    text = stats[TEXT_CE] / stats[TEXT_N] if stats[TEXT_N] else None
+    parts = [w * x for w, x in ((text_weight, text), (audio_weight, audio)) if x is not None]
     out = {
-        "loss": text_weight * text + audio_weight * audio,
+        "loss": sum(parts) if parts else None,
         "text_loss": text,
         "audio_loss": audio,
         "text_acc": stats[TEXT_OK] / stats[TEXT_N] if stats[TEXT_N] else None,

@@ -107,8 +107,12 @@ def _column(name: str, values: list) -> pa.Array:
     declared = declared_type(name)
     if declared is not None and declared != _STR:
         # Fast path, all in Arrow: its own inference, then a safe cast, which refuses truncation and overflow.
+        # Not from strings or across bool and number: Arrow would parse "3" into a number and True into 1.
         try:
-            return pa.array(values).cast(declared)
+            inferred = pa.array(values)
+            if not pa.types.is_string(inferred.type) and (
+                    pa.types.is_null(inferred.type) or pa.types.is_boolean(inferred.type) == (declared == _BOOL)):
+                return inferred.cast(declared)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             pass
     tp = column_type(name, values)

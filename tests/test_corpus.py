@@ -379,3 +379,11 @@ def test_codes_lost_mid_run_skip_the_sample_and_training_goes_on(tiny, codes_cac
     skips = [e for e in of(events, "data_skip") if e["reason"] == "missing_codes"]
     assert skips and all(e["step"] <= 4 for e in skips)
     assert of(events, "run_end")[0]["status"] == "finished"
+
+    # With one sample a batch the lost sample is a whole batch: skipped, and no step is taken without data.
+    events = train_run(tmp_path / "one", tiny, codes_cache, train__max_steps=20, train__batch_size=1,
+                       train__eval_every=0, train__save_every=0)
+    steps = of(events, "train_step")
+    assert [e["step"] for e in steps] == list(range(1, 21))
+    assert all(e["samples"] == 1 and e["loss"] is not None for e in steps)
+    assert len([e for e in of(events, "data_skip") if e["reason"] == "missing_codes"]) >= 1

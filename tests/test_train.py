@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import analysis
 from higgs_accel.chat import SpecialIds, build_example
 from higgs_accel.config import ConfigError, DataConfig
 from higgs_accel.data import FileAudio, Sample, collate
@@ -196,8 +197,14 @@ def test_a_run_that_fails_to_start_says_so_and_the_next_one_replaces_it(tmp_path
     assert end["event"] == "run_end" and end["status"] == "failed" and "gone.wav" in end["error"]
     # Nothing was trained, so the same command again (without strict) needs no overwrite.
     events = train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), train__max_steps=1,
-                       train__eval_every=0, train__save_every=0)
+                       train__eval_every=0, train__save_every=1)
     assert [e["status"] for e in of(events, "run_end")] == ["finished"] and len(of(events, "run_start")) == 1
+    # A resume that fails to start is logged, but the run it meant to continue still reads as it ended.
+    with pytest.raises(ConfigError, match="'data.strict'"):
+        train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), data__strict=True,
+                  train__max_steps=2, resume="latest")
+    assert [e["status"] for e in of(read_events(run_dir), "run_end")] == ["finished", "failed"]
+    assert analysis.load_run(run_dir).status == "finished"
 
 
 def test_gradient_accumulation_checkpointing_and_linear_schedule(tmp_path, tiny, codes_cache):
