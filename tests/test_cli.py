@@ -81,15 +81,20 @@ def test_yaml_then_overrides_then_flags(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): one writer, world size 2, metrics over both."""
-    run_dir = tmp_path / "run"
+def launch_two(*args: str) -> None:
+    """``accelerate launch`` of ``higgs-accel train --preset tiny ARGS`` on 2 CPU processes (gloo)."""
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "-m", "higgs_accel", "train", "--preset", "tiny", "--output-dir",
-                        str(run_dir), "train.max_steps=4", "train.eval_every=2", "train.save_every=2"],
+                        "--num_machines", "1", "-m", "higgs_accel", "train", "--preset", "tiny", *args],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1"},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): one writer, world size 2, metrics over both; a resume from
+    the step-2 checkpoint (across an epoch boundary: 2 steps an epoch) repeats steps 3 and 4 exactly."""
+    run_dir = tmp_path / "run"
+    launch_two("--output-dir", str(run_dir), "train.max_steps=4", "train.eval_every=2", "train.save_every=2")
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["world_size"] for e in events if e["event"] == "run_start"] == [2]
     steps = [e for e in events if e["event"] == "train_step"]
@@ -101,6 +106,12 @@ def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "report").is_dir()
+    resumed = tmp_path / "resumed"
+    launch_two("--output-dir", str(resumed), "--no-report", "train.max_steps=4", "train.eval_every=2",
+               "--resume", str(run_dir / "checkpoints" / "step-00000002"))
+    again = [json.loads(x) for x in (resumed / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["loss"]) for e in again if e["event"] == "train_step"] == [
+        (e["step"], e["loss"]) for e in steps[2:]]
 
 
 def test_config_file_trap_is_refused(tmp_path):
