@@ -152,19 +152,20 @@ def _refs(sample: Sample):
     return [("ref_codes", sample.ref_audio), ("codes", sample.audio)] if sample.ref_audio else [("codes", sample.audio)]
 
 
-def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False) -> int:
-    """Encode what the cache lacks (this process's share of the samples); return how many were encoded."""
-    from tqdm import tqdm
+def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False, *, workers: int = 0,
+                   batch_seconds: float = 60.0):
+    """Encode what the cache lacks (this process's share of the samples) in batches of equal-length files, decoded
+    by ``workers`` processes (see ``encoding``); return an ``encoding.EncodeStats``."""
+    from .encoding import encode_all
 
-    before = cache.encode_calls
-    for s in tqdm(samples, desc="encoding audio", unit="sample", disable=not (progress and sys.stderr.isatty())):
+    todo = {}
+    for s in samples:
         for _, audio in _refs(s):
-            if not audio.exists():
-                continue
-            digest = cache.key(audio)
-            if cache.lookup(digest) is None:
-                cache.encode(audio, digest)
-    return cache.encode_calls - before
+            if audio.exists():
+                digest = cache.key(audio)
+                if digest not in todo and cache.lookup(digest) is None:
+                    todo[digest] = audio
+    return encode_all(todo, cache, workers, batch_seconds, progress)
 
 
 def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_seconds: float,
@@ -225,7 +226,8 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     cache = CodeCache(cfg.data.codes_cache or default_cache_dir(), load_codec(cfg.model).to(state.device))
     train, val, train_skips, val_skips = load_splits(cfg.data, cfg.train.seed)
     mine = (train + val)[state.process_index::state.num_processes]
-    encoded = encode_missing(mine, cache, progress=state.is_main_process)
+    encoded = encode_missing(mine, cache, progress=state.is_main_process, workers=cfg.data.num_workers,
+                             batch_seconds=cfg.data.encode_batch_seconds).encoded
     state.wait_for_everyone()
     kept_train, more = resolve(train, cache, cfg.data.min_seconds, cfg.data.max_seconds, encode=False)
     train_skips += more

@@ -57,7 +57,9 @@ class DataConfig:
     strict: bool = _opt(False, "fail before training, listing every bad sample, instead of skipping them")
     group_by_length: bool = _opt(True, "batch samples of similar length together (less padding)")
     max_tokens_per_batch: int = _opt(0, "cap padded positions per batch instead of a fixed batch size (0: off)")
-    num_workers: int = _opt(0, "DataLoader worker processes")
+    num_workers: int = _opt(0, "DataLoader worker processes (also decode audio for the codec while it encodes)")
+    encode_batch_seconds: float = _opt(60.0, "most seconds of audio the codec encodes in one batch; only files of "
+                                       "exactly equal length share one (0: one file at a time)")
     codes_cache: str = _opt("", "dir of cached codec codes (default: $HIGGS_ACCEL_CACHE or ~/.cache/higgs_accel)")
     audio_field: str = _opt("audio", "manifest field with the audio path (relative to the manifest) or column")
     text_field: str = _opt("text", "field with the transcript")
@@ -304,6 +306,7 @@ def validate(cfg: RunConfig) -> None:
                    "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.lr": t.lr,
                    "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples,
                    "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
+                   "data.encode_batch_seconds": cfg.data.encode_batch_seconds,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
                    "log.generate_top_k": cfg.log.generate_top_k}.items():
         if v < 0:

@@ -284,15 +284,19 @@ def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume
     cache = CodeCache(cfg.data.codes_cache or default_cache_dir(), codec.to(acc.device))
     train_samples, val_samples, train_parse_skips, val_parse_skips = load_splits(cfg.data, t.seed)
     # Each process encodes its share of what the cache lacks; then all read the same complete cache.
-    encode_missing((train_samples + val_samples)[acc.process_index::acc.num_processes], cache,
-                   progress=acc.is_main_process)
+    encoded = encode_missing((train_samples + val_samples)[acc.process_index::acc.num_processes], cache,
+                             progress=acc.is_main_process, workers=cfg.data.num_workers,
+                             batch_seconds=cfg.data.encode_batch_seconds)
     acc.wait_for_everyone()
+    audio_s, wall_s = acc.gather(torch.tensor([[encoded.audio_seconds, encoded.wall_seconds]],
+                                              dtype=torch.float64, device=acc.device)).cpu().unbind(1)
+    speed = float(audio_s.sum() / wall_s.max()) if audio_s.sum() > 0 else None
     train_samples, train_skips = resolve(train_samples, cache, cfg.data.min_seconds, cfg.data.max_seconds)
     val_samples, val_skips = resolve(val_samples, cache, cfg.data.min_seconds, cfg.data.max_seconds)
     encodes = int(acc.reduce(torch.tensor(cache.encode_calls, device=acc.device), "sum"))
     train_skips, val_skips = train_parse_skips + train_skips, val_parse_skips + val_skips
-    report_data(log, "train", train_samples, train_skips, encodes)
-    report_data(log, "val", val_samples, val_skips, encodes)
+    report_data(log, "train", train_samples, train_skips, encodes, speed)
+    report_data(log, "val", val_samples, val_skips, encodes, speed)
     problems = train_skips + val_skips
     if cfg.data.strict and problems:
         raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
@@ -375,11 +379,13 @@ def got_to_training(run_dir: Path) -> bool:
         return any('"train_step"' in line for line in f)
 
 
-def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int) -> None:
+def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int,
+                encode_speed: float | None = None) -> None:
     for s in skips:
         emit_skip(log, split, s)
     log.emit("data_summary", split=split, kept=len(kept), skipped=len(skips),
-             skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes)
+             skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes,
+             encode_speed=encode_speed)
 
 
 def emit_skip(log: EventLog, split: str, s) -> None:

@@ -35,7 +35,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "steps_per_epoch": _INT, "train_samples": _INT, "val_samples": _INT, "resumed": _BOOL,
     # data_skip, data_summary
     "split": _STR, "source": _STR, "line": _INT, "reason": _STR, "detail": _STR, "kept": _INT, "skipped": _INT,
-    "skipped_by_reason": _STR, "codec_encodes": _INT,
+    "skipped_by_reason": _STR, "codec_encodes": _INT, "encode_speed": _FLOAT,
     # train_step, eval (and the per-codebook metrics, see _CODEBOOK_METRIC)
     "loss": _FLOAT, "text_loss": _FLOAT, "audio_loss": _FLOAT, "text_acc": _FLOAT, "audio_acc": _FLOAT,
     "text_targets": _INT, "audio_targets": _INT, "tokens": _INT, "audio_frames": _INT, "samples": _INT,
