@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +17,8 @@ from higgs_accel.config import ModelConfig
 from higgs_accel.data import FileAudio, Sample
 from higgs_accel.model import load_codec
 from higgs_accel.tiny import speech_like
+from tests.conftest import REPO, encoded_now, kill_when_encoded
 
-REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(3)
 
 
@@ -151,17 +148,11 @@ def test_killed_batched_prepare_and_rerun_encode_each_file_once(tiny, tmp_path):
             f"model.audio_tokenizer={tiny['model.audio_tokenizer']}", f"data.train_manifest={tmp_path / 'm.jsonl'}",
             f"data.codes_cache={tmp_path / 'codes'}", f"train.output_dir={tmp_path / 'run'}", "data.num_workers=2",
             "data.encode_batch_seconds=8"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "codes").glob("*/*.npy"))) < 5:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = list((tmp_path / "codes").glob("*/*.npy"))
+    done = kill_when_encoded(args, tmp_path / "codes", 5)
     assert 5 <= len(done) < 48
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data train: 48 kept, 0 skipped" in r.stderr
-    assert int(r.stderr.split("(")[-1].split(" encoded")[0]) == 48 - len(done)
+    assert encoded_now(r.stderr) == 48 - len(done)
     stored = [n for n in log.read_text().split() if n.endswith(".npy")]
     assert len(stored) == len(set(stored)) == 48  # every file stored once over both runs, none encoded twice
