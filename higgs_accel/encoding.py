@@ -16,10 +16,8 @@ its skip (or raises) exactly as the one-at-a-time path does.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,29 +66,6 @@ def _as_is(item):
 def _size(audio) -> int:
     """A cheap stand-in for the audio's length, used to order files so that equal lengths arrive together."""
     return audio.path.stat().st_size if isinstance(audio, FileAudio) else 0
-
-
-@contextmanager
-def _keep_freed_memory():
-    """glibc hands every freed block above its mmap threshold (at most 32 MiB) back to the system, so each encode of
-    a long file faults its activations in again page by page: the full-size codec on the CPU ran about 1.5x slower
-    (bench/RESULTS.md). While encoding, freed blocks stay in the heap; afterwards the thresholds go back to glibc's
-    usual steady state and the heap is trimmed. A no-op where glibc is not the allocator."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 2**30)
-    mallopt(m_trim_threshold, 2**31 - 1)
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_threshold, 32 * 2**20)
-        mallopt(m_trim_threshold, 64 * 2**20)
-        trim(0)
 
 
 class _Progress:
@@ -167,23 +142,22 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float = 60.0,
     waiting: dict[int, list] = {}  # length in samples -> decoded files of that length, in arrival order
     held = 0  # samples waiting
     limit = batch_seconds * rate
-    with _keep_freed_memory():
-        for i, wave in loader:
-            if wave is None or len(wave) == 0 or float(np.abs(wave).max()) < SILENCE_PEAK:
-                alone(i)
-                continue
-            group = waiting.setdefault(len(wave), [])
-            group.append((i, wave))
-            held += len(wave)
-            if (len(group) + 1) * len(wave) > limit:  # the next file of this length would not fit
-                held -= len(group) * len(wave)
-                encode(waiting.pop(len(wave)))
-            while held > WINDOW * limit:  # the oldest group has waited long enough for partners
-                length, oldest = next(iter(waiting.items()))
-                held -= len(oldest) * length
-                encode(waiting.pop(length))
-        for group in waiting.values():
-            encode(group)
+    for i, wave in loader:
+        if wave is None or len(wave) == 0 or float(np.abs(wave).max()) < SILENCE_PEAK:
+            alone(i)
+            continue
+        group = waiting.setdefault(len(wave), [])
+        group.append((i, wave))
+        held += len(wave)
+        if (len(group) + 1) * len(wave) > limit:  # the next file of this length would not fit
+            held -= len(group) * len(wave)
+            encode(waiting.pop(len(wave)))
+        while held > WINDOW * limit:  # the oldest group has waited long enough for partners
+            length, oldest = next(iter(waiting.items()))
+            held -= len(oldest) * length
+            encode(waiting.pop(length))
+    for group in waiting.values():
+        encode(group)
     bar.close()
     stats.wall_seconds = time.perf_counter() - start
     return stats
