@@ -153,7 +153,7 @@ def _refs(sample: Sample):
 
 
 def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False, *, workers: int = 0,
-                   batch_seconds: float = 60.0):
+                   batch_seconds: float | None = None):
     """Encode what the cache lacks (this process's share of the samples) in batches of equal-length files, decoded
     by ``workers`` processes (see ``encoding``); return an ``encoding.EncodeStats``."""
     from .encoding import encode_all

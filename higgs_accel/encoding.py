@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import DataConfig
 from .data import FileAudio, decode_audio
 
 WINDOW = 4  # batches' worth of decoded files held while waiting for files of the same length
@@ -94,11 +95,11 @@ class _Progress:
         self.bar.close()
 
 
-def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float = 60.0,
+def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None = None,
                progress: bool = False) -> EncodeStats:
     """Encode ``todo`` ({content hash: audio}, none of it cached yet) into ``cache``. ``workers``: decoding
     processes (0: decode in this process); ``batch_seconds``: most seconds of audio in one codec batch (files of
-    equal length only; a file longer than this is encoded alone)."""
+    equal length only; a file longer than this is encoded alone; None: ``data.encode_batch_seconds``'s default)."""
     from .codes import SILENCE_PEAK
 
     start, stats = time.perf_counter(), EncodeStats()
@@ -141,7 +142,7 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float = 60.0,
                                          num_workers=workers, collate_fn=_as_is)
     waiting: dict[int, list] = {}  # length in samples -> decoded files of that length, in arrival order
     held = 0  # samples waiting
-    limit = batch_seconds * rate
+    limit = (DataConfig.encode_batch_seconds if batch_seconds is None else batch_seconds) * rate
     for i, wave in loader:
         if wave is None or len(wave) == 0 or float(np.abs(wave).max()) < SILENCE_PEAK:
             alone(i)
