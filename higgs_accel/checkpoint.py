@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from analysis.schema import step_dir_name
+
 from .config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -29,7 +31,7 @@ def keep_trainable_only(accelerator) -> None:
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+    return Path(run_dir) / CHECKPOINTS / step_dir_name(step)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +203,42 @@ def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_sec
     return kept, skips
 
 
-def summary_line(split: str, kept: int, by_reason: dict[str, int]) -> str:
-    """The one line users see per split: kept, skipped, and skipped by reason."""
-    by = ", ".join(f"{k}: {v}" for k, v in Counter(by_reason).most_common()) or "none"
-    return f"data {split}: {kept} kept, {sum(by_reason.values())} skipped ({by})"
+@dataclass
+class PreparedData:
+    """Both splits checked against a complete codes cache: the kept samples (with their cache keys and frame
+    counts) and a Skip for every other one."""
+
+    cache: CodeCache
+    train: list[Sample]
+    val: list[Sample]
+    train_skips: list[Skip]
+    val_skips: list[Skip]
+    encoded: int  # by this process, in this call
+
+    def check_strict(self, strict: bool) -> None:
+        problems = self.train_skips + self.val_skips
+        if strict and problems:
+            from .config import ConfigError
+
+            raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n"
+                              + "\n".join(f"  {p}" for p in problems))
+
+
+def prepare_data(cfg, state, codec) -> PreparedData:
+    """Read both manifests, encode what the cache lacks (each process of ``state`` its share, in parallel), then
+    check every sample against the now complete cache. ``higgs-accel prepare`` and training's setup both call this,
+    so they keep and skip the same samples."""
+    from .data import load_splits
+
+    data = cfg.data
+    cache = CodeCache(data.codes_cache or default_cache_dir(), codec.to(state.device))
+    train, val, train_skips, val_skips = load_splits(data, cfg.train.seed)
+    mine = (train + val)[state.process_index::state.num_processes]
+    encoded = encode_missing(mine, cache, progress=state.is_main_process)
+    state.wait_for_everyone()
+    train, more_train = resolve(train, cache, data.min_seconds, data.max_seconds)
+    val, more_val = resolve(val, cache, data.min_seconds, data.max_seconds)
+    return PreparedData(cache, train, val, train_skips + more_train, val_skips + more_val, encoded)
 
 
 def prepare(cfg) -> tuple[int, list[Skip]]:
@@ -213,32 +246,22 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     processes of ``accelerate launch``; print one summary line per split. Returns (encoded, skips)."""
     from accelerate import PartialState
 
-    from .config import ConfigError
-    from .data import load_splits
-    from .model import load_codec
+    from .loading import load_codec
+    from .sinks.console import summary_line
     from .tiny import apply_tiny_preset
 
     state = PartialState()
     if cfg.preset == "tiny":
         with state.main_process_first():
             apply_tiny_preset(cfg, Path(cfg.train.output_dir) / "tiny")
-    cache = CodeCache(cfg.data.codes_cache or default_cache_dir(), load_codec(cfg.model).to(state.device))
-    train, val, train_skips, val_skips = load_splits(cfg.data, cfg.train.seed)
-    mine = (train + val)[state.process_index::state.num_processes]
-    encoded = encode_missing(mine, cache, progress=state.is_main_process)
-    state.wait_for_everyone()
-    kept_train, more = resolve(train, cache, cfg.data.min_seconds, cfg.data.max_seconds, encode=False)
-    train_skips += more
-    kept_val, more = resolve(val, cache, cfg.data.min_seconds, cfg.data.max_seconds, encode=False)
-    val_skips += more
-    problems = train_skips + val_skips
+    data = prepare_data(cfg, state, load_codec(cfg.model))
+    problems = data.train_skips + data.val_skips
     if state.is_main_process:
         for skip in problems:
             print(f"skip {skip}", file=sys.stderr)
-        print(summary_line("train", len(kept_train), Counter(s.reason for s in train_skips)), file=sys.stderr)
-        if val or val_skips:
-            print(summary_line("val", len(kept_val), Counter(s.reason for s in val_skips)), file=sys.stderr)
-        print(f"codes cache: {cache.dir} ({encoded} encoded by this process now)", file=sys.stderr)
-    if cfg.data.strict and problems:
-        raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
-    return encoded, problems
+        print(summary_line("train", len(data.train), Counter(s.reason for s in data.train_skips)), file=sys.stderr)
+        if data.val or data.val_skips:
+            print(summary_line("val", len(data.val), Counter(s.reason for s in data.val_skips)), file=sys.stderr)
+        print(f"codes cache: {data.cache.dir} ({data.encoded} encoded by this process now)", file=sys.stderr)
+    data.check_strict(cfg.data.strict)
+    return data.encoded, problems

@@ -16,14 +16,17 @@ from pathlib import Path
 import torch
 import yaml
 
+from analysis.schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, flatten
+
 from . import checkpoint as ckpt
 from .chat import SpecialIds
 from .codes import CodeCache, default_cache_dir, encode_missing, resolve
 from .config import ConfigError, RunConfig
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate, load_splits
-from .events import EVENTS_FILE, PARQUET_DIR, EventLog, capture_library_logs
+from .events import EventLog, capture_library_logs
+from .loading import load_base_model, load_codec, load_text_tokenizer
 from .losses import N_STATS, summarize
-from .model import DualLossModel, add_lora, count_parameters, load_base_model, load_codec, load_text_tokenizer
+from .model import DualLossModel, add_lora, count_parameters
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
@@ -249,10 +252,11 @@ def setup(cfg: RunConfig) -> Run:
 
     sinks = []
     if acc.is_main_process:
-        sinks = [ParquetSink(run_dir / PARQUET_DIR, cfg.log.parquet_flush_events, cfg.log.parquet_flush_seconds),
+        sinks = [ParquetSink(run_dir / EVENTS_DIR, cfg.log.parquet_flush_events, cfg.log.parquet_flush_seconds),
                  ConsoleSink(0, cfg.log.log_steps, cfg.log.level)]
         if cfg.log.log_with:
-            acc.init_trackers(run_dir.name, config=_flat(cfg.to_dict()))
+            acc.init_trackers(run_dir.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                   for k, v in flatten(cfg.to_dict()).items()})
             sinks.append(TrackerSink(acc))
     log = EventLog(run_dir, start["run_id"], rank=acc.process_index, is_main=acc.is_main_process, sinks=sinks)
     capture_library_logs(log, acc.is_main_process)
@@ -357,7 +361,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
             if not cfg.train.overwrite and got_to_training(run_dir):
                 raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; pass --resume latest to "
                                   f"continue it, train.overwrite=true to replace it, or another --output-dir")
-            for name in (EVENTS_FILE, PARQUET_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report", "samples"):
+            for name in (EVENTS_FILE, EVENTS_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report", SAMPLES_DIR):
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -413,12 +417,3 @@ def git_commit() -> str | None:
         return None
     return r.stdout.strip() if r.returncode == 0 else None
 
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

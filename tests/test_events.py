@@ -24,10 +24,11 @@ import pytest
 import structlog
 import transformers
 
+from analysis.schema import declared_type, read_parts
 from higgs_accel import loop
 from higgs_accel.events import EventLog
 from higgs_accel.rebuild import rebuild_parquet
-from higgs_accel.sinks import ConsoleSink, ParquetSink, TrackerSink, compact, declared_type, read_parts
+from higgs_accel.sinks import ConsoleSink, ParquetSink, TrackerSink, compact
 from tests.conftest import of, read_events, train_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,7 +42,8 @@ def finished(tmp_path_factory, tiny, codes_cache):
 
 
 def test_only_lora_parameters_train(tiny, codes_cache, tmp_path):
-    from higgs_accel.model import add_lora, load_base_model
+    from higgs_accel.loading import load_base_model
+    from higgs_accel.model import add_lora
 
     cfg = make_config(tmp_path, tiny, codes_cache, lora__modules_to_save=["audio_lm_head"])
     model = add_lora(load_base_model(cfg.model), cfg.lora)
@@ -107,7 +108,7 @@ def test_final_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tmp_p
     from peft import PeftModel
 
     from higgs_accel import checkpoint, loop
-    from higgs_accel.model import load_base_model, load_text_tokenizer
+    from higgs_accel.loading import load_base_model, load_text_tokenizer
 
     trained = {}
     save_adapter = checkpoint.save_adapter
