@@ -281,7 +281,9 @@ def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
         return None, f"a JSON {type(event).__name__}, not an object"
     if not is_event_name(event.get("event")):
         return None, f"'event' {event.get('event')!r} is not an event name"
-    seq = event.get("seq")
+    if "seq" not in event:
+        return None, "no 'seq'"
+    seq = event["seq"]
     if type(seq) is not int or seq < 0:
         return None, f"'seq' {seq!r} is not a non-negative integer"
     return event, None

@@ -140,18 +140,31 @@ def _render(_, __, event: dict) -> tuple[tuple, dict]:
     return (_dumps(event), event), {}
 
 
+class JsonLines:
+    """RUN_DIR/events.jsonl, appended one flushed line per event."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _Output:
     """What the chain's last processor hands each event to: the JSON line goes to the file first, then the finished
     event to each side sink in turn. A failure in one never stops the others, nor training: it is reported."""
 
-    def __init__(self, file, sinks: list, on_error):
-        self.file, self.sinks, self.on_error = file, sinks, on_error
+    def __init__(self, lines: JsonLines | None, sinks: list, on_error):
+        self.lines, self.sinks, self.on_error = lines, sinks, on_error
 
     def msg(self, line: str, event: dict) -> None:
-        if self.file is not None:
+        if self.lines is not None:
             try:
-                self.file.write(line + "\n")
-                self.file.flush()
+                self.lines.write(line)
             except Exception as e:  # noqa: BLE001 - e.g. disk full on the log dir
                 self.on_error("JsonLines", e)
         for sink in self.sinks:
@@ -184,7 +197,7 @@ class EventLog:
             path = self.run_dir / EVENTS_FILE
             torn = cut_torn_tail(path)
             first_seq = read_last_seq(path) + 1
-            self._file = open(path, "a", encoding="utf-8")
+            self._file = JsonLines(path)
         self._log = structlog.wrap_logger(
             _Output(self._file, self.sinks, self._sink_failed),
             processors=[
