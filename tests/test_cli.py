@@ -80,7 +80,6 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     assert cfg.train.lr == 0.2 and cfg.train.batch_size == 3 and cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
-@pytest.mark.slow
 def launch_two(*args: str) -> None:
     """``accelerate launch`` of ``higgs-accel train --preset tiny ARGS`` on 2 CPU processes (gloo)."""
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -90,6 +89,7 @@ def launch_two(*args: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): one writer, world size 2, metrics over both; a resume from
     the step-2 checkpoint (across an epoch boundary: 2 steps an epoch) repeats steps 3 and 4 exactly."""
@@ -114,6 +114,7 @@ def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
         (e["step"], e["loss"]) for e in steps[2:]]
 
 
+@pytest.mark.slow
 def test_config_file_trap_is_refused(tmp_path):
     """A MULTI_GPU config run without GPUs would start lone processes: refuse it with a clear line."""
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
