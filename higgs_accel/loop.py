@@ -225,8 +225,8 @@ def emit_audio(state: TrainState, first, step: int) -> None:
 
 
 def save(state: TrainState, step: int, epoch: int, consumed: int) -> None:
-    state = {"step": step, "epoch": epoch, "batches_in_epoch": consumed, "run_id": state.start["run_id"]}
-    path = ckpt.save_checkpoint(state.accelerator, state.model, state.run_dir, state)
+    progress = {"step": step, "epoch": epoch, "batches_in_epoch": consumed, "run_id": state.start["run_id"]}
+    path = ckpt.save_checkpoint(state.accelerator, state.model, state.run_dir, progress)
     state.log.emit("checkpoint", path=str(path), adapter=str(path / ckpt.ADAPTER))
     state.log.flush()
 
