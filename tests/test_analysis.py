@@ -26,6 +26,7 @@ from analysis.document import Doc
 from analysis.load import run_status
 from analysis.report import write_report
 from analysis.schema import rows_to_table
+from tests.conftest import events_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--no-report", "train.max_steps=8", "train.eval_every=4", "log.log_steps=2", "train.save_every=4",
@@ -46,10 +47,6 @@ def real_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("analysis") / "run"
     _train(out)
     return out
-
-
-def events_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def make_run(path: Path, events: list[dict], parquet: bool = False, torn: bool = False) -> Path:

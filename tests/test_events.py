@@ -28,7 +28,7 @@ from higgs_accel import loop
 from higgs_accel.events import EventLog, JsonLines
 from higgs_accel.rebuild import rebuild_parquet
 from higgs_accel.sinks import ConsoleSink, ParquetSink, TrackerSink, compact
-from tests.conftest import of, read_events, train_run
+from tests.conftest import events_of, of, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_failing_sink_is_reported_once_and_others_continue(tmp_path):
         log.emit("train_step", step=i, loss=float(i))
     log.flush()
     log.close()
-    events = read_events(tmp_path)
+    events = events_of(tmp_path)
     assert len(of(events, "train_step")) == 5
     errors = of(events, "log_error")
     assert [(e["sink"], e["error_type"]) for e in errors] == [("Broken", "RuntimeError")]
@@ -133,11 +133,11 @@ def test_report_error_applies_the_once_per_sink_and_error_type_rule(tmp_path):
     log.report_error("pred_slice", IndexError("slice 2"))
     log.report_error("pred_slice", ValueError("other type"))
     log.report_error("eval_audio", IndexError("other sink"))
-    reported = [(e["sink"], e["error_type"], e["error"]) for e in read_events(tmp_path)]  # written at once
+    reported = [(e["sink"], e["error_type"], e["error"]) for e in events_of(tmp_path)]  # written at once
     log.close()
     assert reported == [("pred_slice", "IndexError", "slice 1"), ("pred_slice", "ValueError", "other type"),
                         ("eval_audio", "IndexError", "other sink")]
-    assert all(e["level"] == "warning" and e["event"] == "log_error" for e in read_events(tmp_path))
+    assert all(e["level"] == "warning" and e["event"] == "log_error" for e in events_of(tmp_path))
 
 
 @pytest.mark.parametrize("target", ["parquet", "console", "jsonl"])
@@ -158,7 +158,7 @@ def test_training_survives_a_failing_sink(target, tmp_path, tiny, codes_cache, m
         assert [(e["sink"], e["error_type"]) for e in errors] == [("JsonLines", "OSError")]
         assert pq.read_table(tmp_path / "events" / "train_step").num_rows == 3
         return
-    events = read_events(tmp_path)
+    events = events_of(tmp_path)
     assert len(of(events, "train_step")) == 3 and of(events, "run_end")[0]["status"] == "finished"
     errors = of(events, "log_error")
     assert len(errors) == 1 and errors[0]["error_type"] == "OSError", [(e["sink"], e["error"]) for e in errors]
@@ -427,7 +427,7 @@ def test_trackers_get_numeric_metrics_of_steps_and_evals(tmp_path):
 
 
 def test_library_warnings_reach_the_log_once_each_as_library_log(full_run):
-    planted = [e for e in of(read_events(full_run), "library_log") if "planted" in e["message"]]
+    planted = [e for e in of(events_of(full_run), "library_log") if "planted" in e["message"]]
     assert sorted((e["logger"], e["level"]) for e in planted) == [("py.warnings", "warning"),
                                                                  ("transformers.planted", "warning")]
     by_logger = {e["logger"]: e["message"] for e in planted}
@@ -436,7 +436,7 @@ def test_library_warnings_reach_the_log_once_each_as_library_log(full_run):
 
 
 def test_a_failing_tracker_is_reported_once_and_training_finishes(full_run):
-    events = read_events(full_run)
+    events = events_of(full_run)
     errors = [(e["sink"], e["error_type"], e["error"]) for e in of(events, "log_error")]
     assert errors == [("TrackerSink", "ConnectionError", "tracker unreachable")]
     assert len(of(events, "train_step")) == 20 and of(events, "run_end")[0]["status"] == "finished"
@@ -447,7 +447,7 @@ COMMON = ("event", "ts", "run_id", "seq", "step", "epoch", "phase", "rank", "sch
 
 
 def test_every_event_of_a_real_run_has_the_common_fields(full_run):
-    events = read_events(full_run)
+    events = events_of(full_run)
     assert len({e["event"] for e in events}) >= 12
     assert [e["seq"] for e in events] == list(range(len(events)))
     steps = [e["step"] for e in events]
@@ -493,7 +493,7 @@ def test_every_event_and_field_of_a_real_run_is_documented_and_back(full_run):
     common, documented = documented_fields()
     assert set(COMMON) | {"nonfinite"} == common
     emitted: dict[str, list[dict]] = {}
-    for e in read_events(full_run):
+    for e in events_of(full_run):
         emitted.setdefault(e["event"], []).append(e)
     assert set(emitted) <= set(documented), set(emitted) - set(documented)
     assert set(documented) - set(emitted) == {"run_resume"}  # met by the resume test
@@ -642,8 +642,8 @@ def test_two_logs_in_one_process_are_independent(tmp_path):
     b.emit("checkpoint", path="z")
     a.close()
     b.close()
-    [ea] = read_events(tmp_path / "a")
-    eb = read_events(tmp_path / "b")
+    [ea] = events_of(tmp_path / "a")
+    eb = events_of(tmp_path / "b")
     assert (ea["step"], ea["phase"], ea["run_id"], ea["seq"]) == (7, "eval", "ra", 0)
     assert [(e["step"], e["phase"], e["run_id"], e["seq"]) for e in eb] == [(0, "train", "rb", 0),
                                                                            (0, "train", "rb", 1)]
