@@ -180,20 +180,24 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 
 def misfits(rows: list[dict]) -> list[tuple[int, str]]:
     """(row index, field) of each row whose declared field holds a value of another type (``"step": "3"``): such a
-    row would retype the whole column, so a reader skips it."""
+    row would retype the whole column, so a reader skips it. Checked per event family, on the fields it has."""
+    families: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        families.setdefault(r.get("event"), []).append(i)
     bad: dict[int, str] = {}
-    names = dict.fromkeys(k for r in rows for k in r)
-    for name in names:
-        declared = declared_type(name)
-        if declared is None or declared == STR:
-            continue
-        values = [r.get(name) for r in rows]
-        if column(name, values).type in (declared, pa.null()):  # at Arrow's speed: the usual case
-            continue
-        test = fits(declared)
-        for i, v in enumerate(values):
-            if not test(v):
-                bad.setdefault(i, name)
+    for members in families.values():
+        names = dict.fromkeys(k for i in members for k in rows[i])
+        for name in names:
+            declared = declared_type(name)
+            if declared is None or declared == STR:
+                continue
+            values = [rows[i].get(name) for i in members]
+            if column(name, values).type in (declared, pa.null()):  # at Arrow's speed: the usual case
+                continue
+            test = fits(declared)
+            for i, v in zip(members, values):
+                if not test(v):
+                    bad.setdefault(i, name)
     return sorted(bad.items())
 
 
