@@ -245,7 +245,15 @@ def read_parts(family_dir: Path) -> pa.Table | None:
         except Exception:  # noqa: BLE001 - a part torn by a crash is skipped; events.jsonl still has its rows
             continue
     table = concat(tables)
-    return None if table is None else drop_repeated_seq(table)
+    return None if table is None else drop_repeated_seq(_time_as_timestamp(table))
+
+
+def _time_as_timestamp(table: pa.Table) -> pa.Table:
+    """Parts written before ``ts`` was a timestamp hold it as ISO text: read as the timestamp it is now."""
+    if "ts" not in table.column_names or table.schema.field("ts").type == TIME:
+        return table
+    i = table.column_names.index("ts")
+    return table.set_column(i, "ts", column("ts", table.column("ts").to_pylist()))
 
 
 def read_families(events_dir: Path) -> dict[str, pa.Table]:

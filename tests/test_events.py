@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -667,3 +667,12 @@ def test_closing_the_log_restores_logging_and_warnings_state(tmp_path):
     assert snapshot() != before
     log.close()
     assert snapshot() == before
+
+
+def test_ts_written_as_text_by_an_older_writer_reads_as_a_timestamp(tmp_path):
+    from analysis.schema import TIME
+
+    pq.write_table(pa.table({"seq": [0, 1], "ts": ["2026-01-01T00:00:00.000000Z", None]}),
+                   tmp_path / "part-000000000000.parquet")
+    ts = read_parts(tmp_path).column("ts")
+    assert ts.type == TIME and ts.to_pylist()[0] == datetime(2026, 1, 1, tzinfo=timezone.utc)
