@@ -211,7 +211,7 @@ def emit_audio(run: Run, first, step: int) -> None:
 
 def save(run: Run, step: int, epoch: int, consumed: int) -> None:
     state = {"step": step, "epoch": epoch, "batches_in_epoch": consumed, "run_id": run.start["run_id"]}
-    path = ckpt.save_checkpoint(run.accelerator, run.model, run.run_dir, state)
+    path = ckpt.save_checkpoint(run.accelerator, run.model, run.scheduler, run.run_dir, state)
     run.log.emit("checkpoint", path=str(path), adapter=str(path / ckpt.ADAPTER))
     run.log.flush()
 
@@ -331,7 +331,6 @@ def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
-    acc.register_for_checkpointing(scheduler)
     ckpt.keep_trainable_only(acc)
     for sink in log.sinks:
         if isinstance(sink, ConsoleSink):
@@ -343,7 +342,7 @@ def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(train_samples),
              val_samples=len(val_samples), resumed=bool(resume_from))
     if resume_from:
-        ckpt.load_checkpoint(acc, resume_from)
+        ckpt.load_checkpoint(acc, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
     return Run(cfg, run_dir, acc, log, model, tokenizer, optimizer, scheduler, train_loader, val_loader,
                total_steps, start, codec, ids, generation)
@@ -351,7 +350,7 @@ def build(cfg: RunConfig, acc, run_dir: Path, log: EventLog, start: dict, resume
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, acc) -> Path | None:
     """Refuse to mix two runs in one dir; return the checkpoint to resume from, if any."""
-    resume_from = ckpt.find_checkpoint(run_dir, cfg.resume) if cfg.resume else None
+    resume_from = ckpt.find_checkpoint(run_dir, cfg.resume).path if cfg.resume else None
     if acc.is_main_process:
         if not resume_from and (run_dir / EVENTS_FILE).exists():
             if not cfg.train.overwrite and got_to_training(run_dir):
