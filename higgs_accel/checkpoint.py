@@ -135,9 +135,24 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False))
 
 
+def nonfinite_tensors(module) -> list[str]:
+    """Names of trainable tensors holding NaN or inf (one device-to-host read for all of them)."""
+    import torch
+
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
+
+
 def save_adapter(accelerator, module, run_dir: Path) -> Path:
-    """The final adapter in standard PEFT format (``PeftModel.from_pretrained(base, RUN_DIR/adapter)``)."""
+    """The final adapter in standard PEFT format (``PeftModel.from_pretrained(base, RUN_DIR/adapter)``); never one
+    with non-finite weights."""
     final = Path(run_dir) / ADAPTER
+    if bad := nonfinite_tensors(accelerator.unwrap_model(module)):
+        raise CheckpointError(f"adapter not saved: {len(bad)} trainable tensor(s) are not finite (first: {bad[0]}); "
+                              "the last checkpoint holds the last good weights")
     error = None
     if accelerator.is_main_process:
         tmp = final.with_name(ADAPTER + ".partial")

@@ -157,3 +157,16 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny, c
     assert [p.name for p in (run_dir / ckpt.CHECKPOINTS).iterdir()] == ["step-00000002"]
     assert ckpt.verify(step(run_dir, 2)) is None
     assert of(read_events(run_dir), "run_end")[-1]["status"] == "crashed"
+
+
+def test_a_non_finite_adapter_is_never_saved(tmp_path):
+    from types import SimpleNamespace
+
+    module = torch.nn.Linear(2, 2)
+    acc = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
+    assert ckpt.nonfinite_tensors(module) == []
+    with torch.no_grad():
+        module.bias[0] = float("nan")
+    with pytest.raises(ConfigError, match=r"adapter not saved: 1 trainable tensor\(s\) are not finite \(first: bias\)"):
+        ckpt.save_adapter(acc, module, tmp_path)
+    assert not (tmp_path / ckpt.ADAPTER).exists()
