@@ -29,6 +29,7 @@ def hold(run_dir: Path) -> subprocess.Popen:
     return p
 
 
+@pytest.mark.slow
 def test_a_live_holder_is_named_and_a_killed_one_is_taken_over(tmp_path):
     holder = hold(tmp_path)
     try:
@@ -78,6 +79,7 @@ def test_the_heartbeat_moves(tmp_path):
         assert path.stat().st_mtime > time.time() - 60
 
 
+@pytest.mark.slow
 def test_without_file_system_locks_the_pid_decides(tmp_path, monkeypatch):
     def no_locks(*_):
         raise OSError(errno.ENOLCK, "No locks available")

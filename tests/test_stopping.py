@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from higgs_accel.stopping import EXIT_CODES, NonFiniteGuard, StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,12 +44,14 @@ def run_until(sig: int, mode: str = "stop", times: int = 1) -> tuple[int, str]:
         p.kill()
 
 
+@pytest.mark.slow
 def test_a_signal_asks_for_a_stop_with_its_own_status_and_exit_code():
     assert run_until(signal.SIGTERM) == (75, "preempted SIGTERM")
     assert run_until(signal.SIGUSR1) == (75, "preempted SIGUSR1")
     assert run_until(signal.SIGINT) == (130, "interrupted SIGINT")
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once():
     assert run_until(signal.SIGTERM, "ignore", times=2) == (-signal.SIGTERM, "preempted SIGTERM")
 
