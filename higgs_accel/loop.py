@@ -226,7 +226,7 @@ def emit_audio(state: TrainState, first, step: int) -> None:
 
 def save(state: TrainState, step: int, epoch: int, consumed: int) -> None:
     progress = {"step": step, "epoch": epoch, "batches_in_epoch": consumed, "run_id": state.start["run_id"]}
-    path = ckpt.save_checkpoint(state.accelerator, state.model, state.run_dir, progress)
+    path = ckpt.save_checkpoint(state.accelerator, state.model, state.scheduler, state.run_dir, progress)
     state.log.emit("checkpoint", path=str(path), adapter=str(path / ckpt.ADAPTER))
     state.log.flush()
 
@@ -332,7 +332,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
              val_samples=len(data.val), resumed=bool(resume_from))
     if resume_from:
-        ckpt.load_checkpoint(accelerator, resume_from)
+        ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
     return TrainState(cfg, run_dir, accelerator, log, model, tokenizer, optimizer, scheduler, train_loader,
                       val_loader, total_steps, start, codec, ids, weights, generation)
@@ -400,14 +400,13 @@ def _setup_scheduler(cfg: RunConfig, accelerator: Accelerator, optimizer, total_
     t = cfg.train
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     ckpt.keep_trainable_only(accelerator)
     return scheduler
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator) -> Path | None:
     """Refuse to mix two runs in one dir; return the checkpoint to resume from, if any."""
-    resume_from = ckpt.find_checkpoint(run_dir, cfg.resume) if cfg.resume else None
+    resume_from = ckpt.find_checkpoint(run_dir, cfg.resume).path if cfg.resume else None
     if accelerator.is_main_process:
         if not resume_from and (run_dir / EVENTS_FILE).exists():
             if not cfg.train.overwrite and got_to_training(run_dir):
