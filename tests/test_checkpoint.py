@@ -14,7 +14,7 @@ import torch
 from higgs_accel import checkpoint as ckpt
 from higgs_accel.config import ConfigError
 
-from .conftest import of, read_events, train_run
+from .conftest import of, events_of, train_run
 
 STEPS = {"train__max_steps": 4, "train__save_every": 2, "train__eval_every": 0, "log__log_steps": 2,
          "lora__dropout": 0.1}
@@ -156,7 +156,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny, c
                             "step-00000002 is intact; free space, then rerun with --resume latest")
     assert [p.name for p in (run_dir / ckpt.CHECKPOINTS).iterdir()] == ["step-00000002"]
     assert ckpt.verify(step(run_dir, 2)) is None
-    assert of(read_events(run_dir), "run_end")[-1]["status"] == "crashed"
+    assert of(events_of(run_dir), "run_end")[-1]["status"] == "crashed"
 
 
 def test_a_non_finite_adapter_is_never_saved(tmp_path):
