@@ -144,6 +144,7 @@ def _text(row, name: str, required: bool, numbers: bool = False) -> str:
         return ""
     if not isinstance(value, str):
         raise _BadField("bad_field", f"'{name}' must be a string, got {_describe(value)}")
+    _encodable(name, value)
     if not value.strip():
         if required:
             raise _BadField("empty_text", f"'{name}' is {'empty' if not value else 'only whitespace'}")
@@ -163,7 +164,17 @@ def _audio(row, name: str, required: bool, audio_of):
         return None
     if not isinstance(value, (str, FileAudio, DatasetAudio)):
         raise _BadField("bad_field", f"'{name}' must be a path string, got {_describe(value)}")
+    if isinstance(value, str):
+        _encodable(name, value)
     return audio_of(value, name)
+
+
+def _encodable(name: str, value: str) -> None:
+    """JSON escapes can spell lone surrogates (``"\\ud800"``), which no tokenizer or file system takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadField("not_utf8", f"'{name}' holds {value[e.start]!r}, which is not valid UTF-8") from None
 
 
 def _row_to_sample(row, fields, source: str, line: int, audio_of) -> Sample | Skip:
@@ -217,9 +228,12 @@ def read_audiofolder(root: Path, fields) -> tuple[list[Sample], list[Skip]]:
         return read_manifest(meta, audio_fields)
     samples, skips = [], []
     with open(meta, newline="", encoding="utf-8-sig") as f:
-        for n, row in enumerate(csv.DictReader(f), start=2):
-            out = _row_to_sample(row, audio_fields, str(meta), n, _file_audio(root))
-            (samples if isinstance(out, Sample) else skips).append(out)
+        try:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                out = _row_to_sample(row, audio_fields, str(meta), n, _file_audio(root))
+                (samples if isinstance(out, Sample) else skips).append(out)
+        except UnicodeDecodeError as e:  # decoded in blocks, not rows: no row to skip, the file must be fixed
+            raise ConfigError(f"{meta}: not valid UTF-8 ({e.reason}); save it as UTF-8") from None
     return samples, skips
 
 

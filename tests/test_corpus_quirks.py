@@ -86,6 +86,7 @@ def build_quirks(root: Path) -> tuple[Path, dict[int, str], int]:
     bad({"audio": "", "text": "fine"}, "missing_field")
     bad({"audio": 5, "text": "fine"}, "bad_field")
     bad({"text": "fine"}, "missing_field")
+    bad('{"audio": "g1.wav", "text": "a lone \\ud800 surrogate"}', "not_utf8")
     bad('{"audio": "g1.wav", "text": "unterminated', "invalid_json")
     bad("[1, 2]", "invalid_json")
     manifest = root / "train.jsonl"
@@ -140,6 +141,7 @@ def test_every_quirk_gives_its_documented_reason_naming_the_line(quirks, parts, 
     assert "'text' must be a string, got list" in by_reason["bad_field"][1]
     assert by_reason["empty_text"][:2] == ["'text' is empty", "'text' is only whitespace"]
     assert by_reason["invalid_json"][0] == "Invalid control character at column 42"
+    assert by_reason["not_utf8"] == ["'text' holds '\\ud800', which is not valid UTF-8"]
 
     _, dropped, skips = _checked(manifest, parts, tmp_path / "codes", drop_duplicates=True)
     assert dropped.duplicates == 1 and [s.line for s in dropped.kept] == list(range(1, n_good))
@@ -291,3 +293,12 @@ def test_tiny_preset_with_own_manifest_holds_out_its_val_fraction(tiny, tmp_path
     preset_only = load_config(None, [("preset", "tiny", "test")])
     apply_tiny_preset(preset_only, Path(tiny["model.base"]).parent)
     assert preset_only.data.val_manifest == tiny["data.val_manifest"]
+
+
+def test_audiofolder_csv_with_a_bom_reads_and_one_not_utf8_is_one_clear_error(tmp_path):
+    (tmp_path / "metadata.csv").write_bytes(b"\xef\xbb\xbffile_name,text\na.wav,fine\n")
+    (sample,), skips = read_source(str(tmp_path), DataConfig())
+    assert not skips and sample.audio.path == tmp_path / "a.wav" and sample.line == 2
+    (tmp_path / "metadata.csv").write_bytes(b"\xef\xbb\xbffile_name,text\na.wav,fine\nb.wav,caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"metadata.csv: not valid UTF-8"):
+        read_source(str(tmp_path), DataConfig())
