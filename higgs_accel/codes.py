@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FileAudio, Sample, Skip, audio_error, decode_audio
+from .data import FileAudio, Sample, Skip, audio_error, decode_audio, strict_error
 
 SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
 MEMORY_BYTES = 256 * 2**20  # codes kept in memory per process once read: about 180 hours of audio
@@ -236,10 +236,13 @@ def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_sec
     return kept, skips
 
 
-def summary_line(split: str, kept: int, by_reason: dict[str, int]) -> str:
-    """The one line users see per split: kept, skipped, and skipped by reason."""
+def summary_line(split: str, kept: int, by_reason: dict[str, int], duplicates: int = 0) -> str:
+    """The one line users see per split: kept, skipped, and skipped by reason; repeated lines as a warning."""
     by = ", ".join(f"{k}: {v}" for k, v in Counter(by_reason).most_common()) or "none"
-    return f"data {split}: {kept} kept, {sum(by_reason.values())} skipped ({by})"
+    line = f"data {split}: {kept} kept, {sum(by_reason.values())} skipped ({by})"
+    if duplicates:
+        line += f"; warning: {duplicates} line(s) repeat an earlier line's audio and text (data.drop_duplicates)"
+    return line
 
 
 def prepare(cfg) -> tuple[int, list[Skip]]:
@@ -247,7 +250,6 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     processes of ``accelerate launch``; print one summary line per split. Returns (encoded, skips)."""
     from accelerate import PartialState
 
-    from .config import ConfigError
     from .data import load_splits
     from .model import load_codec
     from .tiny import apply_tiny_preset
@@ -274,5 +276,5 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
             print(summary_line("val", len(kept_val), Counter(s.reason for s in val_skips)), file=sys.stderr)
         print(f"codes cache: {cache.dir} ({encoded} encoded by this process now)", file=sys.stderr)
     if cfg.data.strict and problems:
-        raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
+        raise strict_error(problems)
     return encoded, problems

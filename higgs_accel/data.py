@@ -292,6 +292,11 @@ def read_source(path: str, fields) -> tuple[list[Sample], list[Skip]]:
     raise ConfigError(f"{path}: not found")
 
 
+def strict_error(problems: list[Skip]) -> ConfigError:
+    """``data.strict``: the one failure that lists every bad sample (so nothing else needs to print them)."""
+    return ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip], list[Skip]]:
     """Train and validation samples, then the lines each split's source could not parse (kept apart so every skip is
     reported under its own split): a separate source, or a seeded ``val_fraction`` of the training one."""

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, HiggsAudioV2Config, HiggsAudioV2TokenizerModel
 
 from higgs_accel.chat import SpecialIds, build_example
-from higgs_accel.codes import CodeCache, codec_identity, prepare, resolve
+from higgs_accel.codes import CodeCache, codec_identity, prepare, resolve, summary_line
 from higgs_accel.config import ConfigError, DataConfig, ModelConfig, load_config
 from higgs_accel.data import (
     EpochSampler,
@@ -124,6 +124,8 @@ def test_every_quirk_gives_its_documented_reason_naming_the_line(quirks, parts, 
     assert all(s.source == str(manifest) for s in skips)
     assert [s.line for s in screened.kept] == list(range(1, n_good + 1))  # the BOM line is kept
     assert screened.duplicates == 1 and 0 < screened.longest_tokens <= MAX_TOKENS
+    assert summary_line("train", 4, {}, screened.duplicates).endswith(
+        "; warning: 1 line(s) repeat an earlier line's audio and text (data.drop_duplicates)")
     assert screened.kept[0].speaker == "1089"
     detail = {s.line: s.detail for s in skips}
     by_reason = {}
