@@ -140,7 +140,7 @@ def _text(row, name: str, required: bool, numbers: bool = False) -> str:
         value = str(value)
     if value is None:
         if required:
-            raise _BadField("missing_field", f"no '{name}' field")
+            raise _BadField("missing_field", f"no '{name}' field" if name not in row else f"'{name}' is null")
         return ""
     if not isinstance(value, str):
         raise _BadField("bad_field", f"'{name}' must be a string, got {_describe(value)}")
@@ -194,7 +194,7 @@ def _row_to_sample(row, fields, source: str, line: int, audio_of) -> Sample | Sk
 
 
 def _file_audio(root: Path):
-    return lambda value, _column: value if isinstance(value, FileAudio) else FileAudio(root / value)
+    return lambda value, _column: FileAudio(root / value)
 
 
 def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
