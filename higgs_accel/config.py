@@ -58,6 +58,9 @@ class DataConfig:
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
+    max_tokens: int = _opt(0, "skip a sample whose sequence (text + reference + target audio frames) is longer, as "
+                           "too_long (0: the model's max_position_embeddings)")
+    drop_duplicates: bool = _opt(False, "leave out lines repeating an earlier line's audio and text (always counted)")
     strict: bool = _opt(False, "fail before training, listing every bad sample, instead of skipping them")
     group_by_length: bool = _opt(True, "batch samples of similar length together (less padding)")
     max_tokens_per_batch: int = _opt(0, "cap padded positions per batch instead of a fixed batch size (0: off)")
@@ -367,7 +370,7 @@ def _check_ranges(cfg: RunConfig) -> None:
                    "train.max_grad_norm": t.max_grad_norm, "train.text_weight": t.text_weight,
                    "train.audio_weight": t.audio_weight, "data.min_seconds": cfg.data.min_seconds,
                    "train.lock_stale_s": t.lock_stale_s, "log.slice_samples": cfg.log.slice_samples,
-                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
+                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch, "data.max_tokens": cfg.data.max_tokens,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
                    "log.generate_top_k": cfg.log.generate_top_k}.items():
         if v < 0:

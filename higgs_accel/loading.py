@@ -63,6 +63,14 @@ def load_base_model(cfg: ModelConfig):
     return load_model(cfg.base, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, name="'model.base'")
 
 
+def load_base_config(cfg: ModelConfig):
+    """The base model's HiggsAudioV2Config alone (no weights): what ``higgs-accel prepare`` needs to screen samples
+    the way training will (codebook count, ``max_position_embeddings``)."""
+    from transformers import HiggsAudioV2Config
+
+    return load_ref("'model.base'", "HiggsAudioV2Config", cfg.base, HiggsAudioV2Config.from_pretrained)
+
+
 def load_text_tokenizer(cfg: ModelConfig):
     ref = cfg.text_tokenizer or cfg.base
     tok = load_tokenizer(ref, "'model.text_tokenizer'")

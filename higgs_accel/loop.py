@@ -308,7 +308,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     set_seed(t.seed)
     tokenizer, codec, base, ids = _setup_model(cfg)
     generation = generation_options(cfg.log, codec) if accelerator.is_main_process else {}
-    data = _setup_data(cfg, accelerator, log, codec)
+    data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, base.config.max_position_embeddings)
     weights = LossWeights.of(t)
     model = DualLossModel(add_lora(base, cfg.lora, cfg.model.gradient_checkpointing), ids, weights)
     trainable, total = count_parameters(model)
@@ -348,15 +348,16 @@ def _setup_model(cfg: RunConfig):
     return tokenizer, codec, base, ids
 
 
-def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec) -> PreparedData:
+def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, tokenizer, ids: SpecialIds,
+                max_positions: int) -> PreparedData:
     """Both splits against a complete codes cache (``prepare_data``, as ``higgs-accel prepare`` does), reported as
     events; strict data checks and an empty training set stop here."""
-    data = prepare_data(cfg, accelerator, codec)
+    data = prepare_data(cfg, accelerator, codec, tokenizer, ids.num_codebooks, max_positions)
+    data.check_strict(cfg.data.strict)  # before the skips are reported: the error lists them, once
     # Summed over the processes: each encoded its share.
     encodes = int(accelerator.reduce(torch.tensor(data.cache.encode_calls, device=accelerator.device), "sum"))
-    report_data(log, "train", data.train, data.train_skips, encodes)
-    report_data(log, "val", data.val, data.val_skips, encodes)
-    data.check_strict(cfg.data.strict)
+    report_data(log, "train", data.train, data.train_skips, encodes, data)
+    report_data(log, "val", data.val, data.val_skips, encodes, data)
     if not data.train:
         raise ConfigError(f"'data.train_manifest': no usable sample in {cfg.data.train_manifest}")
     return data
@@ -430,11 +431,12 @@ def got_to_training(run_dir: Path) -> bool:
         return any('"train_step"' in line for line in f)
 
 
-def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int) -> None:
+def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int, data: PreparedData) -> None:
     for s in skips:
         emit_skip(log, split, s)
-    log.emit("data_summary", split=split, kept=len(kept), skipped=len(skips),
-             skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes)
+    log.emit("data_summary", level="warning" if data.duplicates[split] else "info", split=split, kept=len(kept),
+             skipped=len(skips), skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes,
+             longest_tokens=data.longest_tokens[split], duplicates=data.duplicates[split])
 
 
 def emit_skip(log: EventLog, split: str, s) -> None:

@@ -136,8 +136,13 @@ def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
 
 
 def apply_tiny_preset(cfg, root: Path) -> None:
-    """Point the config's model, codec and data at the tiny assets, where the user has not set them."""
+    """Point the config's model, codec and data at the tiny assets, where the user has not set them. The preset's
+    validation set goes only with its own training set: with the user's data, ``data.val_manifest`` or
+    ``data.val_fraction`` of that data is the validation set (or there is none)."""
+    own_data = bool(cfg.data.train_manifest)
     for key, value in ensure_tiny_assets(root).items():
         section, name = key.split(".")
+        if own_data and key == "data.val_manifest":
+            continue
         if not getattr(getattr(cfg, section), name):
             setattr(getattr(cfg, section), name, value)
