@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .chat import AUDIO_PLACEHOLDER, IGNORE, TARGET, build_example, chat_prompt, special_tokens_in
+from .chat import AUDIO_PLACEHOLDER, IGNORE, TARGET, build_example, sample_prompt, special_tokens_in
 from .config import ConfigError
 
 MANIFEST_SUFFIXES = (".jsonl", ".json")
@@ -325,7 +325,7 @@ def sequence_lengths(samples: list[Sample], tokenizer, num_codebooks: int, syste
     """Positions of each sample's full sequence as ``build_example`` lays it out (a test holds them equal), without
     building it: the text tokens between its audios, plus per audio its frames, stream BOS and EOS and the delay
     frames. Needs the frame counts ``codes.resolve`` sets."""
-    pieces = [(chat_prompt(s, system_prompt) + TARGET).split(AUDIO_PLACEHOLDER) for s in samples]
+    pieces = [(sample_prompt(s, system_prompt) + TARGET).split(AUDIO_PLACEHOLDER) for s in samples]
     flat = [p for ps in pieces for p in ps]
     counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
     return [sum(next(counts) for _ in ps) + s.frames + (len(ps) - 1) * (num_codebooks + 1)

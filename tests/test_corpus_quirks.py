@@ -26,7 +26,7 @@ from higgs_accel.data import (
     sequence_lengths,
     token_limit,
 )
-from higgs_accel.model import load_codec
+from higgs_accel.loading import load_codec
 from higgs_accel.sinks.console import summary_line
 from higgs_accel.tiny import apply_tiny_preset, speech_like
 from tests.conftest import of, train_run
