@@ -411,3 +411,16 @@ def test_convert_cli_converts_an_audio_tokenizer(codec_pair, tmp_path):
     assert call_cli("convert", codec_pair[1], "--out", out) == 0
     codec = HiggsAudioV2TokenizerModel.from_pretrained(out)
     assert torch.equal(codec.fc.weight, codec_pair[0].fc.weight)
+
+
+# ---------------------------------------------------------------- the tiny preset's text tokenizer
+
+
+def test_the_tiny_tokenizer_splits_text_like_llama_3(native):
+    _, tok = native
+    pieces = [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("Hi there, I'm 12345 ok!!\n\nGo")]
+    # Llama 3: contractions apart, digits in threes, a lone space before digits, punctuation with its newlines.
+    assert pieces == ["Hi", "Ġthere", ",", "ĠI", "'m", "Ġ", "123", "45", "Ġok", "!!ĊĊ", "Go"]
+    header = tok("<|start_header_id|>system<|end_header_id|>\n\nGenerate audio", add_special_tokens=False)
+    tokens = tok.convert_ids_to_tokens(header["input_ids"])
+    assert tokens[:4] == ["<|start_header_id|>", "system", "<|end_header_id|>", "ĊĊ"]  # "\n\n" is one token
