@@ -413,6 +413,38 @@ def test_convert_cli_converts_an_audio_tokenizer(codec_pair, tmp_path):
     assert torch.equal(codec.fc.weight, codec_pair[0].fc.weight)
 
 
+# ---------------------------------------------------------------- training on an original-format base
+
+
+def test_training_runs_on_the_converted_copy_of_an_original_base(original_model, tiny, codes_cache, tmp_path):
+    from tests.conftest import of, train_run
+
+    first = convert.resolve_base(str(original_model), cache_dir=tmp_path / "cache")
+    events = train_run(tmp_path / "run", tiny, codes_cache, model__base=first.path, train__max_steps=2,
+                       train__eval_every=0, train__save_every=0, log__eval_audio_samples=0)
+    steps = of(events, "train_step")
+    assert len(steps) == 2 and all(math.isfinite(e["loss"]) and e["text_targets"] > 0 for e in steps)
+    again = convert.resolve_base(str(original_model), cache_dir=tmp_path / "cache")
+    assert (again.converted, again.path) == ("reused", first.path)
+
+
+@pytest.mark.xfail(strict=True, raises=ConfigError,
+                   reason="until the loader calls convert.resolve_base and run_start has checkpoints")
+def test_training_on_an_original_base_converts_once_and_says_so(original_model, tiny, codes_cache, tmp_path,
+                                                               monkeypatch):
+    from tests.conftest import of, train_run
+
+    monkeypatch.setenv("HIGGS_ACCEL_CACHE", str(tmp_path / "cache"))
+    seen = []
+    for run in ("a", "b"):
+        events = train_run(tmp_path / run, tiny, codes_cache, model__base=str(original_model), train__max_steps=1,
+                           train__eval_every=0, train__save_every=0, log__eval_audio_samples=0)
+        [start] = of(events, "run_start")
+        seen.append(start["checkpoints"]["model.base"])
+    assert [s["layout"] for s in seen] == ["original", "original"]
+    assert [s["converted"] for s in seen] == ["now", "reused"] and seen[0]["path"] == seen[1]["path"]
+
+
 # ---------------------------------------------------------------- the tiny preset's text tokenizer
 
 
