@@ -443,24 +443,21 @@ SEMANTIC_TEACHERS = ("hubert_base", "hubert_base_general")
 
 def _acoustic_key(key: str, n_blocks: int) -> str | None:
     """transformers' name of a DAC encoder / decoder key of the authors' codec (their nn.Sequential indices)."""
-    if m := re.match(r"encoder\.block\.(\d+)\.(.*)", key):
-        i, rest = int(m[1]), m[2]
-        tail = {0: "conv1", n_blocks + 1: "snake1", n_blocks + 2: "conv2"}
-        if i in tail:
-            return f"acoustic_encoder.{tail[i]}.{rest}"
-        if m := re.match(r"block\.([012])\.block\.([0-3])\.(.*)", rest):  # three residual units, then snake + conv
-            return f"acoustic_encoder.block.{i - 1}.res_unit{int(m[1]) + 1}.{RES_LAYERS[int(m[2])]}.{m[3]}"
-        if m := re.match(r"block\.([34])\.(.*)", rest):
-            return f"acoustic_encoder.block.{i - 1}.{'snake1' if m[1] == '3' else 'conv1'}.{m[2]}"
-    if m := re.match(r"decoder_2\.model\.(\d+)\.(.*)", key):
-        i, rest = int(m[1]), m[2]
-        tail = {0: "conv1", n_blocks + 1: "snake1", n_blocks + 2: "conv2"}
-        if i in tail:
-            return f"acoustic_decoder.{tail[i]}.{rest}"
-        if m := re.match(r"block\.([01])\.(.*)", rest):  # snake + transposed conv, then three residual units
-            return f"acoustic_decoder.block.{i - 1}.{'snake1' if m[1] == '0' else 'conv_t1'}.{m[2]}"
-        if m := re.match(r"block\.([234])\.block\.([0-3])\.(.*)", rest):
-            return f"acoustic_decoder.block.{i - 1}.res_unit{int(m[1]) - 1}.{RES_LAYERS[int(m[2])]}.{m[3]}"
+    m = re.match(r"(encoder\.block|decoder_2\.model)\.(\d+)\.(.*)", key)
+    if not m:
+        return None
+    side, i, rest = ("acoustic_encoder" if m[1] == "encoder.block" else "acoustic_decoder"), int(m[2]), m[3]
+    ends = {0: "conv1", n_blocks + 1: "snake1", n_blocks + 2: "conv2"}  # around the blocks
+    if i in ends:
+        return f"{side}.{ends[i]}.{rest}"
+    # Encoder block: three residual units, then snake + strided conv. Decoder block: snake + transposed conv, then
+    # three residual units. A residual unit is snake, conv, snake, conv.
+    units, first_unit, head = ("012", 0, {"3": "snake1", "4": "conv1"}) if side == "acoustic_encoder" else \
+        ("234", 2, {"0": "snake1", "1": "conv_t1"})
+    if m := re.match(rf"block\.([{units}])\.block\.([0-3])\.(.*)", rest):
+        return f"{side}.block.{i - 1}.res_unit{int(m[1]) - first_unit + 1}.{RES_LAYERS[int(m[2])]}.{m[3]}"
+    if (m := re.match(r"block\.(\d)\.(.*)", rest)) and m[1] in head:
+        return f"{side}.block.{i - 1}.{head[m[1]]}.{m[2]}"
     return None
 
 

@@ -192,18 +192,20 @@ RES = ("snake1", "conv1", "snake2", "conv2")
 def to_original_codec_key(key: str, n_blocks: int) -> str:
     """The authors' name (HiggsAudioTokenizer: DAC ``encoder`` / ``decoder_2`` as nn.Sequential, ``vq.layers``,
     ``fc_prior`` / ``fc_post1`` / ``fc_post2``, semantic convs wrapped one level deeper) of a transformers key."""
-    if m := re.match(r"acoustic_encoder\.(conv1|snake1|conv2)\.(.*)", key):
-        return f"encoder.block.{ {'conv1': 0, 'snake1': n_blocks + 1, 'conv2': n_blocks + 2}[m[1]]}.{m[2]}"
-    if m := re.match(r"acoustic_encoder\.block\.(\d+)\.res_unit(\d)\.(\w+)\.(.*)", key):
-        return f"encoder.block.{int(m[1]) + 1}.block.{int(m[2]) - 1}.block.{RES.index(m[3])}.{m[4]}"
-    if m := re.match(r"acoustic_encoder\.block\.(\d+)\.(snake1|conv1)\.(.*)", key):
-        return f"encoder.block.{int(m[1]) + 1}.block.{3 if m[2] == 'snake1' else 4}.{m[3]}"
-    if m := re.match(r"acoustic_decoder\.(conv1|snake1|conv2)\.(.*)", key):
-        return f"decoder_2.model.{ {'conv1': 0, 'snake1': n_blocks + 1, 'conv2': n_blocks + 2}[m[1]]}.{m[2]}"
-    if m := re.match(r"acoustic_decoder\.block\.(\d+)\.res_unit(\d)\.(\w+)\.(.*)", key):
-        return f"decoder_2.model.{int(m[1]) + 1}.block.{int(m[2]) + 1}.block.{RES.index(m[3])}.{m[4]}"
-    if m := re.match(r"acoustic_decoder\.block\.(\d+)\.(snake1|conv_t1)\.(.*)", key):
-        return f"decoder_2.model.{int(m[1]) + 1}.block.{0 if m[2] == 'snake1' else 1}.{m[3]}"
+    ends = {"conv1": 0, "snake1": n_blocks + 1, "conv2": n_blocks + 2}  # around the blocks of the Sequential
+    # Encoder block: residual units at 0-2, then snake (3) + conv (4); decoder: snake (0) + conv_t (1), units at 2-4.
+    inner = {"encoder": {"snake1": 3, "conv1": 4}, "decoder": {"snake1": 0, "conv_t1": 1}}
+    m = re.match(r"acoustic_(encoder|decoder)\.(.*)", key)
+    if m:
+        side, rest = m[1], m[2]
+        seq = "encoder.block" if side == "encoder" else "decoder_2.model"
+        if m := re.match(r"(conv1|snake1|conv2)\.(.*)", rest):
+            return f"{seq}.{ends[m[1]]}.{m[2]}"
+        if m := re.match(r"block\.(\d+)\.res_unit(\d)\.(\w+)\.(.*)", rest):
+            unit = int(m[2]) - 1 + (0 if side == "encoder" else 2)
+            return f"{seq}.{int(m[1]) + 1}.block.{unit}.block.{RES.index(m[3])}.{m[4]}"
+        m = re.match(r"block\.(\d+)\.(\w+)\.(.*)", rest)
+        return f"{seq}.{int(m[1]) + 1}.block.{inner[side][m[2]]}.{m[3]}"
     if m := re.match(r"quantizer\.quantizers\.(\d+)\.(.*)", key):
         return f"quantizer.vq.layers.{m[1]}.{m[2].replace('codebook.', '_codebook.')}"
     if m := re.match(r"(encoder|decoder)_semantic\.(.*)", key):
