@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from higgs_accel import convert
+from higgs_accel import convert, original_layout
 from higgs_accel import generate as gen
 from higgs_accel.chat import SpecialIds, chat_prompt
 from higgs_accel.cli import main, parse_args
@@ -137,7 +137,7 @@ def test_original_model_converts_once_and_gives_the_native_logits(original_model
     assert loaded.config.codebook_size == 1026 and loaded.config.audio_token_id == native[0].config.audio_token_id
 
     tok = AutoTokenizer.from_pretrained(resolved.path)
-    assert tok.pad_token == "<|end_of_text|>" and tok.chat_template == convert.CHAT_TEMPLATE
+    assert tok.pad_token == "<|end_of_text|>" and tok.chat_template == original_layout.CHAT_TEMPLATE
     gen_cfg = loaded.generation_config
     assert gen_cfg.eos_token_id == tok.convert_tokens_to_ids("<|eot_id|>") != tok.eos_token_id
     assert gen_cfg.pad_token_id == tok.convert_tokens_to_ids("<|end_of_text|>")
@@ -387,7 +387,8 @@ def test_convert_cli_writes_a_checkpoint_plain_transformers_loads(original_model
     assert torch.equal(codec.quantizer.quantizers[3].codebook.embed, embed)
 
     processor = AutoProcessor.from_pretrained(out)
-    assert type(processor).__name__ == "HiggsAudioV2Processor" and processor.chat_template == convert.CHAT_TEMPLATE
+    assert type(processor).__name__ == "HiggsAudioV2Processor"
+    assert processor.chat_template == original_layout.CHAT_TEMPLATE
     conversation = [{"role": "system", "content": [{"type": "text", "text": "Generate audio following instruction."}]},
                     {"role": "scene", "content": [{"type": "text", "text": "A quiet room."}]},
                     {"role": "user", "content": [{"type": "text", "text": "Bright stars."}]},
