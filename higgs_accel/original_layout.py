@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import AUDIO_PLACEHOLDER
 from .config import ConfigError
 
 VERSION = "1"  # of the conversion: part of the cache key, so a changed conversion never reuses an old copy
@@ -132,12 +133,14 @@ def model_config_from_original(config: dict, tokenizer, name: str, dtype: torch.
     from transformers import HiggsAudioV2Config
 
     text = check_original_model_config(config, name)
-    ids = {key: _token_id(tokenizer, config.get(tok_key, default), name) for key, tok_key, default in (
-        ("audio_token_id", "audio_out_token", "<|AUDIO_OUT|>"),
-        ("audio_bos_token_id", "audio_out_bos_token", "<|audio_out_bos|>"),
-        ("audio_delay_token_id", "", "<|reserved_special_token_6|>"),
-        ("bos_token_id", "", "<|begin_of_text|>"),
-        ("eos_token_id", "", "<|eot_id|>"))}
+    # The delay-pattern filler is transformers' (the authors' config names none); a turn ends with <|eot_id|>,
+    # which is where generation stops.
+    tokens = {"audio_token_id": config.get("audio_out_token", AUDIO_PLACEHOLDER),
+              "audio_bos_token_id": config.get("audio_out_bos_token", "<|audio_out_bos|>"),
+              "audio_delay_token_id": "<|reserved_special_token_6|>",
+              "bos_token_id": "<|begin_of_text|>",
+              "eos_token_id": "<|eot_id|>"}
+    ids = {key: _token_id(tokenizer, token, name) for key, token in tokens.items()}
     if "audio_out_token_idx" in config and config["audio_out_token_idx"] != ids["audio_token_id"]:
         raise ConfigError(f"{name}: audio_out_token_idx {config['audio_out_token_idx']} is not the tokenizer's "
                           f"<|AUDIO_OUT|> ({ids['audio_token_id']})")
