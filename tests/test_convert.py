@@ -373,6 +373,35 @@ def test_an_unreachable_hub_id_is_one_line(monkeypatch, tmp_path, no_model_built
     assert "\n" not in str(e.value)
 
 
+def test_an_original_hub_repo_in_the_offline_hub_cache_converts(original_model, native, monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 with the authors' repo already downloaded: read from the hub cache, converted once."""
+    import hashlib
+    import os
+
+    import huggingface_hub.constants
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--bosonai--higgs-audio-v2-generation-3B-base"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for f in original_model.iterdir():  # the hub cache's layout: blobs named by content, linked from the snapshot
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        os.symlink(os.path.relpath(blob, repo / "snapshots" / commit), repo / "snapshots" / commit / f.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+
+    resolved = convert.resolve_base("bosonai/higgs-audio-v2-generation-3B-base", cache_dir=tmp_path / "cache")
+    assert (resolved.layout, resolved.converted) == ("original", "now")
+    assert_same_logits(HiggsAudioV2ForConditionalGeneration.from_pretrained(resolved.path, use_text_head=True), native)
+    again = convert.resolve_base("bosonai/higgs-audio-v2-generation-3B-base", cache_dir=tmp_path / "cache")
+    assert (again.converted, again.path) == ("reused", resolved.path)
+
+
 # ---------------------------------------------------------------- higgs-accel convert
 
 
