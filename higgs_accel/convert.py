@@ -160,14 +160,12 @@ def _source_dir(ref: str, what: str, name: str) -> Path:
 
 
 def content_key(src: Path) -> str:
-    """A hash of every file of ``src`` (names and bytes, hub-cache blobs by their content-derived names), and of the
-    converter version: the same checkpoint gives the same key wherever it lies, a changed file a new one."""
+    """A hash of the files in ``src`` that a conversion may read (names and bytes; hub-cache blobs by their
+    content-derived names) and of the converter version: the same checkpoint gives the same key wherever it lies,
+    a changed file a new one. Sub-dirs (e.g. a trainer's checkpoint-N) are not part of a checkpoint."""
     h = hashlib.sha256(f"higgs-accel convert {original_layout.VERSION}\n".encode())
-    for path in sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        rel = path.relative_to(src).as_posix()
-        if rel.startswith(".") or rel == RECORD:
-            continue
-        h.update(f"{rel}\n".encode())
+    for path in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != RECORD):
+        h.update(f"{path.name}\n".encode())
         target = path.resolve()
         if path.is_symlink() and "blobs" in target.parts:  # the hub cache names a blob after its content
             h.update(target.name.encode())
