@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import export, generate
+from . import convert, export, generate
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
 
 TRAIN_EPILOG = """\
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                   ).set_defaults(func=cmd_prepare)
     generate.register(sub)
     export.register(sub)
+    convert.register(sub)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

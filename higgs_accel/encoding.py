@@ -10,8 +10,8 @@ up to 1 s about 11% (bench/RESULTS.md). So every file's codes are exactly what e
 Files arrive longest first (by file size), so a batch too large for memory fails at the start, not hours in; up to
 ``WINDOW`` batches of decoded audio wait for a partner of equal length. Each file's entry is stored as soon as its
 batch is encoded, atomically, so a kill loses at most the batch in flight. A file that does not decode to
-non-silent samples, or whose batch the codec rejects, is handed to ``CodeCache.encode`` on its own, which records
-its skip (or raises) exactly as the one-at-a-time path does.
+non-silent samples of at least one frame, or whose batch the codec rejects, is handed to ``CodeCache.encode`` on
+its own, which records its skip exactly as the one-at-a-time path does.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
     sizes = [_size(a) for a in audios]
     bar = _Progress(sizes, enabled=progress and sys.stderr.isatty())
     device = next(cache.codec.parameters()).device
-    rate = cache.sample_rate
+    rate, hop = cache.sample_rate, cache.codec.config.hop_length
 
     def alone(i: int, samples: int = 0) -> None:
         before = cache.encode_calls
@@ -144,7 +144,7 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
     held = 0  # samples waiting
     limit = (DataConfig.encode_batch_seconds if batch_seconds is None else batch_seconds) * rate
     for i, wave in loader:
-        if wave is None or len(wave) == 0 or float(np.abs(wave).max()) < SILENCE_PEAK:
+        if wave is None or len(wave) < hop or float(np.abs(wave).max()) < SILENCE_PEAK:  # the cache says why
             alone(i)
             continue
         group = waiting.setdefault(len(wave), [])

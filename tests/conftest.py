@@ -42,7 +42,7 @@ def train_run(run_dir: Path, tiny: dict, codes_cache: Path, **overrides) -> list
     from higgs_accel.loop import train
 
     train(make_config(run_dir, tiny, codes_cache, **overrides))
-    return read_events(run_dir)
+    return events_of(run_dir)
 
 
 def kill_when_encoded(args: list[str], codes: Path, entries: int) -> list[Path]:
@@ -62,7 +62,7 @@ def encoded_now(prepare_stderr: str) -> int:
     return int(prepare_stderr.split("(")[-1].split(" encoded")[0])
 
 
-def read_events(run_dir: Path) -> list[dict]:
+def events_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
 
 

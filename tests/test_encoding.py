@@ -15,7 +15,7 @@ import soundfile as sf
 from higgs_accel.codes import CodeCache, encode_missing
 from higgs_accel.config import ModelConfig
 from higgs_accel.data import FileAudio, Sample
-from higgs_accel.model import load_codec
+from higgs_accel.loading import load_codec
 from higgs_accel.tiny import speech_like
 from tests.conftest import REPO, encoded_now, kill_when_encoded
 
