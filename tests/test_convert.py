@@ -460,8 +460,6 @@ def test_training_runs_on_the_converted_copy_of_an_original_base(original_model,
     assert (again.converted, again.path) == ("reused", first.path)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="until the loader calls convert.resolve_base and run_start has checkpoints")
 def test_training_on_an_original_base_converts_once_and_says_so(original_model, tiny, codes_cache, tmp_path,
                                                                monkeypatch):
     from tests.conftest import of, train_run
@@ -477,8 +475,6 @@ def test_training_on_an_original_base_converts_once_and_says_so(original_model, 
     assert [s["converted"] for s in seen] == ["now", "reused"] and seen[0]["path"] == seen[1]["path"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="until the loader calls convert.resolve_base / resolve_codec before building anything")
 def test_train_refuses_an_unrelated_model_before_building_one(llama_dir, tiny, codes_cache, tmp_path, no_model_built,
                                                               capsys):
     keys = {**tiny, "model.base": str(llama_dir), "data.codes_cache": str(codes_cache),
