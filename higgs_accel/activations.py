@@ -129,14 +129,16 @@ class LeanMLP(HiggsAudioV2MLP):
 LEAN = {PeftLoraLinear: LeanLoraLinear, HiggsAudioV2RMSNorm: LeanRMSNorm, HiggsAudioV2MLP: LeanMLP}
 
 
-def lean_activations(model: nn.Module) -> int:
+def lean_activations(model: nn.Module, lean: bool = True) -> int:
     """Switch the model's LoRA layers, RMSNorms and MLPs to their lean classes in place (same parameters, same
-    state dict, same forward); returns how many modules changed."""
+    state dict, same forward), or with ``lean=False`` back to transformers' and PEFT's own; returns how many
+    modules changed."""
+    swap = LEAN if lean else {v: k for k, v in LEAN.items()}
     seeds, changed = MaskSeeds(), 0
     for module in model.modules():
-        lean = LEAN.get(type(module))
-        if lean is not None:
-            module.__class__ = lean
+        cls = swap.get(type(module))
+        if cls is not None:
+            module.__class__ = cls
             changed += 1
         if isinstance(module, LeanLoraLinear):
             module.mask_seeds = seeds

@@ -8,14 +8,12 @@ import copy
 import pytest
 import torch
 
-from higgs_accel.activations import LEAN
+from higgs_accel.activations import LEAN, lean_activations
 from higgs_accel.chat import SpecialIds
 from higgs_accel.codes import CodeCache, resolve
 from higgs_accel.config import DataConfig, LoraConfig, ModelConfig
 from higgs_accel.data import HiggsDataset, collate, read_manifest
 from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
-
-PLAIN = {lean: plain for plain, lean in LEAN.items()}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +38,8 @@ def models(tiny, ids, dtype: str, dropout: float = 0.0) -> tuple[DualLossModel, 
         if p.requires_grad:
             p.data.normal_(0, 0.05)
     plain = copy.deepcopy(lean)
-    for m in plain.modules():
-        m.__class__ = PLAIN.get(type(m), type(m))
-    assert sum(type(m) in PLAIN for m in lean.modules()) > 0 and not any(type(m) in PLAIN for m in plain.modules())
+    assert lean_activations(plain, lean=False) == 2 * (10 + 4 + 2) + 1  # per layer: LoRA, norms, MLPs; final norm
+    assert not any(type(m) in LEAN.values() for m in plain.modules())
     return lean, plain
 
 
