@@ -85,8 +85,14 @@ class Prediction:
         return self.layers + self.heads + self.transient
 
     @property
+    def allocated(self) -> int:
+        """The peak of live tensors: what torch.cuda.max_memory_allocated() reports."""
+        return self.weights + self.training + self.activations
+
+    @property
     def total(self) -> int:
-        return math.ceil((self.weights + self.training + self.activations) * ALLOCATOR_OVERHEAD)
+        """What the device must hold: the live peak plus the caching allocator's overhead."""
+        return math.ceil(self.allocated * ALLOCATOR_OVERHEAD)
 
     def to_dict(self) -> dict:
         return {"weights_gib": self.weights / GIB, "training_gib": self.training / GIB,
@@ -124,17 +130,21 @@ def step_tokens(cfg, longest: int | None = None) -> int:
     return cfg.train.batch_size * longest
 
 
-def plan(cfg, model_config, device, longest: int | None = None) -> dict:
+def plan(cfg, model_config, device, longest: int | None = None, capacity: int | None = None) -> dict:
     """The predicted peak of the configured step and whether to recompute activations: ``model.gradient_
-    checkpointing`` true/false as set; auto turns it on only on a CUDA device whose memory the step without it
-    would not fit (off elsewhere). The dict goes into run_start as it is."""
+    checkpointing`` true/false as set; auto turns it on only on a CUDA device whose memory (``capacity`` bytes,
+    read from the device when not given) the step without it would not fit, and never elsewhere. The dict goes
+    into run_start as it is."""
     import torch
 
     device = torch.device(device)
     tokens = step_tokens(cfg, longest)
     without = predict(model_config, cfg.lora, tokens, dtype=cfg.model.dtype)
     with_ckpt = predict(model_config, cfg.lora, tokens, dtype=cfg.model.dtype, gradient_checkpointing=True)
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    if device.type != "cuda":
+        capacity = None
+    elif capacity is None:
+        capacity = torch.cuda.get_device_properties(device).total_memory
     setting = cfg.model.gradient_checkpointing
     if setting == "auto":
         on = capacity is not None and without.total > FITS_MARGIN * capacity

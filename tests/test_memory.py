@@ -13,6 +13,7 @@ from higgs_accel.chat import SpecialIds
 from higgs_accel.codes import CodeCache, resolve
 from higgs_accel.config import DataConfig, LoraConfig, ModelConfig
 from higgs_accel.data import HiggsDataset, collate, read_manifest
+from higgs_accel.memory import plan
 from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
 
 
@@ -125,3 +126,39 @@ def test_lora_dropout_shares_one_mask_per_input_and_checkpointing_rebuilds_it(ti
         proj.register_forward_pre_hook(lambda m, args: seeds.append(m.mask_seeds.seed_for(args[0])))
     step(lean, batch, seed=5)
     assert seeds[0] == seeds[1] == seeds[2] != seeds[3]
+
+
+def test_plan_turns_checkpointing_on_only_where_the_step_does_not_fit_a_gpu():
+    from higgs_accel.config import RunConfig
+    from higgs_accel.memory import GIB, predict, real_model_config
+
+    c = real_model_config()
+    cfg = RunConfig()
+    cfg.model.gradient_checkpointing, cfg.model.dtype, cfg.train.batch_size = "auto", "bf16", 1
+    cfg.data.max_tokens_per_batch = 2048
+    needed = predict(c, cfg.lora, 2048).total
+    assert 16 * GIB < needed < 22 * GIB  # the real model at 2048 tokens: above its weights, within a 24 GB card
+    fits = plan(cfg, c, "cuda:0", capacity=24 * GIB)
+    assert fits["gradient_checkpointing"] is False and fits["predicted_gib"] == pytest.approx(needed / GIB)
+    tight = plan(cfg, c, "cuda:0", capacity=16 * GIB)
+    assert tight["gradient_checkpointing"] is True
+    assert tight["predicted_gib"] == tight["predicted_with_checkpointing_gib"] < needed / GIB
+    assert plan(cfg, c, "cpu")["gradient_checkpointing"] is False  # auto never recomputes on the CPU
+    cfg.model.gradient_checkpointing = "true"
+    assert plan(cfg, c, "cpu")["gradient_checkpointing"] is True
+    # Without max_tokens_per_batch the longest sample is batch_size x what data.max_seconds allows, or the data's.
+    cfg.data.max_tokens_per_batch = 0
+    assert plan(cfg, c, "cpu", longest=1500)["tokens_per_micro_batch"] == 1500
+    assert plan(cfg, c, "cpu")["tokens_per_micro_batch"] > 25 * cfg.data.max_seconds
+
+
+def test_gradient_checkpointing_takes_auto_and_yaml_booleans():
+    from higgs_accel.config import ConfigError, load_config
+
+    def setting(value):
+        return load_config(None, [("preset", "tiny", "x"), ("model.gradient_checkpointing", value, "x")])
+
+    for value, want in ((True, "true"), (False, "false"), ("auto", "auto"), ("true", "true")):
+        assert setting(value).model.gradient_checkpointing == want
+    with pytest.raises(ConfigError, match="'model.gradient_checkpointing' must be one of"):
+        setting("sometimes")
