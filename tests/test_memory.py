@@ -13,8 +13,9 @@ from higgs_accel.chat import SpecialIds
 from higgs_accel.codes import CodeCache, resolve
 from higgs_accel.config import DataConfig, LoraConfig, ModelConfig
 from higgs_accel.data import HiggsDataset, collate, read_manifest
+from higgs_accel.loading import load_base_model, load_codec, load_text_tokenizer
 from higgs_accel.memory import plan
-from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
+from higgs_accel.model import DualLossModel, add_lora
 
 
 @pytest.fixture(scope="module")
