@@ -293,7 +293,7 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     from accelerate import PartialState
 
     from .chat import SpecialIds
-    from .loading import load_base_config, load_codec, load_text_tokenizer
+    from .loading import load_base_config, load_codec, load_text_tokenizer, resolve_checkpoints
     from .sinks.console import summary_line
     from .tiny import apply_tiny_preset
 
@@ -301,9 +301,11 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     if cfg.preset == "tiny":
         with state.main_process_first():
             apply_tiny_preset(cfg, Path(cfg.train.output_dir) / "tiny")
-    tokenizer, model_config = load_text_tokenizer(cfg.model), load_base_config(cfg.model)
+    with state.main_process_first():
+        model_cfg, _ = resolve_checkpoints(cfg.model)
+    tokenizer, model_config = load_text_tokenizer(model_cfg), load_base_config(model_cfg)
     ids = SpecialIds.from_parts(tokenizer, model_config)
-    data = prepare_data(cfg, state, load_codec(cfg.model), tokenizer, ids.num_codebooks,
+    data = prepare_data(cfg, state, load_codec(model_cfg), tokenizer, ids.num_codebooks,
                         model_config.max_position_embeddings)
     problems = data.train_skips + data.val_skips
     if state.is_main_process:

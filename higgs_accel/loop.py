@@ -25,8 +25,9 @@ from .codes import PreparedData, prepare_data
 from .config import ConfigError, RunConfig, validate_for_model
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .events import EventLog, capture_library_logs
-from .loading import load_base_model, load_codec, load_text_tokenizer
+from .loading import load_base_model, load_codec, load_text_tokenizer, resolve_checkpoints
 from .losses import LossWeights, n_stats, summarize
+from .memory import plan as plan_memory
 from .model import DualLossModel, add_lora, count_parameters
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
@@ -306,11 +307,13 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
         with accelerator.main_process_first():
             apply_tiny_preset(cfg, run_dir / "tiny")
     set_seed(t.seed)
-    tokenizer, codec, base, ids = _setup_model(cfg)
+    tokenizer, codec, base, ids, checkpoints = _setup_model(cfg, accelerator)
     generation = generation_options(cfg.log, codec) if accelerator.is_main_process else {}
     data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, base.config.max_position_embeddings)
     weights = LossWeights.of(t)
-    model = DualLossModel(add_lora(base, cfg.lora, cfg.model.gradient_checkpointing), ids, weights)
+    # Recompute activations only when the step is predicted not to fit (model.gradient_checkpointing: auto).
+    memory_plan = plan_memory(cfg, base.config, accelerator.device, longest=data.longest_tokens["train"] or None)
+    model = DualLossModel(add_lora(base, cfg.lora, memory_plan["gradient_checkpointing"]), ids, weights)
     trainable, total = count_parameters(model)
     if cfg.model.compile:
         model.lm.model.compile(dynamic=True)  # the backbone only: the heads run on data-dependent positions
@@ -330,7 +333,8 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              device=str(accelerator.device), hardware=hardware(), world_size=accelerator.num_processes,
              mixed_precision=accelerator.mixed_precision, trainable_params=trainable, total_params=total,
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
-             val_samples=len(data.val), resumed=bool(resume_from))
+             val_samples=len(data.val), resumed=bool(resume_from), checkpoints=checkpoints,
+             memory=memory_plan)
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
@@ -338,14 +342,17 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
                       val_loader, total_steps, start, codec, ids, weights, generation)
 
 
-def _setup_model(cfg: RunConfig):
-    """Text tokenizer, codec, base model and the special ids; the config's codebook-dependent settings are checked
-    against the model's own codebook count."""
-    tokenizer, codec = load_text_tokenizer(cfg.model), load_codec(cfg.model)
-    base = load_base_model(cfg.model)
+def _setup_model(cfg: RunConfig, accelerator: Accelerator):
+    """Text tokenizer, codec, base model and the special ids, from the checkpoints the config names (converted
+    first if in the authors' original layout); the config's codebook-dependent settings are checked against the
+    model's own codebook count. Also returns run_start's record of the checkpoints."""
+    with accelerator.main_process_first():
+        model_cfg, checkpoints = resolve_checkpoints(cfg.model)
+    tokenizer, codec = load_text_tokenizer(model_cfg), load_codec(model_cfg)
+    base = load_base_model(model_cfg)
     ids = SpecialIds.from_parts(tokenizer, base.config)
     validate_for_model(cfg, ids.num_codebooks)
-    return tokenizer, codec, base, ids
+    return tokenizer, codec, base, ids, checkpoints
 
 
 def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, tokenizer, ids: SpecialIds,

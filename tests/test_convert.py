@@ -7,7 +7,6 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -424,9 +423,9 @@ def test_convert_cli_writes_a_checkpoint_plain_transformers_loads(original_model
                     {"role": "assistant", "content": [{"type": "audio", "path": "ref.wav"}]},
                     {"role": "user", "content": [{"type": "text", "text": "Quiet rivers hum."}]}]
     text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    sample = SimpleNamespace(system="", scene="A quiet room.", ref_audio="ref.wav", ref_text="Bright stars.",
-                             text="Quiet rivers hum.")
-    assert text == chat_prompt(sample, "Generate audio following instruction.") + "<|audio_out_bos|>"
+    prompt = chat_prompt("Quiet rivers hum.", "Generate audio following instruction.", scene="A quiet room.",
+                         ref_text="Bright stars.")
+    assert text == prompt + "<|audio_out_bos|>"
     wave = speech_like("bright stars", np.random.default_rng(1))
     batch = processor(text=text, audio=[wave], return_tensors="pt")
     assert batch["audio_input_ids"].shape[-1] == 8
@@ -460,8 +459,6 @@ def test_training_runs_on_the_converted_copy_of_an_original_base(original_model,
     assert (again.converted, again.path) == ("reused", first.path)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="until the loader calls convert.resolve_base and run_start has checkpoints")
 def test_training_on_an_original_base_converts_once_and_says_so(original_model, tiny, codes_cache, tmp_path,
                                                                monkeypatch):
     from tests.conftest import of, train_run
@@ -477,8 +474,6 @@ def test_training_on_an_original_base_converts_once_and_says_so(original_model, 
     assert [s["converted"] for s in seen] == ["now", "reused"] and seen[0]["path"] == seen[1]["path"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="until the loader calls convert.resolve_base / resolve_codec before building anything")
 def test_train_refuses_an_unrelated_model_before_building_one(llama_dir, tiny, codes_cache, tmp_path, no_model_built,
                                                               capsys):
     keys = {**tiny, "model.base": str(llama_dir), "data.codes_cache": str(codes_cache),
