@@ -35,8 +35,11 @@ def _line(ax, s: pd.Series | None, label: str, **kw) -> None:
     if s is None:
         return
     s = s.dropna()
-    # A one-step run would draw an invisible line of length zero: show its point instead.
-    marker = "o" if len(s) <= 1 else kw.pop("marker", None)
+    if s.empty:
+        return
+    marker = kw.pop("marker", None)
+    if len(s) == 1:  # a line of one point has length zero and would not show: draw the point
+        marker = "o"
     if len(s) <= MAX_POINTS:
         ax.plot(s.index, s.values, label=label, marker=marker, **kw)
         return

@@ -72,11 +72,48 @@ def cmd_train(args) -> int:
 
     run_dir = train(cfg)
     if not args.no_report and _is_main():
-        from analysis.report import write_report
-
-        paths = write_report(run_dir)
-        print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        write_run_report(run_dir)
     return 0
+
+
+def write_run_report(run_dir) -> None:
+    """The report at the end of a run. It can never change how the run ended: a failure is one warning line and a
+    ``log_error`` event (sink ``report``) appended to the run's log, and the exit status stays 0."""
+    from analysis.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run is over and its events are safe; only the report is missing
+        print(f"higgs-accel: warning: the run finished, but its report failed ({type(e).__name__}: {e}); "
+              f"try again with `higgs-accel report {run_dir}`", file=sys.stderr)
+        _append_log_error(run_dir, "report", e)
+        return
+    print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+
+
+def _append_log_error(run_dir, sink: str, error: BaseException) -> None:
+    """One ``log_error`` event appended to a closed run (JSON lines and Parquet), at the run's last step."""
+    import json
+    from pathlib import Path
+
+    from .events import EVENTS_FILE, PARQUET_DIR, EventLog
+    from .sinks import ParquetSink
+
+    last = {}
+    try:
+        with open(Path(run_dir) / EVENTS_FILE, "rb") as f:
+            for raw in f:
+                try:
+                    last = json.loads(raw)
+                except ValueError:
+                    continue
+        log = EventLog(run_dir, str(last.get("run_id", "")), sinks=[ParquetSink(Path(run_dir) / PARQUET_DIR)])
+        log.bind(**{k: last[k] for k in ("step", "epoch") if isinstance(last.get(k), int)})
+        log.report_error(sink, error)
+        log.close()
+    except Exception as e:  # noqa: BLE001 - not even the log can be written: the warning line above stands
+        print(f"higgs-accel: warning: could not record that in the event log ({type(e).__name__}: {e})",
+              file=sys.stderr)
 
 
 def cmd_prepare(args) -> int:
