@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .document import Audio, Doc
+from . import plots
+from .document import Audio, Doc, Picture
 from .run import Run, ranges, spread
 
 AUDIO_MB = 20.0  # default cap on the WAV bytes inlined into one HTML page (base64 adds a third)
@@ -123,8 +124,18 @@ def _left_out(steps: list[int], shown: list[int], total: int, audio_mb: float, b
     return notes
 
 
-def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB) -> None:
-    """Players (HTML) or links (Markdown) for the run's eval audio; nothing for a run without any."""
+def _mel(panels: list[tuple[str, Path | None]], out: Path | None, name: str) -> Picture | str:
+    """A table cell with the mel spectrograms of these files side by side (written under ``out``/mel), or "-"."""
+    if out is None:
+        return "-"
+    (out / "mel").mkdir(parents=True, exist_ok=True)
+    path = plots.mel_panels(panels, out / "mel" / f"{name}.png")
+    return Picture(path, "mel spectrogram") if path is not None else "-"
+
+
+def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | None = None) -> None:
+    """Players (HTML) or links (Markdown) for the run's eval audio; nothing for a run without any. With ``out``
+    (where the report is written) each eval pair and each generation gets its mel spectrogram picture."""
     steps = run.audio_steps()
     if not steps:
         return
@@ -136,19 +147,23 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB) -> None:
     budget = _Budget(int(audio_mb * 1e6))
     tables = []
     for step in shown:
-        ev = [[r.get("sample"), *_eval_cells(r, budget), _acc_cb(r.get("acc_cb")), _seconds(r), _int(r.get("n_frames"))]
-              for r in at[step]["eval"]]
-        gen = [[r.get("prompt"), r.get("text") or "-", *_generate_cells(r, budget), _int(r.get("new_tokens"))]
-               for r in at[step]["generate"]]
+        ev = [[r.get("sample"), *_eval_cells(r, budget),
+               _mel([("label", r.get("label_file")), ("prediction", r.get("pred_file"))], out,
+                    f"step-{step:08d}-sample-{r.get('sample')}"),
+               _acc_cb(r.get("acc_cb")), _seconds(r), _int(r.get("n_frames"))] for r in at[step]["eval"]]
+        gen = [[r.get("prompt"), r.get("text") or "-", *_generate_cells(r, budget),
+                _mel([("generated", r.get("file"))], out, f"step-{step:08d}-prompt-{r.get('prompt')}"),
+                _int(r.get("new_tokens"))] for r in at[step]["generate"]]
         tables.append((step, ev, gen))
     doc.bullets(_left_out(steps, shown, sum(sizes.values()), audio_mb, budget))
     for step, ev, gen in tables:
         doc.heading(f"Audio at step {step}", 3)
         if ev:
-            doc.table(["sample", "label", "prediction", "acc", "acc per codebook", "seconds", "frames"], ev,
-                      align_right=False)
+            doc.table(["sample", "label", "prediction", "acc", "mel: label | prediction", "acc per codebook",
+                       "seconds", "frames"], ev, align_right=False)
         if gen:
-            doc.table(["prompt", "text", "generated", "stopped", "seconds", "new tokens"], gen, align_right=False)
+            doc.table(["prompt", "text", "generated", "stopped", "seconds", "mel", "new tokens"], gen,
+                      align_right=False)
 
 
 def _by(rows: list[dict], key: str) -> dict:
