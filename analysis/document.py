@@ -333,7 +333,8 @@ def _html_table(header: list[str], rows: list[list], out_dir: Path | None = None
             return f"<td class=l>{_html_img(c.path, c.alt, 'mel')}</td>"
         return f'<td{" class=l" if i == 0 or not align_right else ""}>{_inline(c)}</td>'
 
-    head = "".join(f'<th{" class=l" if i == 0 or not align_right else ""}>{html.escape(h)}</th>' for i, h in enumerate(header))
+    head = "".join(f'<th{" class=l" if i == 0 or not align_right else ""}>{html.escape(h)}</th>'
+                   for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(td(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 

@@ -42,11 +42,12 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "lr": _FLOAT, "grad_norm": _FLOAT, "step_time_s": _FLOAT, "samples_per_s": _FLOAT, "tokens_per_s": _FLOAT,
     "padding_frac": _FLOAT, "data_wait_s": _FLOAT, "peak_mem_mb": _FLOAT,
     # pred_slice
-    "modality": _STR, "sample": _INT, "sample_key": _STR, "codebook": _INT, "first_pos": _INTS, "last_pos": _INTS, "first_frame": _INTS,
+    "modality": _STR, "sample": _INT, "codebook": _INT, "first_pos": _INTS, "last_pos": _INTS, "first_frame": _INTS,
     "last_frame": _INTS, "first_pred": _INTS, "last_pred": _INTS, "first_label": _INTS, "last_label": _INTS,
     "first_pred_text": _STRS, "first_label_text": _STRS, "last_pred_text": _STRS, "last_label_text": _STRS,
     "n_targets": _INT, "n_match": _INT, "batch_match": _INT, "batch_targets": _INT, "logits_shape": _INTS,
     "labels_shape": _INTS,
+    "sample_key": _STR,
     # eval_audio, generate_audio
     "pred_path": _STR, "label_path": _STR, "n_frames": _INT, "pred_seconds": _FLOAT, "label_seconds": _FLOAT,
     "sample_rate": _INT, "acc": _FLOAT, "acc_cb": _FLOATS, "prompt": _INT, "text": _STR, "path": _STR,

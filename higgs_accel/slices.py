@@ -59,8 +59,8 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
             row = _ends(audio_where[sel, 1], audio_pred[sel, c], audio_label[sel, c], k)
             for part in ("first", "last"):
                 row[f"{part}_frame"] = [p - first_frame - c for p in row[f"{part}_pos"]]
-            rows.append(dict(modality="audio", sample=b, sample_key=keys[b], codebook=c, **row, batch_match=batch_match[c],
-                             batch_targets=batch_targets[c], **audio_shapes))
+            rows.append(dict(modality="audio", sample=b, sample_key=keys[b], codebook=c, **row,
+                             batch_match=batch_match[c], batch_targets=batch_targets[c], **audio_shapes))
     return rows
 
 
