@@ -223,8 +223,8 @@ def slices_section(doc: Doc, run: Run, steps: list[int] | None) -> None:
         doc.para("No prediction slices in this run.")
         return
     doc.para("The first (and last) targets of a few samples per step: the argmax prediction at each, marked where "
-             "it is wrong, with the label. Audio: one column per code frame, one row per codebook. One section "
-             "per step; the first and the last are open.")
+             "it is wrong, with the label; audio slices have one column per code frame and one row per codebook. "
+             "One section per step; the first and the last are open.")
     doc.bullets(notes)
     phase = "train" if run.slice_steps("train") else "eval"
     for i, step in enumerate(chosen):

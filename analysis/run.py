@@ -189,6 +189,25 @@ class Run:
             return []
         return sorted(pc.unique(table.column("step")).to_pylist())
 
+    def slice_samples(self, phase: str = "train") -> pd.DataFrame:
+        """step, sample and a key per sample logged in slices: ``sample_key`` (a content hash), or in logs from
+        before it the labels of the sample's text slice, which tell samples apart just as well."""
+        table = self._slice_rows(phase, ("step", "sample", "modality", "sample_key", "first_label", "last_label"))
+        if table is None:
+            return pd.DataFrame(columns=["step", "sample", "key"])
+        df = table.to_pandas()
+        if "sample_key" in df and df["sample_key"].notna().all():
+            df["key"] = df["sample_key"]
+        else:
+            df = df[df["modality"] == "text"].copy()
+            df["key"] = [repr((list(f), list(la))) for f, la in zip(df["first_label"], df["last_label"], strict=True)]
+        return df[["step", "sample", "key"]].drop_duplicates(["step", "sample"]).reset_index(drop=True)
+
+    def same_sample_steps(self, other: Run, phase: str = "train") -> list[int]:
+        """Steps at which this run and ``other`` logged slices of the same sample (at the same batch index)."""
+        joined = self.slice_samples(phase).merge(other.slice_samples(phase), on=["step", "sample", "key"])
+        return sorted(int(s) for s in joined["step"].unique())
+
     def slices_at(self, step: int, phase: str | None = "train") -> pd.DataFrame:
         """The prediction slices logged at ``step`` (text rows first, then audio by codebook and sample), with
         ``first_mismatch``: the index of the first target in the first window where prediction != label."""

@@ -1,9 +1,13 @@
-"""``higgs-accel``: train, report, logs rebuild. Bad input exits with status 2 and one line naming the culprit."""
+"""higgs-accel: LoRA fine-tuning of Higgs Audio v2, and the tools around a run: one subcommand per job below
+(higgs-accel COMMAND --help for its options). Bad input exits with status 2 and one line naming the culprit."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
+import warnings
 
 from . import export, generate
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
@@ -39,7 +43,7 @@ def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -
         group = p.add_argument_group(f"{section} options")
         for key, (f, _) in keys.items():
             if key.startswith(section + "."):
-                default = f.default if f.default is not f.default_factory else f.default_factory()
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
                 choices = f.metadata.get("choices")
                 extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
                 group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=_metavar(key),
@@ -159,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="higgs-accel", description=__doc__)
+    parser = _Parser(prog="higgs-accel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "prepare", "encode all audio into the codes cache before training (same options as train)"
@@ -178,10 +182,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """No loading bars and no library deprecation notices on the console of the one-shot commands (generate,
+    export): their output is the result. Errors still show. Training records library warnings as events instead."""
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    tf_logging = transformers.utils.logging
+    verbosity, bars, hub_bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled(), \
+        not are_progress_bars_disabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        tf_logging.set_verbosity(verbosity)
+        if bars:
+            tf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        return args.func(args)
+        if args.command in ("train", "prepare", "report", "logs"):  # training captures library logs as events
+            return args.func(args)
+        with quiet_libraries():
+            return args.func(args)
     except ConfigError as e:
         print(f"higgs-accel: error: {e}", file=sys.stderr)
         return 2
