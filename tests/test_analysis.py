@@ -119,7 +119,10 @@ def test_load_real_run(real_run):
     assert fm["first_mismatch"].dropna().between(0, fm["window"].max() - 1).all()
     assert run.config["train"]["max_steps"] == 8 and run.start["trainable_params"] > 0
     assert run.data_summary["train"]["kept"] > 0
-    assert run.nothing_like_this.empty  # an absent family is an empty frame, not an error
+    assert run.run_resume.empty  # a documented family the run has none of is an empty frame
+    with pytest.raises(AttributeError, match=r"'trian_step'; did you mean 'train_step'\? tables: .*eval_audio"):
+        run.trian_step  # noqa: B018 - a typo is an error, not an empty frame
+    assert {"train_step", "eval", "pred_slice", "run_resume"} <= set(dir(run))
     assert run.train_step.seq.is_monotonic_increasing
 
 

@@ -204,3 +204,30 @@ def test_a_failing_report_is_a_log_error_not_an_exit_status(run20, tmp_path, mon
     assert error["step"] == 20 and error["run_id"] == before.start["run_id"]
     assert after.status == "finished" and len(after.train_step) == len(before.train_step)
     assert "log_error" in {p.name for p in (out / "events").iterdir()}  # in the Parquet tables too
+
+
+# ---------------------------------------------------------------- notebook API
+
+
+def test_strict_tables_and_several_runs_in_one_frame(tmp_path):
+    a = synthetic_run(tmp_path / "x" / "run", 3, [3], [])
+    b = synthetic_run(tmp_path / "y" / "run", 2, [], [])
+    run = analysis.load_run(a)
+    for typo in ("evals", "trian_step"):
+        with pytest.raises(AttributeError, match="tables: .*train_step"):
+            getattr(run, typo)
+    assert not hasattr(run, "evals") and hasattr(run, "checkpoint") and run.checkpoint.empty
+    assert {"train_step", "eval", "run_end", "library_log"} <= set(dir(run))
+    both = analysis.load_runs([a, b])
+    assert list(both.columns[:2]) == ["run", "event"] and len(both) == 5
+    assert both.groupby("run")["step"].max().to_dict() == {"x/run": 3, "y/run": 2}
+    assert analysis.load_runs([a, b], "eval")["run"].tolist() == ["x/run"]
+    with pytest.raises(AttributeError, match="did you mean 'eval'"):
+        analysis.load_runs([a], "evl")
+
+
+def test_every_documented_event_family_is_known_to_the_reader():
+    from analysis.run import EVENT_FAMILIES
+
+    documented = re.findall(r"^### `(\w+)`", (ROOT / "docs" / "events.md").read_text(), re.M)
+    assert sorted(documented) == sorted(EVENT_FAMILIES)
