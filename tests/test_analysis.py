@@ -369,7 +369,7 @@ def assert_header(run, md: str, page: str) -> None:
     assert "torch" in run_rows["versions"] and run_rows["world size"] == "1"
     assert run_rows["hardware"] == ", ".join(f"{k} {v}" for k, v in start["hardware"].items())
     assert run_rows["trainable parameters"].startswith(f"{start['trainable_params']:,} (")
-    assert "<td class=l>world size</td><td>1</td>" in page
+    assert "<td class=l>world size</td><td class=l>1</td>" in page
     data = {r[0]: r[1:] for r in md_table(md, "# Run", "| data |")}
     assert data == {split: [str(s["kept"]), str(s["skipped"])] for split, s in run.data_summary.items()}
     assert set(data) == {"train", "val"} and "<th>kept</th><th>skipped</th>" in page

@@ -97,7 +97,7 @@ def test_report_and_diff_for_every_shape(tmp_path, steps, evals, slices):
     a = synthetic_run(tmp_path / "a", steps, evals, slices)
     b = synthetic_run(tmp_path / "b", steps, evals, slices, scale=1.1, wrong_at=3)
     md, page = (p.read_text() for p in write_report(a))
-    shown = len(slices) or bool(evals)  # a run with eval slices only shows them as its steps
+    shown = len(slices) or len(evals)  # a run with eval slices only shows them as its steps
     assert page.count("<details") == min(shown, 7) + bool(slices and evals)
     assert page.count("<details open") == min(shown, 2) + bool(slices and evals)
     assert ("No prediction slices in this run." in md) == (not slices and not evals)
