@@ -231,3 +231,20 @@ def test_every_documented_event_family_is_known_to_the_reader():
 
     documented = re.findall(r"^### `(\w+)`", (ROOT / "docs" / "events.md").read_text(), re.M)
     assert sorted(documented) == sorted(EVENT_FAMILIES)
+
+
+@pytest.mark.slow
+def test_the_default_demo_shows_a_model_learning(tmp_path):
+    """`higgs-accel train --preset tiny` as the README runs it: 100 steps, evals at 25/50/75/100. The validation
+    takes share voices and phrases with train, so eval loss and accuracy improve and the report has no warning."""
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "higgs_accel", "train", "--preset", "tiny", "--output-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = analysis.load_run(out)
+    ev = run.metrics("eval")
+    assert ev.index.tolist() == [25, 50, 75, 100]
+    assert ev["loss"].iloc[-1] < 0.8 * ev["loss"].iloc[0] and ev["loss"].is_monotonic_decreasing
+    assert ev["audio_acc"].iloc[-1] > ev["audio_acc"].iloc[0] + 0.1
+    md = (out / "report" / "report.md").read_text()
+    assert "Nothing: no NaN/inf" in md.split("## Worth a look", 1)[1].split("##", 1)[0]
