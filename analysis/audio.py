@@ -206,8 +206,10 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), audio_mb: float = AUDIO_MB) -> None:
-    """Both runs' audio at the same eval steps side by side; nothing when neither run has audio."""
+def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), audio_mb: float = AUDIO_MB,
+                 out: Path | None = None) -> None:
+    """Both runs' audio at the same eval steps side by side; nothing when neither run has audio. With ``out``
+    (where the diff is written) each row gets the mel spectrograms of both runs side by side."""
     sa, sb = a.audio_steps(), b.audio_steps()
     if not sa and not sb:
         return
@@ -233,20 +235,26 @@ def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), 
     for step in shown:
         xa, xb = at[step]
         ea, eb = _by(xa["eval"], "sample"), _by(xb["eval"], "sample")
-        ev = [[k, *_eval_cells(ea.get(k), budget), *_eval_cells(eb.get(k), budget)] for k in _keys(ea, eb)]
+        ev = [[k, *_eval_cells(ea.get(k), budget), *_eval_cells(eb.get(k), budget),
+               _mel([("label", (ea.get(k) or eb.get(k) or {}).get("label_file")),
+                     (f"{na} prediction", (ea.get(k) or {}).get("pred_file")),
+                     (f"{nb} prediction", (eb.get(k) or {}).get("pred_file"))], out, f"step-{step:08d}-sample-{k}")]
+              for k in _keys(ea, eb)]
         ga, gb = _by(xa["generate"], "prompt"), _by(xb["generate"], "prompt")
         gen = [[k, _text(ga.get(k), gb.get(k), names), *_generate_cells(ga.get(k), budget),
-                *_generate_cells(gb.get(k), budget)] for k in _keys(ga, gb)]
+                *_generate_cells(gb.get(k), budget),
+                _mel([(na, (ga.get(k) or {}).get("file")), (nb, (gb.get(k) or {}).get("file"))], out,
+                     f"step-{step:08d}-prompt-{k}")] for k in _keys(ga, gb)]
         tables.append((step, ev, gen))
     doc.bullets(notes + _left_out(common, shown, sum(sizes.values()), audio_mb, budget))
     for step, ev, gen in tables:
         doc.heading(f"Audio at step {step}", 3)
         if ev:
             doc.table(["sample", f"{na} label", f"{na} prediction", f"{na} acc", f"{nb} label", f"{nb} prediction",
-                       f"{nb} acc"], ev, align_right=False)
+                       f"{nb} acc", f"mel: label | {na} | {nb}"], ev, align_right=False)
         if gen:
             doc.table(["prompt", "text", f"{na} generated", f"{na} stopped", f"{na} seconds", f"{nb} generated",
-                       f"{nb} stopped", f"{nb} seconds"], gen, align_right=False)
+                       f"{nb} stopped", f"{nb} seconds", f"mel: {na} | {nb}"], gen, align_right=False)
 
 
 def _text(ra: dict | None, rb: dict | None, names: tuple[str, str]) -> str:

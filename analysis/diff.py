@@ -273,7 +273,7 @@ def build_doc(a: Run, b: Run, result: dict, out: Path | None, audio_mb: float = 
         doc.heading("Curves")
         doc.image(plots.overlay(a, b, NAMES, out / "curves.png"), "A (solid) and B (dashed)")
     slices(doc, a, b)
-    diff_section(doc, a, b, NAMES, audio_mb)
+    diff_section(doc, a, b, NAMES, audio_mb, out)
     return doc
 
 
@@ -287,7 +287,7 @@ def slices(doc: Doc, a: Run, b: Run) -> None:
         if not common:
             continue
         if not same:
-            shown.append((phase, None, f"the runs saw different samples at all {len(common)} common {phase} "
+            shown.append((phase, None, f"the runs saw different samples at each of the {len(common)} common {phase} "
                                        "steps with slices (another data order or data): not compared"))
             continue
         note = "" if len(same) == len(common) else (f"the same samples at {len(same)} of the {len(common)} common "

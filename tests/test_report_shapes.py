@@ -142,7 +142,7 @@ def test_diff_compares_only_the_same_samples_and_marks_against_the_label(tmp_pat
     result = diff(ra, analysis.load_run(c))
     assert result["config"] == {}  # output_dir and the asset path sit under each run's own dir
     assert main(["diff", str(a), str(c), "--out", str(tmp_path / "d2")]) == 0
-    assert "different samples at all 2 common train steps" in (tmp_path / "d2" / "diff.md").read_text()
+    assert "different samples at each of the 2 common train steps" in (tmp_path / "d2" / "diff.md").read_text()
     assert "pred B" not in (tmp_path / "d2" / "diff.md").read_text()
 
 
