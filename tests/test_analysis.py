@@ -401,8 +401,8 @@ def assert_mismatches_marked(run, md: str, page: str) -> None:
     counts = []
     for _, row in run.slices_at(8).iterrows():
         caption = f"train step 8 · sample {row['sample']} · "
-        grids = md.split(f"**{caption}", 1)[1].split("```\n")
-        text_grid, audio_grid = grids[1].split("```")[0].splitlines(), grids[2].split("```")[0].splitlines()
+        text_grid, audio_grid = (g.splitlines() for g in re.findall(r"```\n(.*?)```", md.split(f"**{caption}", 1)[1],
+                                                                  re.S)[:2])
         tables = page.split(f'<div class="cap">{caption}', 1)[1].split('<table class="grid">')
         counts.append(expected_marks(row))
         if row["modality"] == "text":
