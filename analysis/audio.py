@@ -13,6 +13,7 @@ from pathlib import Path
 from . import plots
 from .document import Audio, Doc, Picture
 from .run import Run, ranges, spread
+from .schema import step_dir_name
 
 AUDIO_MB = 20.0  # default cap on the WAV bytes inlined into one HTML page (base64 adds a third)
 STOPPED = {"eos": "at EOS", "max_length": "length limit (no EOS)"}
@@ -149,10 +150,10 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | N
     for step in shown:
         ev = [[r.get("sample"), *_eval_cells(r, budget),
                _mel([("label", r.get("label_file")), ("prediction", r.get("pred_file"))], out,
-                    f"step-{step:08d}-sample-{r.get('sample')}"),
+                    f"{step_dir_name(step)}-sample-{r.get('sample')}"),
                _acc_cb(r.get("acc_cb")), _seconds(r), _int(r.get("n_frames"))] for r in at[step]["eval"]]
         gen = [[r.get("prompt"), r.get("text") or "-", *_generate_cells(r, budget),
-                _mel([("generated", r.get("file"))], out, f"step-{step:08d}-prompt-{r.get('prompt')}"),
+                _mel([("generated", r.get("file"))], out, f"{step_dir_name(step)}-prompt-{r.get('prompt')}"),
                 _int(r.get("new_tokens"))] for r in at[step]["generate"]]
         tables.append((step, ev, gen))
     doc.bullets(_left_out(steps, shown, sum(sizes.values()), audio_mb, budget))
@@ -238,13 +239,14 @@ def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), 
         ev = [[k, *_eval_cells(ea.get(k), budget), *_eval_cells(eb.get(k), budget),
                _mel([("label", (ea.get(k) or eb.get(k) or {}).get("label_file")),
                      (f"{na} prediction", (ea.get(k) or {}).get("pred_file")),
-                     (f"{nb} prediction", (eb.get(k) or {}).get("pred_file"))], out, f"step-{step:08d}-sample-{k}")]
+                     (f"{nb} prediction", (eb.get(k) or {}).get("pred_file"))], out,
+                    f"{step_dir_name(step)}-sample-{k}")]
               for k in _keys(ea, eb)]
         ga, gb = _by(xa["generate"], "prompt"), _by(xb["generate"], "prompt")
         gen = [[k, _text(ga.get(k), gb.get(k), names), *_generate_cells(ga.get(k), budget),
                 *_generate_cells(gb.get(k), budget),
                 _mel([(na, (ga.get(k) or {}).get("file")), (nb, (gb.get(k) or {}).get("file"))], out,
-                     f"step-{step:08d}-prompt-{k}")] for k in _keys(ga, gb)]
+                     f"{step_dir_name(step)}-prompt-{k}")] for k in _keys(ga, gb)]
         tables.append((step, ev, gen))
     doc.bullets(notes + _left_out(common, shown, sum(sizes.values()), audio_mb, budget))
     for step, ev, gen in tables:

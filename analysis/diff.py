@@ -14,7 +14,8 @@ import pandas as pd
 from . import plots
 from .audio import AUDIO_MB, audio_diff, diff_section
 from .document import Doc
-from .run import Run, better, flatten, load_run, ranges, spread
+from .run import Run, better, load_run, ranges, spread
+from .schema import flatten
 from .slices import same_sample, side_by_side
 
 NAMES = ("A", "B")

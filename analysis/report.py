@@ -10,7 +10,8 @@ import pandas as pd
 from . import checks, plots
 from .audio import AUDIO_MB, report_section
 from .document import Doc
-from .run import Run, better, flatten, load_run, spread
+from .run import Run, better, load_run, spread
+from .schema import flatten
 from .slices import step_grids, step_summary
 
 FORMATS = ("md", "html")

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .load import parse_ts, read_events, run_status
+from .schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, step_dir_name
 
 LOSS_FIELDS = ("loss", "text_loss", "audio_loss")
 _CB = re.compile(r"audio_(acc|loss)_cb(\d+)$")
-SAMPLES_DIR = "samples"  # RUN_DIR/samples/step-<8 digits>/: the trainer's eval audio
 _MISMATCH_COLUMNS = ("step", "modality", "codebook", "sample", "first_pos", "first_pred", "first_label")
 
 
@@ -33,7 +33,7 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
-    if not (path / "events.jsonl").is_file() and not (path / "events").is_dir():
+    if not (path / EVENTS_FILE).is_file() and not (path / EVENTS_DIR).is_dir():
         raise FileNotFoundError(f"{path}: neither events.jsonl nor events/ found; is this a run directory?")
     return Run(path, read_events(path))
 
@@ -299,7 +299,7 @@ class Run:
         if path.parent.name:
             candidates.append(root / path.parent.name / path.name)
         if isinstance(step, int):
-            candidates.append(root / f"step-{step:08d}" / path.name)
+            candidates.append(root / step_dir_name(step) / path.name)
         return next((c for c in candidates if c.is_file()), None)
 
     def first_mismatch(self, phase: str = "train") -> pd.DataFrame:
@@ -405,13 +405,3 @@ def better(metric: str) -> str | None:
     if "acc" in name or name in ("samples_per_s", "tokens_per_s"):
         return "higher"
     return None
-
-
-def flatten(value, prefix: str = "") -> dict:
-    """Nested config as dotted keys: {"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}."""
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out = {}
-    for k, v in value.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out

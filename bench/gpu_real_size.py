@@ -105,6 +105,7 @@ def build(args, device: str, max_seq: int):
 
     from higgs_accel.chat import SpecialIds
     from higgs_accel.config import LoraConfig, TrainConfig
+    from higgs_accel.losses import LossWeights
     from higgs_accel.model import DualLossModel, add_lora
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +122,7 @@ def build(args, device: str, max_seq: int):
         torch.set_default_dtype(default)
     t = TrainConfig()
     ids = SpecialIds.from_parts(tokenizer, config)
-    dual = DualLossModel(add_lora(base, LoraConfig()), ids, t.text_weight, t.audio_weight, t.audio_reduction)
+    dual = DualLossModel(add_lora(base, LoraConfig()), ids, LossWeights.of(t))
     dual.to(device).train()
     return dual, tokenizer, ids, config
 

@@ -66,7 +66,9 @@ def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype
 
     from higgs_accel.chat import SpecialIds
     from higgs_accel.config import TrainConfig
-    from higgs_accel.model import DTYPES, DualLossModel, add_lora
+    from higgs_accel.loading import DTYPES
+    from higgs_accel.losses import LossWeights
+    from higgs_accel.model import DualLossModel, add_lora
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +81,7 @@ def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype
     batch = {k: v.to(device) if torch.is_tensor(v) else v
              for k, v in synthetic_batches(tokenizer, ids, seq, 1, 1)[0].items()}
     t = TrainConfig()
-    dual = DualLossModel(peft_model, ids, t.text_weight, t.audio_weight, t.audio_reduction).to(device)
+    dual = DualLossModel(peft_model, ids, LossWeights.of(t)).to(device)
 
     def step():
         if variant == "masked":

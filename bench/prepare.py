@@ -19,8 +19,8 @@ import torch
 from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 
 from higgs_accel.config import ModelConfig, load_config
+from higgs_accel.loading import load_codec
 from higgs_accel.loop import train
-from higgs_accel.model import load_codec
 from higgs_accel.tiny import ensure_tiny_assets, speech_like
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import sys
 import warnings
 
-from . import export, generate
+from . import convert, export, generate
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
 
 TRAIN_EPILOG = """\
@@ -100,8 +100,10 @@ def _append_log_error(run_dir, sink: str, error: BaseException) -> None:
     import json
     from pathlib import Path
 
-    from .events import EVENTS_FILE, PARQUET_DIR, EventLog
-    from .sinks import ParquetSink
+    from analysis.schema import EVENTS_DIR, EVENTS_FILE
+
+    from .events import EventLog
+    from .sinks.parquet import ParquetSink
 
     last = {}
     try:
@@ -111,7 +113,7 @@ def _append_log_error(run_dir, sink: str, error: BaseException) -> None:
                     last = json.loads(raw)
                 except ValueError:
                     continue
-        log = EventLog(run_dir, str(last.get("run_id", "")), sinks=[ParquetSink(Path(run_dir) / PARQUET_DIR)])
+        log = EventLog(run_dir, str(last.get("run_id", "")), sinks=[ParquetSink(Path(run_dir) / EVENTS_DIR)])
         log.bind(**{k: last[k] for k in ("step", "epoch") if isinstance(last.get(k), int)})
         log.report_error(sink, error)
         log.close()
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                   ).set_defaults(func=cmd_prepare)
     generate.register(sub)
     export.register(sub)
+    convert.register(sub)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

@@ -22,15 +22,23 @@ PAD_TOKEN = "<|finetune_right_pad_id|>"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars hum softly above "
          "quiet rivers and old green hills where small birds sing every morning").split()
 SAMPLE_RATE = 24000
-ASSETS_VERSION = "2"  # bumped when the assets change, so old asset dirs are rebuilt
+ASSETS_VERSION = "3"  # bumped when the assets change, so old asset dirs are rebuilt
+# Llama 3's pre-tokenizer split (the real checkpoint's tokenizer): contractions, letter runs with one leading
+# non-letter, digits in threes, punctuation runs with their newlines, newline runs, then spaces.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def build_text_tokenizer(out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Split like Llama 3 first (so "\n\n" after a chat header is one piece, as in the real tokenizer), then map
+    # bytes to BPE symbols without GPT-2's own split.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -147,8 +155,13 @@ def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
 
 
 def apply_tiny_preset(cfg, root: Path) -> None:
-    """Point the config's model, codec and data at the tiny assets, where the user has not set them."""
+    """Point the config's model, codec and data at the tiny assets, where the user has not set them. The preset's
+    validation set goes only with its own training set: with the user's data, ``data.val_manifest`` or
+    ``data.val_fraction`` of that data is the validation set (or there is none)."""
+    own_data = bool(cfg.data.train_manifest)
     for key, value in ensure_tiny_assets(root).items():
         section, name = key.split(".")
+        if own_data and key == "data.val_manifest":
+            continue
         if not getattr(getattr(cfg, section), name):
             setattr(getattr(cfg, section), name, value)

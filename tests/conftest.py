@@ -36,10 +36,10 @@ def train_run(run_dir: Path, tiny: dict, codes_cache: Path, **overrides) -> list
     from higgs_accel.loop import train
 
     train(make_config(run_dir, tiny, codes_cache, **overrides))
-    return read_events(run_dir)
+    return events_of(run_dir)
 
 
-def read_events(run_dir: Path) -> list[dict]:
+def events_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
 
 

@@ -23,8 +23,10 @@ from analysis.audio import choose, report_section, step_bytes
 from analysis.checks import loss_spikes, warnings_for
 from analysis.diff import check_gate, diff
 from analysis.document import Doc
-from analysis.load import column, rows_to_table, run_status
+from analysis.load import run_status
 from analysis.report import write_report
+from analysis.schema import rows_to_table
+from tests.conftest import events_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--no-report", "train.max_steps=8", "train.eval_every=4", "log.log_steps=2", "train.save_every=4",
@@ -45,10 +47,6 @@ def real_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("analysis") / "run"
     _train(out)
     return out
-
-
-def events_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
 def make_run(path: Path, events: list[dict], parquet: bool = False, torn: bool = False) -> Path:
@@ -311,14 +309,6 @@ def test_nonfinite_skips_and_unknown_family(real_run, tmp_path):
     assert "6 of 16 train samples skipped" in found
     assert run.speaker_probe.wav.tolist() == ["eval/step-8/sample-0.wav"]
     assert "speaker_probe" in write_report(run.path, formats=("md",))[0].read_text()
-
-
-def test_column_types_follow_the_trainer():
-    assert str(column([1, None]).type) == "int64"
-    assert str(column([None, None]).type) == "double"
-    assert str(column([[1, 2], []]).type) == "list<item: int32>"
-    assert str(column([["<|eot_id|>"], None]).type) == "list<item: string>"
-    assert column([{"a": 1}, None]).to_pylist() == ['{"a": 1}', None]
 
 
 def test_loss_spike_detection():

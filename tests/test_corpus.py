@@ -25,7 +25,7 @@ from transformers import HiggsAudioV2TokenizerModel
 from higgs_accel.codes import CodeCache, codec_identity, prepare, resolve
 from higgs_accel.config import ConfigError, DataConfig, ModelConfig, load_config
 from higgs_accel.data import EpochSampler, LengthGroupedBatches, read_source
-from higgs_accel.model import load_codec
+from higgs_accel.loading import load_codec
 from higgs_accel.tiny import speech_like
 from tests.conftest import of, train_run
 
