@@ -31,7 +31,9 @@ class ModelConfig:
     audio_tokenizer: str = _opt("", "HiggsAudioV2TokenizerModel codec: hub id or local dir")
     text_tokenizer: str = _opt("", "text tokenizer: hub id or local dir (default: model.base)")
     dtype: str = _opt("fp32", "weights dtype of the base model", choices=("fp32", "bf16"))
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: str = _opt("false", "recompute activations in backward to save memory; auto: only when "
+                                       "higgs_accel.memory predicts the step does not fit the GPU (off on CPU)",
+                                       choices=("false", "true", "auto"))
     attn_implementation: str = _opt("sdpa", "attention kernel", choices=("eager", "sdpa", "flash_attention_2"))
     compile: bool = _opt(False, "torch.compile the transformer backbone (dynamic shapes)")
 
@@ -40,7 +42,8 @@ class ModelConfig:
 class LoraConfig:
     r: int = _opt(16, "LoRA rank")
     alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _opt(0.05, "dropout on the LoRA input")
+    dropout: float = _opt(0.0, "dropout on the LoRA input (0 as torchtune's LoRA recipes; above 0, one mask per "
+                               "input shared by the projections that read it: q/k/v, gate/up)")
     target_modules: list[str] = _opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module-name suffixes to adapt; the MLP names match both the text `mlp` and the DualFFN `audio_mlp`",
@@ -224,6 +227,8 @@ def _scalar(tp, value):
     if tp is str:
         if isinstance(value, (dict, list)):
             raise TypeError
+        if isinstance(value, bool):  # YAML's true/false for a key that also takes other words (auto)
+            return str(value).lower()
         return "" if value is None else str(value)
     raise TypeError
 

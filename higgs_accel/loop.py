@@ -27,6 +27,7 @@ from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .events import EventLog, capture_library_logs
 from .loading import load_base_model, load_codec, load_text_tokenizer, resolve_checkpoints
 from .losses import LossWeights, n_stats, summarize
+from .memory import plan as plan_memory
 from .model import DualLossModel, add_lora, count_parameters
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
@@ -310,7 +311,9 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     generation = generation_options(cfg.log, codec) if accelerator.is_main_process else {}
     data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, base.config.max_position_embeddings)
     weights = LossWeights.of(t)
-    model = DualLossModel(add_lora(base, cfg.lora, cfg.model.gradient_checkpointing), ids, weights)
+    # Recompute activations only when the step is predicted not to fit (model.gradient_checkpointing: auto).
+    memory_plan = plan_memory(cfg, base.config, accelerator.device, longest=data.longest_tokens["train"] or None)
+    model = DualLossModel(add_lora(base, cfg.lora, memory_plan["gradient_checkpointing"]), ids, weights)
     trainable, total = count_parameters(model)
     if cfg.model.compile:
         model.lm.model.compile(dynamic=True)  # the backbone only: the heads run on data-dependent positions
@@ -330,7 +333,8 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              device=str(accelerator.device), hardware=hardware(), world_size=accelerator.num_processes,
              mixed_precision=accelerator.mixed_precision, trainable_params=trainable, total_params=total,
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
-             val_samples=len(data.val), resumed=bool(resume_from), checkpoints=checkpoints)
+             val_samples=len(data.val), resumed=bool(resume_from), checkpoints=checkpoints,
+             memory=memory_plan)
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])

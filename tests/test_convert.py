@@ -7,7 +7,6 @@ import json
 import math
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -424,9 +423,9 @@ def test_convert_cli_writes_a_checkpoint_plain_transformers_loads(original_model
                     {"role": "assistant", "content": [{"type": "audio", "path": "ref.wav"}]},
                     {"role": "user", "content": [{"type": "text", "text": "Quiet rivers hum."}]}]
     text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    sample = SimpleNamespace(system="", scene="A quiet room.", ref_audio="ref.wav", ref_text="Bright stars.",
-                             text="Quiet rivers hum.")
-    assert text == chat_prompt(sample, "Generate audio following instruction.") + "<|audio_out_bos|>"
+    prompt = chat_prompt("Quiet rivers hum.", "Generate audio following instruction.", scene="A quiet room.",
+                         ref_text="Bright stars.")
+    assert text == prompt + "<|audio_out_bos|>"
     wave = speech_like("bright stars", np.random.default_rng(1))
     batch = processor(text=text, audio=[wave], return_tensors="pt")
     assert batch["audio_input_ids"].shape[-1] == 8
