@@ -83,7 +83,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "last_frame": INTS, "first_pred": INTS, "last_pred": INTS, "first_label": INTS, "last_label": INTS,
     "first_pred_text": STRS, "first_label_text": STRS, "last_pred_text": STRS, "last_label_text": STRS,
     "n_targets": INT, "n_match": INT, "batch_match": INT, "batch_targets": INT, "logits_shape": INTS,
-    "labels_shape": INTS,
+    "labels_shape": INTS, "sample_key": STR,
     # eval_audio, generate_audio
     "pred_path": STR, "label_path": STR, "n_frames": INT, "pred_seconds": FLOAT, "label_seconds": FLOAT,
     "sample_rate": INT, "acc": FLOAT, "acc_cb": FLOATS, "prompt": INT, "text": STR, "path": STR,
