@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from higgs_accel.config import ConfigError
 from higgs_accel.sinks.tracker import SLICE_COLUMNS
-from tests.conftest import of, train_run
+from tests.conftest import events_of, make_config, of, train_run
 
 MAX_STEPS, EVAL_EVERY, LOG_STEPS = 4, 2, 2
 
@@ -118,3 +119,81 @@ def test_wandb_offline_gets_audio_and_slice_tables_at_their_steps(tracked_run):
     table = json.loads(table_file.read_text())
     assert table["columns"] == list(SLICE_COLUMNS)
     assert len(table["data"]) == sum(e["phase"] == "eval" and e["step"] == last_eval for e in slices)
+
+
+def test_an_unknown_or_missing_tracker_is_a_config_error_before_anything_loads(tmp_path, tiny, codes_cache,
+                                                                               monkeypatch):
+    import accelerate.utils.imports
+
+    with pytest.raises(ConfigError, match=r"^'log.log_with': unknown tracker 'tensorbord'; accelerate has .*wandb"):
+        make_config(tmp_path / "r", tiny, codes_cache, log__log_with="tensorbord")
+    monkeypatch.setattr(accelerate.utils.imports, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"wandb is not installed \(pip install 'higgs-accel\[wandb\]'\)"):
+        make_config(tmp_path / "r", tiny, codes_cache, log__log_with="tensorboard,wandb")
+
+
+class Tracker:
+    """What accelerate's ``trackers`` hold: a name and the backend object (``unwrap``ped)."""
+
+    def __init__(self, name, tracker):
+        self.name, self.tracker = name, tracker
+
+
+class BrokenWriter:
+    """A SummaryWriter whose disk is full."""
+
+    def add_audio(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    add_text = add_audio
+
+    def flush(self):
+        pass
+
+
+class RecordingRun:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+
+class Accelerator:
+    def __init__(self, trackers):
+        self.trackers, self.logged = trackers, []
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def end_training(self):
+        pass
+
+
+def test_a_failing_media_tracker_is_reported_once_and_the_others_still_get_everything(tmp_path):
+    import wandb
+
+    from higgs_accel.events import EventLog
+    from higgs_accel.sinks import TrackerSink
+
+    wav = tmp_path / "gen-0.wav"
+    sf.write(wav, np.zeros(800, dtype=np.float32), 16000)
+    run = RecordingRun()
+    acc = Accelerator([Tracker("tensorboard", BrokenWriter()), Tracker("wandb", run)])
+    log = EventLog(tmp_path, "r1", sinks=[TrackerSink(acc)])
+    slice_fields = dict(modality="audio", sample=0, sample_key="ab", codebook=0, n_match=1, n_targets=2,
+                        first_pred=[1, 2], first_label=[1, 3], last_pred=[2], last_label=[3])
+    for step in (1, 2):
+        log.bind(step=step)
+        log.emit("pred_slice", **slice_fields)
+        log.emit("train_step", loss=1.0)
+        log.emit("generate_audio", prompt=0, text="hi", path=str(wav), error=None)
+    log.close()
+    errors = [(e["sink"], e["error_type"]) for e in of(events_of(tmp_path), "log_error")]
+    assert errors == [("TrackerSink", "OSError")]
+    assert [step for step, _ in acc.logged] == [1, 2]
+    assert [(step, sorted(v)) for step, v in run.logged] == [(1, ["slices/train"]), (1, ["generate/prompt-0"]),
+                                                            (2, ["slices/train"]), (2, ["generate/prompt-0"])]
+    table, audio = run.logged[2][1]["slices/train"], run.logged[3][1]["generate/prompt-0"]
+    assert isinstance(table, wandb.Table) and table.data == [["0", "ab", "codebook 0", "1/2", "1 2≠3", "2≠3"]]
+    assert isinstance(audio, wandb.Audio) and audio._caption == "step 2: hi"

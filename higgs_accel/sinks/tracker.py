@@ -97,7 +97,12 @@ class TrackerSink:
                 self._send_slices()
             self.slices.append(e)
             return
-        self._send_slices()
+        try:
+            self._send_slices()
+        finally:  # the event at hand goes out even when a tracker refused the slices before it
+            self._send(e)
+
+    def _send(self, e: dict) -> None:
         if e["event"] in self.FAMILIES:
             prefix = "eval/" if e["event"] == "eval" else "train/"
             values = {prefix + k: v for k, v in e.items()
