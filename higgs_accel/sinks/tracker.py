@@ -131,8 +131,10 @@ class TrackerSink:
             raise errors[0]
 
     def flush(self) -> None:
-        self._send_slices()
-        self._each(lambda m: m.flush())
+        try:
+            self._send_slices()
+        finally:
+            self._each(lambda m: m.flush())
 
     def close(self) -> None:
         try:
