@@ -122,7 +122,8 @@ class LogConfig:
     slice_codebooks: list[int] = _opt([0, 1, 2, 3, 4, 5, 6, 7], "codebooks shown in audio slices")
     parquet_flush_events: int = _opt(500, "write a Parquet part at least every N events")
     parquet_flush_seconds: float = _opt(30.0, "... or at least every N seconds")
-    log_with: list[str] = _opt([], "accelerate trackers fed from the same events (tensorboard, wandb, ...)")
+    log_with: list[str] = _opt([], "accelerate trackers fed from the same events: scalars to each; eval and "
+                               "generated audio and prediction slices too to tensorboard and wandb (docs/trackers.md)")
     eval_audio_samples: int = _opt(2, "eval samples decoded to WAV (teacher-forced prediction + label) at each eval; "
                                     "taken from the first eval batch, so at most train.batch_size")
     generate_every: int = _opt(0, "speak log.generate_prompts to WAV every N evals and at the last one (0: never)")
@@ -359,7 +360,24 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"'{key}' must be a finite number, got {v}")
     _check_ranges(cfg)
     _check_signals(t.stop_signals)
+    _check_trackers(cfg.log.log_with)
     check_output_dir(t.output_dir)
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Each of ``log.log_with`` is a tracker accelerate knows and is installed, before the model loads."""
+    if not names:
+        return
+    import accelerate.utils.imports as available
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"'log.log_with': unknown tracker {name!r}; accelerate has {', '.join(known)}")
+        if name != "all" and not getattr(available, f"is_{name}_available")():
+            extra = f"'higgs-accel[{name}]'" if name in ("tensorboard", "wandb") else name
+            raise ConfigError(f"'log.log_with': {name} is not installed (pip install {extra})")
 
 
 def _check_ranges(cfg: RunConfig) -> None:

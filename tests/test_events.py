@@ -327,6 +327,8 @@ def test_kill_9_leaves_whole_lines_and_readable_parts_then_resume_sees_each_step
 class FailingTracker:
     """An accelerate tracker backend that is down: every ``log`` raises."""
 
+    trackers = ()
+
     def log(self, values, step):
         raise ConnectionError("tracker unreachable")
 
@@ -408,6 +410,7 @@ def test_parquet_reads_in_pandas_polars_and_duckdb(full_run):
 def test_trackers_get_numeric_metrics_of_steps_and_evals(tmp_path):
     class FakeAccelerator:
         logged: list = []
+        trackers = ()
 
         def log(self, values, step):
             self.logged.append((step, values))
