@@ -59,6 +59,8 @@ class DataConfig:
     system_prompt: str = _opt("Generate audio following instruction.", "system turn of every sample")
     train_on_prompt: bool = _opt(False, "also put text targets on the system and user turns")
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
+    train_audio_out_bos: bool = _opt(True, "make <|audio_out_bos|> of the trained assistant turn a text target, as "
+                                     "the authors' training does (transformers' processor masks it)")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
     max_tokens: int = _opt(0, "skip a sample whose sequence (text + reference + target audio frames) is longer, as "
