@@ -93,7 +93,7 @@ def write_generated(model, tokenizer, codec, ids: SpecialIds, prompts: list[str]
             path = str(write_wav(Path(out_dir) / f"gen-{i}.wav", r["wave"], r["sample_rate"]))
         rows.append({"prompt": i, "text": text, "path": path, "seconds": r["seconds"], "n_frames": r["n_frames"],
                      "new_tokens": r["new_tokens"], "stopped": r["stopped"], "sample_rate": r["sample_rate"],
-                     "error": r["error"]})
+                     **(r["sampling"] or dict.fromkeys(SAMPLING_KEYS)), "error": r["error"]})
     return rows
 
 

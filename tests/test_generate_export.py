@@ -318,6 +318,24 @@ def test_generate_cli_writes_a_wav(run_dir, tmp_path, tiny):
     assert not (tmp_path / "c.wav").exists()
 
 
+def test_sampling_options_are_unset_unless_given():
+    """Each knob left out is None (the checkpoint's value); --greedy and --do-sample exclude each other. The log keys
+    are the same: null unless set, and set ones are what generation gets."""
+    from higgs_accel.config import load_config
+    from higgs_accel.samples import generation_options
+
+    base = ["generate", "--base", "B", "--text", "x", "--out", "o.wav"]
+    args = parse_args(base)
+    assert {key: getattr(args, key) for key in gen.SAMPLING_KEYS} == dict.fromkeys(gen.SAMPLING_KEYS)
+    assert parse_args([*base, "--greedy"]).do_sample is False and parse_args([*base, "--do-sample"]).do_sample
+    assert parse_args([*base, "--ras-win-len", "0"]).ras_win_len == 0
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--greedy", "--do-sample"])
+    cfg = load_config(None, [("preset", "tiny", "x"), ("log.generate_do_sample", "false", "x"),
+                             ("log.generate_top_p", "null", "x")])
+    assert generation_options(cfg.log, None)["sampling"] == {**dict.fromkeys(gen.SAMPLING_KEYS), "do_sample": False}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--base", "/nope/model", "--audio-tokenizer", "/nope", "--text", "x", "--out", "o.wav"],
      "--base: model dir not found: /nope/model"),
@@ -352,6 +370,8 @@ def test_training_generates_every_n_evals_in_the_reference_voice(tmp_path, tiny,
     assert [(e["step"], e["prompt"]) for e in generated] == [(2, 0), (2, 1), (4, 0), (4, 1)]
     for e in generated:
         assert e["error"] is None and sf.info(e["path"]).frames > 0
+        # the log keys set override the tiny checkpoint's config (silent on sampling: transformers' defaults)
+        assert (e["do_sample"], e["top_k"], e["temperature"], e["ras_win_len"]) == (True, 50, 1.0, None)
 
 
 def test_a_bad_reference_voice_stops_the_run_before_training(tmp_path, tiny, codes_cache):
