@@ -52,7 +52,7 @@ def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -
 
 
 def _metavar(key: str) -> str:
-    name = type_name(key)
+    name = type_name(key).removesuffix(" or null")
     if name.startswith("a list"):
         return "A,B,..."
     return {"true or false": "BOOL", "an integer": "INT", "a number": "FLOAT"}.get(name, "STR")

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import tempfile
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class DataConfig:
     system_prompt: str = _opt("Generate audio following instruction.", "system turn of every sample")
     train_on_prompt: bool = _opt(False, "also put text targets on the system and user turns")
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
+    train_audio_out_bos: bool = _opt(True, "make <|audio_out_bos|> of the trained assistant turn a text target, as "
+                                     "the authors' training does (transformers' processor masks it)")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
     max_tokens: int = _opt(0, "skip a sample whose sequence (text + reference + target audio frames) is longer, as "
@@ -132,10 +135,21 @@ class LogConfig:
     generate_max_new_tokens: int = _opt(300, "generation steps per prompt: 25 per second of audio, plus 8")
     generate_ref_audio: str = _opt("", "reference audio file: speak the prompts in its voice (empty: no cloning)")
     generate_ref_text: str = _opt("", "transcript of log.generate_ref_audio")
-    generate_do_sample: bool = _opt(False, "sample instead of greedy decoding (seeded: a resumed run sounds the same)")
-    generate_temperature: float = _opt(1.0, "sampling temperature (with log.generate_do_sample)")
-    generate_top_k: int = _opt(0, "sample from the K most likely codes only (0: no limit)")
-    generate_top_p: float = _opt(1.0, "sample from the smallest set of codes with this probability mass")
+    # Generation starts from the checkpoint's generation_config.json; each key below left null keeps its value.
+    generate_do_sample: bool | None = _opt(None, "true: sample (seeded: a resumed run sounds the same); false: greedy "
+                                          "argmax, without repetition-aware resampling unless "
+                                          "log.generate_ras_win_len is set; null: the checkpoint's choice")
+    generate_temperature: float | None = _opt(None, "sampling temperature (null: the checkpoint's)")
+    generate_top_k: int | None = _opt(None, "sample from the K most likely codes only (0: no limit; null: the "
+                                      "checkpoint's, else transformers' 50)")
+    generate_top_p: float | None = _opt(None, "sample from the smallest set of codes with this probability mass "
+                                        "(1: no limit; null: the checkpoint's)")
+    generate_ras_win_len: int | None = _opt(None, "repetition-aware sampling: a code seen "
+                                            "log.generate_ras_win_max_num_repeat times in the last N frames of its "
+                                            "codebook is redrawn from the untempered distribution (0: off; null: the "
+                                            "checkpoint's)")
+    generate_ras_win_max_num_repeat: int | None = _opt(None, "repeats within the window that trigger the redraw "
+                                                       "(null: the checkpoint's, else 2)")
 
 
 @dataclass
@@ -186,8 +200,20 @@ def all_keys() -> dict[str, tuple[dataclasses.Field, object]]:
     return keys
 
 
+def optional_of(tp):
+    """``X`` of a ``X | None`` hint (a key whose null means "not set here"), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _coerce(key: str, value, where: str):
     f, tp = all_keys()[key]
+    if (inner := optional_of(tp)) is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+            return None
+        tp = inner
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is list:
@@ -237,6 +263,8 @@ def _scalar(tp, value):
 
 
 def _type_name(tp) -> str:
+    if (inner := optional_of(tp)) is not None:
+        return f"{_type_name(inner)} or null"
     if typing.get_origin(tp) is list:
         return f"a list of {typing.get_args(tp)[0].__name__}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -356,6 +384,8 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     for key, (_, tp) in all_keys().items():
         v = getattr(getattr(cfg, key.split(".")[0]) if "." in key else cfg, key.split(".")[-1])
+        if optional_of(tp) is float and v is not None:
+            tp = float
         if tp is float and not math.isfinite(v):
             raise ConfigError(f"'{key}' must be a finite number, got {v}")
     _check_ranges(cfg)
@@ -398,8 +428,9 @@ def _check_ranges(cfg: RunConfig) -> None:
                    "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch, "data.max_tokens": cfg.data.max_tokens,
                    "data.encode_batch_seconds": cfg.data.encode_batch_seconds,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
-                   "log.generate_top_k": cfg.log.generate_top_k}.items():
-        if v < 0:
+                   "log.generate_top_k": cfg.log.generate_top_k,
+                   "log.generate_ras_win_len": cfg.log.generate_ras_win_len}.items():
+        if v is not None and v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
     if t.lr <= 0:
         raise ConfigError(f"'train.lr' must be greater than 0, got {t.lr}")
@@ -421,10 +452,13 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     if bad := [c for c in cfg.log.slice_codebooks if c < 0]:
         raise ConfigError(f"'log.slice_codebooks' holds negative codebooks: {bad}")
-    if cfg.log.generate_temperature <= 0:
+    if cfg.log.generate_temperature is not None and cfg.log.generate_temperature <= 0:
         raise ConfigError(f"'log.generate_temperature' must be greater than 0, got {cfg.log.generate_temperature}")
-    if not 0 < cfg.log.generate_top_p <= 1:
+    if cfg.log.generate_top_p is not None and not 0 < cfg.log.generate_top_p <= 1:
         raise ConfigError(f"'log.generate_top_p' must be in (0, 1], got {cfg.log.generate_top_p}")
+    if cfg.log.generate_ras_win_max_num_repeat is not None and cfg.log.generate_ras_win_max_num_repeat < 1:
+        raise ConfigError("'log.generate_ras_win_max_num_repeat' must be at least 1, got "
+                          f"{cfg.log.generate_ras_win_max_num_repeat}")
     if cfg.log.generate_ref_audio and not Path(cfg.log.generate_ref_audio).is_file():
         raise ConfigError(f"'log.generate_ref_audio': file not found: {cfg.log.generate_ref_audio}")
     if cfg.log.generate_max_new_tokens < 2:

@@ -406,7 +406,7 @@ class HiggsDataset(torch.utils.data.Dataset):
             return problem
         try:
             example = build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg.system_prompt,
-                                    self.cfg.train_on_prompt, self.cfg.train_audio_eos)
+                                    self.cfg.train_on_prompt, self.cfg.train_audio_eos, self.cfg.train_audio_out_bos)
         except Exception as e:  # noqa: BLE001 - StopIteration included: see the class doc
             return Skip(s.source, s.line, "build_failed", f"{type(e).__name__}: {e}")
         limit = token_limit(self.cfg, 0)
