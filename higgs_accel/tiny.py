@@ -81,6 +81,52 @@ def build_model(out_dir: Path, tokenizer):
     tokenizer.save_pretrained(out_dir)
 
 
+SCORER_RATE = 16000
+_TINY_WAV2VEC2 = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, do_stable_layer_norm=False)
+
+
+def _scorer_features(return_attention_mask: bool):
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SCORER_RATE, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=return_attention_mask)
+
+
+def build_asr(out_dir: Path, says: str = "a"):
+    """A tiny CTC speech recognizer (``Wav2Vec2ForCTC`` + character tokenizer + feature extractor) whose output
+    layer is rigged to emit the character ``says`` on every frame: CTC collapses the repeats, so it transcribes
+    any audio as exactly ``says``: a known transcript through the real pipeline."""
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC, Wav2Vec2Processor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(out_dir / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                                     word_delimiter_token="|")
+    Wav2Vec2Processor(feature_extractor=_scorer_features(False), tokenizer=tokenizer).save_pretrained(out_dir)
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(**_TINY_WAV2VEC2, vocab_size=len(vocab), pad_token_id=0))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[vocab[says]] = 10.0
+    model.save_pretrained(out_dir)
+    return model
+
+
+def build_speaker(out_dir: Path):
+    """A tiny random speaker-verification model (``WavLMForXVector``) with its feature extractor."""
+    from transformers import WavLMConfig, WavLMForXVector
+
+    cfg = WavLMConfig(**_TINY_WAV2VEC2, num_buckets=16, max_bucket_distance=64, tdnn_dim=(16, 16),
+                      tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8)
+    model = WavLMForXVector(cfg).eval()
+    model.save_pretrained(out_dir)
+    _scorer_features(True).save_pretrained(out_dir)
+    return model
+
+
 def speech_like(text: str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Voiced syllables whose pitch and length follow the words, with pauses: enough structure to learn."""
     pieces = []
