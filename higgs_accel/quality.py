@@ -137,6 +137,11 @@ def load_asr(ref: str, device: torch.device | str = "cpu", key: str = "'eval.asr
 
     from .model import load_ref
 
+    try:
+        import jiwer  # noqa: F401 - checked before the run, not at its first generation round
+    except ImportError:
+        raise ConfigError(f"{key}: WER/CER need jiwer: pip install 'higgs-accel[quality]'") from None
+
     pipe = load_ref(key, "an automatic-speech-recognition model", ref,
                     lambda r: pipeline(ASR_TASK, model=r, device=torch.device(device)))
     if pipe.feature_extractor is None:
@@ -152,7 +157,14 @@ def load_speaker(ref: str, device: torch.device | str = "cpu", key: str = "'eval
 
     what = "a speaker-verification x-vector model (AutoModelForAudioXVector)"
     features = load_ref(key, f"the feature extractor of {what}", ref, AutoFeatureExtractor.from_pretrained)
-    model = load_ref(key, what, ref, AutoModelForAudioXVector.from_pretrained)
+    model, info = load_ref(key, what, ref,
+                           lambda r: AutoModelForAudioXVector.from_pretrained(r, output_loading_info=True))
+    if info["missing_keys"]:
+        # transformers builds an x-vector head on any checkpoint of the family (a plain WavLM, a CTC model) and
+        # initialises it at random: its "similarities" would mean nothing.
+        missing = sorted(info["missing_keys"])
+        raise ConfigError(f"{key}: '{ref}' is no trained x-vector model: {len(missing)} weights missing "
+                          f"({', '.join(missing[:3])}, ...)")
     return features, model.to(device).eval().requires_grad_(False)
 
 
@@ -278,11 +290,11 @@ class QualityScorer:
         rate = self.asr.feature_extractor.sampling_rate
         heard = [r for r in rows if r["_wave"] is not None and len(r["_wave"])]
         try:
-            transcripts = self.transcribe([resample(r["_wave"], r["_rate"], rate) for r in heard])
+            transcripts = self.transcribe([resample(r["_wave"], r["_rate"], rate) for r in heard]) if heard else []
         except Exception as e:  # noqa: BLE001 - the ASR failing costs the WER of this round, never the run
+            transcripts = [None] * len(heard)
             for r in heard:
                 r["error"] = f"ASR failed: {_one_line(e)}"
-            return
         for r, t in zip(heard, transcripts):
             r["transcript"] = t
         for r in rows:

@@ -51,6 +51,10 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "pred_path": _STR, "label_path": _STR, "n_frames": _INT, "pred_seconds": _FLOAT, "label_seconds": _FLOAT,
     "sample_rate": _INT, "acc": _FLOAT, "acc_cb": _FLOATS, "prompt": _INT, "text": _STR, "path": _STR,
     "seconds": _FLOAT, "new_tokens": _INT, "stopped": _STR, "error": _STR,
+    # quality, quality_summary
+    "transcript": _STR, "wer": _FLOAT, "cer": _FLOAT, "similarity": _FLOAT, "rtf": _FLOAT, "baseline": _BOOL,
+    "utterances": _INT, "no_audio": _INT, "asr_model": _STR, "speaker_model": _STR, "reference": _STR,
+    "score_s": _FLOAT,
     # checkpoint, adapter_saved, run_resume, log_error, library_log, run_end
     "adapter": _STR, "checkpoint": _STR, "from_step": _INT, "sink": _STR, "error_type": _STR, "fragment": _STR,
     "logger": _STR, "message": _STR, "status": _STR, "elapsed_s": _FLOAT, "completed_steps": _INT,

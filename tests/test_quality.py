@@ -1,0 +1,232 @@
+"""Scoring generated speech: text normalisation, WER/CER, speaker similarity, through real tiny transformers models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from higgs_accel.config import ConfigError, EvalConfig, load_config
+from higgs_accel.quality import (
+    QualityScorer,
+    Utterance,
+    cosine,
+    error_rates,
+    load_asr,
+    load_speaker,
+    normalize_text,
+    score_round,
+    spell_number,
+    summarize_round,
+)
+from higgs_accel.sinks import declared_type
+from higgs_accel.tiny import build_asr, build_speaker, speech_like
+from tests.test_events import documented_fields
+
+
+@pytest.fixture(scope="module")
+def scorer_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("scorers")
+    build_asr(root / "asr", says="a")
+    build_speaker(root / "speaker")
+    return {"asr": str(root / "asr"), "speaker": str(root / "speaker")}
+
+
+@pytest.fixture(scope="module")
+def scorer(scorer_dirs) -> QualityScorer:
+    """Loaded through the config, as a run loads them: the pipeline and AutoModelForAudioXVector from disk."""
+    cfg = EvalConfig(asr_model=scorer_dirs["asr"], speaker_model=scorer_dirs["speaker"], batch_size=2)
+    return QualityScorer.from_config(cfg)
+
+
+def voice(f0: float, seconds: float = 1.0, rate: int = 24000, brightness: float = 1.0) -> np.ndarray:
+    """A synthetic speaker: a harmonic tone at ``f0`` whose harmonics fall off by ``brightness``."""
+    t = np.arange(int(seconds * rate)) / rate
+    wave = sum(np.sin(2 * np.pi * h * f0 * t) / h**brightness for h in range(1, 8))
+    return (0.2 * wave * (1 + 0.3 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize("digits, words", [
+    ("0", "zero"), ("7", "seven"), ("13", "thirteen"), ("40", "forty"), ("42", "forty two"),
+    ("100", "one hundred"), ("305", "three hundred five"), ("1999", "one thousand nine hundred ninety nine"),
+    ("2000000", "two million"), ("1000001", "one million one"), ("007", "zero zero seven"),
+    ("1234567890123", "one two three four five six seven eight nine zero one two three"),
+])
+def test_numbers_are_spelled_by_the_documented_rule(digits, words):
+    assert spell_number(digits) == words
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Hello, World!", "hello world"),
+    ("  The   QUICK\tfox.  ", "the quick fox"),
+    ("Don't stop—it's well-known.", "dont stop its well known"),
+    ("\u201cQuoted\u201d (text) [here]", "quoted text here"),
+    ("I have 42 apples.", "i have forty two apples"),
+    ("It costs $1,250.", "it costs one thousand two hundred fifty"),
+    ("Pi is 3.14", "pi is three point one four"),
+    ("Room 7B", "room seven b"),
+    ("Straße", "strasse"),
+    ("!!!", ""),
+])
+def test_normalisation_cases(text, expected):
+    assert normalize_text(text) == expected
+
+
+def test_without_spelling_numbers_digits_stay_tokens():
+    assert normalize_text("I have 42 apples, 3.5 kg.", spell_numbers=False) == "i have 42 apples 3 5 kg"
+
+
+def test_wer_and_cer_against_hand_counts():
+    # "the cat sat" vs "the hat sat down": 1 substitution + 1 insertion over 3 reference words.
+    wer, cer = error_rates(["the cat sat"], ["the hat sat down"])
+    assert wer == pytest.approx(2 / 3)
+    # characters: "the cat sat" (11) -> "the hat sat down": c->h, then " down" inserted (5): 6 edits.
+    assert cer == pytest.approx(6 / 11)
+    assert error_rates(["a b c"], ["a b c"]) == (0.0, 0.0)
+    assert error_rates(["a b c"], [""]) == (1.0, 1.0)  # silence: every word deleted
+    # pooled over utterances: 1 error in 1 word + 0 in 3 words = 1/4 (a mean of rates would say 1/2)
+    assert error_rates(["yes", "a b c"], ["no", "a b c"])[0] == pytest.approx(1 / 4)
+
+
+def test_cosine():
+    assert cosine(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.0)
+    assert cosine(np.array([1.0, 0.0]), np.array([0.0, 3.0])) == pytest.approx(0.0)
+    assert cosine(np.array([1.0, 0.0]), np.array([-1.0, 0.0])) == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------- scorers
+
+
+def test_the_asr_pipeline_transcribes_and_wer_follows_normalisation(scorer):
+    wave = speech_like("hello there", np.random.default_rng(0))
+    row = scorer.score(wave, 24000, "A!")
+    assert row["transcript"] == "a"  # the tiny CTC model says "a" to anything
+    assert (row["wer"], row["cer"]) == (0.0, 0.0)  # "A!" normalises to "a"
+    row = scorer.score(wave, 24000, "a b")
+    assert row["wer"] == pytest.approx(1 / 2) and row["cer"] == pytest.approx(2 / 3)
+    assert row["seconds"] == pytest.approx(len(wave) / 24000)
+    assert row["similarity"] is None and row["error"] is None  # no reference voice given
+
+
+def test_a_batch_goes_through_the_pipeline_in_batches_and_keeps_order(scorer):
+    rng = np.random.default_rng(1)
+    texts = ["a", "b", "a a", "A.", "c d e"]
+    utts = [Utterance(t, speech_like("some words here", rng, 16000), 16000, prompt=i, gen_time_s=0.5)
+            for i, t in enumerate(texts)]
+    rows = scorer.score_batch(utts)
+    assert [r["prompt"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["wer"] for r in rows] == pytest.approx([0.0, 1.0, 0.5, 0.0, 1.0])
+    assert all(r["rtf"] == pytest.approx(0.5 / r["seconds"]) for r in rows)
+
+
+def test_identical_audio_has_similarity_one_and_another_speaker_less(scorer):
+    a, b = voice(110, brightness=1.0), voice(260, brightness=0.3)
+    same = scorer.score(a, 24000, "a", reference_audio=a, reference_rate=24000)["similarity"]
+    other = scorer.score(a, 24000, "a", reference_audio=b, reference_rate=24000)["similarity"]
+    assert same == pytest.approx(1.0, abs=1e-6)
+    assert other < same - 1e-4
+
+
+def test_the_rate_is_converted_to_the_scorers_rate(scorer, tmp_path):
+    """The same speech at 24 kHz in a file and at 16 kHz in memory: resampled to the scorer's 16 kHz, they match."""
+    import torchaudio
+
+    a24 = voice(150)
+    a16 = torchaudio.functional.resample(__import__("torch").from_numpy(a24), 24000, 16000).numpy()
+    sf.write(tmp_path / "ref.wav", a24, 24000, subtype="FLOAT")
+    row = scorer.score(a16, 16000, "a", reference_audio=tmp_path / "ref.wav")
+    assert row["similarity"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_missing_audio_scores_as_silence(scorer, tmp_path):
+    rows = scorer.score_batch([Utterance("a b", None, error="generation failed: no frame"),
+                               Utterance("a b", np.zeros(0, np.float32), 24000),
+                               Utterance("a b", tmp_path / "missing.wav")])
+    for r in rows:
+        assert (r["transcript"], r["wer"], r["cer"], r["similarity"]) == ("", 1.0, 1.0, None)
+        assert r["seconds"] == 0.0 and r["error"]
+    assert rows[0]["error"] == "generation failed: no frame"
+    assert rows[2]["error"].startswith("cannot read the audio")
+
+
+def test_only_the_configured_scorers_run(scorer_dirs):
+    assert QualityScorer.from_config(EvalConfig()) is None  # no scorer: nothing to load, nothing changes
+    asr_only = QualityScorer.from_config(EvalConfig(asr_model=scorer_dirs["asr"]))
+    wave = voice(120)
+    row = asr_only.score(wave, 24000, "a", reference_audio=wave, reference_rate=24000)
+    assert row["wer"] == 0.0 and row["similarity"] is None
+    voice_only = QualityScorer.from_config(EvalConfig(speaker_model=scorer_dirs["speaker"]))
+    row = voice_only.score(wave, 24000, "a", reference_audio=wave, reference_rate=24000)
+    assert row["wer"] is None and row["transcript"] is None and row["similarity"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_missing_or_unloadable_scorer_is_one_config_error(tmp_path, scorer_dirs):
+    with pytest.raises(ConfigError, match=r"^'eval.asr_model': model dir not found: .*nope$"):
+        load_asr(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^'eval.speaker_model': cannot load .* from '.*empty'") as e:
+        load_speaker(str(tmp_path / "empty"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^'eval.asr_model': cannot load an automatic-speech-recognition model"):
+        load_asr(str(tmp_path / "empty"))
+    # transformers would load the CTC model as an x-vector model with a random head: refused
+    with pytest.raises(ConfigError, match=r"^'eval.speaker_model': '.*asr' is no trained x-vector model: \d+ weights"):
+        load_speaker(scorer_dirs["asr"])
+    # validated with the config, before anything loads
+    with pytest.raises(ConfigError, match=r"^'eval.speaker_model': model dir not found"):
+        load_config(None, [("preset", "tiny", "test"), ("eval.speaker_model", str(tmp_path / "nope"), "test")])
+    with pytest.raises(ConfigError, match=r"'eval.batch_size' must be at least 1"):
+        load_config(None, [("preset", "tiny", "test"), ("eval.batch_size", 0, "test")])
+
+
+# ---------------------------------------------------------------- rounds and events
+
+
+def _generated(tmp_path) -> tuple[list[dict], str]:
+    """generate_audio rows as the loop emits them, with one failed generation, and a reference voice file."""
+    rng = np.random.default_rng(2)
+    rows = []
+    for i, text in enumerate(["A.", "a b c", "Nothing came out."]):
+        path = None
+        if i < 2:
+            path = str(tmp_path / f"gen-{i}.wav")
+            sf.write(path, speech_like("words here", rng), 24000)
+        rows.append({"prompt": i, "text": text, "path": path, "seconds": 0.0, "n_frames": 0, "new_tokens": 0,
+                     "stopped": "eos", "sample_rate": 24000, "gen_time_s": 0.3 if path else None,
+                     "error": None if path else "no audio frame generated"})
+    sf.write(tmp_path / "ref.wav", voice(140), 24000)
+    return rows, str(tmp_path / "ref.wav")
+
+
+def test_a_round_gives_quality_rows_and_a_pooled_summary(scorer, tmp_path):
+    generated, ref = _generated(tmp_path)
+    rows, summary = score_round(scorer, generated, reference=ref, baseline=True)
+    assert [r["wer"] for r in rows] == pytest.approx([0.0, 2 / 3, 1.0])
+    assert all(r["baseline"] for r in rows)
+    assert rows[0]["path"] == generated[0]["path"] and rows[2]["path"] is None
+    assert rows[0]["similarity"] is not None and rows[2]["similarity"] is None
+    # pooled: 0 + 2 + 3 word errors over 1 + 3 + 3 reference words
+    assert summary["wer"] == pytest.approx(5 / 7)
+    assert summary["similarity"] == pytest.approx((rows[0]["similarity"] + rows[1]["similarity"]) / 2)
+    assert (summary["utterances"], summary["no_audio"], summary["baseline"]) == (3, 1, True)
+    assert summary["reference"] == ref and summary["score_s"] > 0
+    assert summary["asr_model"] and summary["speaker_model"]
+    empty = summarize_round([], 0.0)
+    assert (empty["wer"], empty["similarity"], empty["utterances"]) == (None, None, 0)
+
+
+def test_quality_events_match_docs_and_their_declared_types(scorer, tmp_path):
+    _, documented = documented_fields()
+    generated, ref = _generated(tmp_path)
+    rows, summary = score_round(scorer, generated, reference=ref)
+    for name, events in (("quality", rows), ("quality_summary", [summary])):
+        fields = documented[name]
+        for event in events:
+            assert set(event) == set(fields), name
+            for field, value in event.items():
+                assert declared_type(field) is not None, field
+                kind = {"double": (float, int), "int64": int, "bool": bool, "string": str}[str(declared_type(field))]
+                assert value is None or isinstance(value, kind), (name, field, value)
