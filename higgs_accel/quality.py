@@ -368,3 +368,98 @@ def _one_line(e: Exception) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
+
+
+# ---------------------------------------------------------------- evaluate a finished run
+
+
+def run_section(run_dir: str | Path, section: str, cls, **overrides):
+    """Section ``section`` of a run's config.yaml as dataclass ``cls`` (defaults for keys it lacks: an older run),
+    with ``overrides`` (non-empty values only, e.g. command-line flags) on top."""
+    import dataclasses
+
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--run: {run_dir} is not a run dir (no config.yaml)")
+    values = (yaml.safe_load(path.read_text()) or {}).get(section) or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in values.items() if k in names}
+    values.update({k: v for k, v in overrides.items() if v not in (None, "")})
+    return cls(**values)
+
+
+def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig, out_dir: str | Path | None = None,
+                 adapter: str | None = None, baseline: bool = False, max_new_tokens: int = 750, limit: int = 0,
+                 seed: int = 0, device: str | None = None, progress: bool = True) -> tuple[list[dict], dict]:
+    """The body of ``higgs-accel evaluate --run RUN_DIR --manifest HELD_OUT``: speak every text of a held-out
+    manifest (any source ``data.train_manifest`` takes, read with the run's field names) with the run's adapter
+    (or ``adapter``; the base model alone with ``baseline``), then score each generation.
+
+    A sample with reference audio is spoken in that voice (cloning) and its similarity is measured against the
+    reference; a sample without one is spoken plainly and compared with its own recording, the target voice.
+    Writes under ``out_dir`` (default ``RUN_DIR/evaluate/<manifest name>`` or ``...-base``): ``gen-<i>.wav``,
+    ``ref-<i>.wav`` (the voice compared against, at the codec's rate), ``quality.jsonl`` (the ``quality`` event
+    fields plus ``source`` and ``line`` of the sample) and ``summary.json`` (the ``quality_summary`` fields plus
+    ``manifest``, ``adapter`` and ``gen_s``). Returns (rows, summary). Generation is one utterance at a time,
+    scoring ``eval_cfg.batch_size`` at a time, each with a progress bar."""
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    from .chat import SpecialIds
+    from .config import DataConfig
+    from .data import decode_audio, read_source
+    from .generate import generate_speech, load_codec, load_model, load_tokenizer, run_sources, write_wav
+    from .model import DTYPES
+
+    src = run_sources(str(run_dir))
+    adapter = None if baseline else (adapter or src["adapter"])
+    scorer = QualityScorer.from_config(eval_cfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if scorer is None:
+        raise ConfigError("evaluate needs a scorer: set eval.asr_model and/or eval.speaker_model (in the run's "
+                          "config or as flags)")
+    data = run_section(run_dir, "data", DataConfig)
+    samples, skips = read_source(str(manifest), data)
+    samples = samples[:limit] if limit else samples
+    if not samples:
+        raise ConfigError(f"--manifest: {manifest} has no usable sample ({len(skips)} skipped)")
+    out = Path(out_dir) if out_dir else Path(run_dir) / "evaluate" / (Path(manifest).stem + ("-base" if baseline
+                                                                                             else ""))
+    out.mkdir(parents=True, exist_ok=True)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(src["text_tokenizer"])
+    codec = load_codec(src["audio_tokenizer"]).to(dev)
+    model = load_model(src["base"], adapter, DTYPES[src["dtype"]]).to(dev)
+    ids = SpecialIds.from_parts(tokenizer, model.config)
+    rate = codec.config.sample_rate
+    show = progress and sys.stderr.isatty()
+
+    utterances, gen_start = [], time.perf_counter()
+    for i, s in enumerate(tqdm(samples, desc="generating", unit="utt", disable=not show)):
+        ref_path = write_wav(out / f"ref-{i}.wav", decode_audio((s.ref_audio or s.audio).read(), rate), rate)
+        start = time.perf_counter()
+        r = generate_speech(model, tokenizer, codec, ids, s.text, ref_audio=ref_path if s.ref_audio else None,
+                            ref_text=s.ref_text, scene=s.scene, system_prompt=s.system or src["system_prompt"],
+                            max_new_tokens=max_new_tokens, seed=seed + i)
+        gen_time = time.perf_counter() - start
+        path = None if r["error"] else write_wav(out / f"gen-{i}.wav", r["wave"], r["sample_rate"])
+        utterances.append(Utterance(s.text, path, reference=ref_path, prompt=i, gen_time_s=gen_time,
+                                    error=r["error"]))
+    gen_s = time.perf_counter() - gen_start
+
+    start, rows, step = time.perf_counter(), [], max(1, eval_cfg.batch_size)
+    for k in tqdm(range(0, len(utterances), step), desc="scoring", unit="batch", disable=not show):
+        rows += scorer.score_batch(utterances[k:k + step])
+    rows = [{**row, "baseline": baseline, "source": s.source, "line": s.line} for row, s in zip(rows, samples)]
+    summary = summarize_round(rows, time.perf_counter() - start, scorer.asr_name, scorer.speaker_name, None,
+                              baseline, scorer.spell_numbers)
+    summary.update(manifest=str(manifest), adapter=adapter, gen_s=gen_s)
+    with open(out / "quality.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return rows, summary
+

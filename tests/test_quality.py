@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -12,9 +14,11 @@ from higgs_accel.quality import (
     Utterance,
     cosine,
     error_rates,
+    evaluate_run,
     load_asr,
     load_speaker,
     normalize_text,
+    run_section,
     score_round,
     spell_number,
     summarize_round,
@@ -230,3 +234,52 @@ def test_quality_events_match_docs_and_their_declared_types(scorer, tmp_path):
                 assert declared_type(field) is not None, field
                 kind = {"double": (float, int), "int64": int, "bool": bool, "string": str}[str(declared_type(field))]
                 assert value is None or isinstance(value, kind), (name, field, value)
+
+
+# ---------------------------------------------------------------- evaluate a finished run
+
+
+def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes_cache, scorer_dirs):
+    import json
+
+    from tests.conftest import train_run
+
+    run_dir = tmp_path / "run"
+    train_run(run_dir, tiny, codes_cache, train__max_steps=1, train__eval_every=0, train__save_every=0,
+              eval__asr_model=scorer_dirs["asr"])
+    # the run's eval section is what evaluate starts from; flags on top
+    cfg = run_section(run_dir, "eval", EvalConfig, speaker_model=scorer_dirs["speaker"], asr_language="")
+    assert (cfg.asr_model, cfg.speaker_model) == (scorer_dirs["asr"], scorer_dirs["speaker"])
+    held_out = tmp_path / "held_out.jsonl"
+    lines = Path(tiny["data.val_manifest"]).read_text().splitlines()[:2]
+    rows = [json.loads(x) for x in lines]
+    for r in rows:
+        r["audio"] = str(Path(tiny["data.val_manifest"]).parent / r["audio"])
+    rows[0]["text"], rows[1]["text"] = "The quick fox.", "A lazy dog!"
+    rows[1].update(ref_audio=rows[0]["audio"], ref_text=rows[0]["text"])  # the second one clones a voice
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out, summary = evaluate_run(run_dir, held_out, cfg, max_new_tokens=20, progress=False)
+    where = run_dir / "evaluate" / "held_out"
+    assert [json.loads(x) for x in (where / "quality.jsonl").read_text().splitlines()] == out
+    assert json.loads((where / "summary.json").read_text()) == summary
+    assert [(r["prompt"], r["line"], r["text"]) for r in out] == [(0, 1, rows[0]["text"]), (1, 2, rows[1]["text"])]
+    for r in out:  # the tiny model speaks until the limit: 20 steps = 12 frames at 25/s
+        assert r["error"] is None and r["seconds"] == pytest.approx(12 / 25) and r["rtf"] > 0
+        assert r["transcript"] == "a"
+        assert -1 <= r["similarity"] <= 1 and Path(r["path"]).is_file()
+    assert [r["wer"] for r in out] == pytest.approx([1.0, 2 / 3])  # "a" for "the quick fox", "a lazy dog"
+    assert summary["adapter"] == str(run_dir / "adapter") and summary["wer"] == pytest.approx(5 / 6)
+    assert not summary["baseline"]
+    # the reference of the cloned sample is its ref_audio, of the other its own recording
+    import soundfile as sf
+
+    ref0, _ = sf.read(where / "ref-0.wav")
+    ref1, _ = sf.read(where / "ref-1.wav")
+    np.testing.assert_array_equal(ref0, ref1)
+
+    _, base = evaluate_run(run_dir, held_out, cfg, max_new_tokens=20, baseline=True, limit=1, progress=False)
+    assert base["baseline"] and base["adapter"] is None and base["utterances"] == 1
+    assert (run_dir / "evaluate" / "held_out-base" / "gen-0.wav").is_file()
+    with pytest.raises(ConfigError, match="evaluate needs a scorer"):
+        evaluate_run(run_dir, held_out, EvalConfig(), progress=False)
