@@ -200,7 +200,11 @@ class QualityScorer:
         (a run without scorers does exactly what it did before)."""
         if not (cfg.asr_model or cfg.speaker_model):
             return None
-        return cls(asr=load_asr(cfg.asr_model, device) if cfg.asr_model else None,
+        asr = load_asr(cfg.asr_model, device) if cfg.asr_model else None
+        if cfg.asr_language and getattr(asr, "type", None) != "seq2seq_whisper":
+            raise ConfigError("'eval.asr_language' applies to a Whisper 'eval.asr_model' only, not to "
+                              f"{'none' if asr is None else type(asr.model).__name__}")
+        return cls(asr=asr,
                    speaker=load_speaker(cfg.speaker_model, device) if cfg.speaker_model else None,
                    spell_numbers=cfg.spell_numbers, batch_size=cfg.batch_size, asr_language=cfg.asr_language,
                    asr_name=cfg.asr_model or None, speaker_name=cfg.speaker_model or None)

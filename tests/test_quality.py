@@ -182,6 +182,8 @@ def test_a_missing_or_unloadable_scorer_is_one_config_error(tmp_path, scorer_dir
     # validated with the config, before anything loads
     with pytest.raises(ConfigError, match=r"^'eval.speaker_model': model dir not found"):
         load_config(None, [("preset", "tiny", "test"), ("eval.speaker_model", str(tmp_path / "nope"), "test")])
+    with pytest.raises(ConfigError, match=r"^'eval.asr_language' applies to a Whisper .* not to Wav2Vec2ForCTC$"):
+        QualityScorer.from_config(EvalConfig(asr_model=scorer_dirs["asr"], asr_language="english"))
     with pytest.raises(ConfigError, match=r"'eval.batch_size' must be at least 1"):
         load_config(None, [("preset", "tiny", "test"), ("eval.batch_size", 0, "test")])
 
