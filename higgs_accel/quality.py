@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, EvalConfig
+from .data import load_audio, resample
 
 ASR_TASK = "automatic-speech-recognition"
 
@@ -106,21 +107,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------- audio
 
 
-def resample(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
-    """Mono float32 at ``target_rate``."""
-    wave = np.asarray(wave, np.float32).reshape(-1)
-    if sample_rate != target_rate and len(wave):
-        import torchaudio
-
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), sample_rate, target_rate).numpy()
-    return np.ascontiguousarray(wave, np.float32)
-
-
 def _audio_at(audio, sample_rate: int | None, target_rate: int) -> np.ndarray:
     """``audio`` (a file path, or a wave at ``sample_rate``) as mono float32 at ``target_rate``."""
     if isinstance(audio, (str, Path)):
-        from .data import load_audio
-
         return load_audio(audio, target_rate)
     if sample_rate is None:
         raise ValueError("a wave needs its sample_rate")
