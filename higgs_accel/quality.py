@@ -348,6 +348,14 @@ def score_round(scorer: QualityScorer, generated: list[dict], reference: str | P
     return rows, summary
 
 
+def emit_round(log, rows: list[dict], summary: dict) -> None:
+    """The events of one scored round into ``log`` (an ``EventLog``): a ``quality`` per utterance (level warning
+    when its ``error`` is set), then the ``quality_summary``."""
+    for row in rows:
+        log.emit("quality", level="warning" if row["error"] else "info", **row)
+    log.emit("quality_summary", **summary)
+
+
 def _cuda_devices(scorer: QualityScorer) -> list:
     devices = []
     if scorer.asr is not None:

@@ -13,6 +13,7 @@ from higgs_accel.quality import (
     QualityScorer,
     Utterance,
     cosine,
+    emit_round,
     error_rates,
     evaluate_run,
     load_asr,
@@ -224,18 +225,29 @@ def test_a_round_gives_quality_rows_and_a_pooled_summary(scorer, tmp_path):
     assert (empty["wer"], empty["similarity"], empty["utterances"]) == (None, None, 0)
 
 
-def test_quality_events_match_docs_and_their_declared_types(scorer, tmp_path):
-    _, documented = documented_fields()
+def test_quality_events_in_the_log_match_docs_and_their_declared_types(scorer, tmp_path):
+    import pyarrow.parquet as pq
+
+    from higgs_accel.events import EventLog
+    from higgs_accel.sinks import ParquetSink, compact
+    from tests.conftest import read_events
+
     generated, ref = _generated(tmp_path)
-    rows, summary = score_round(scorer, generated, reference=ref)
-    for name, events in (("quality", rows), ("quality_summary", [summary])):
-        fields = documented[name]
-        for event in events:
-            assert set(event) == set(fields), name
-            for field, value in event.items():
-                assert declared_type(field) is not None, field
-                kind = {"double": (float, int), "int64": int, "bool": bool, "string": str}[str(declared_type(field))]
-                assert value is None or isinstance(value, kind), (name, field, value)
+    log = EventLog(tmp_path / "run", "r1", sinks=[ParquetSink(tmp_path / "run" / "events")])
+    log.bind(step=0, epoch=0, phase="eval")
+    emit_round(log, *score_round(scorer, generated, reference=ref, baseline=True))
+    log.flush()
+    compact(tmp_path / "run" / "events")
+    common, documented = documented_fields()
+    events = read_events(tmp_path / "run")
+    assert [e["event"] for e in events] == ["quality"] * 3 + ["quality_summary"]
+    assert [e["level"] for e in events] == ["info", "info", "warning", "info"]  # the failed generation warns
+    for e in events:
+        assert set(e) - common == set(documented[e["event"]]), e["event"]
+    for name in ("quality", "quality_summary"):
+        [part] = (tmp_path / "run" / "events" / name).glob("part-*.parquet")
+        for field in pq.read_schema(part):
+            assert field.type == declared_type(field.name), (name, field.name, field.type)
 
 
 # ---------------------------------------------------------------- evaluate a finished run
