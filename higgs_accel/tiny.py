@@ -115,6 +115,55 @@ def build_asr(out_dir: Path, says: str = "a"):
     return model
 
 
+def build_whisper_asr(out_dir: Path):
+    """A tiny Whisper (byte-level BPE tokenizer with Whisper's special tokens, 80-mel feature extractor, generation
+    config with languages and tasks) rigged to end every transcript at once: it transcribes any audio as ``""``,
+    through the real seq2seq pipeline, language and task prompts included."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([" ".join(WORDS)] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(str(out_dir))
+    end = "<|endoftext|>"
+    tokenizer = WhisperTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), unk_token=end,
+                                 bos_token=end, eos_token=end, pad_token=end)
+    special = ["<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80, sampling_rate=SCORER_RATE),
+                     tokenizer=tokenizer).save_pretrained(out_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in [end, *special]}
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=1500, max_target_positions=64, pad_token_id=ids[end], bos_token_id=ids[end],
+        eos_token_id=ids[end], decoder_start_token_id=ids["<|startoftranscript|>"]))
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids[end], pad_token_id=ids[end],
+        bos_token_id=ids[end], no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=True,
+        lang_to_id={"<|en|>": ids["<|en|>"], "<|de|>": ids["<|de|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}, max_length=32,
+        begin_suppress_tokens=[], suppress_tokens=[])
+    with torch.no_grad():  # the output layer (tied to the token embeddings) sees one constant vector: end-of-text's
+        # (the padding row, zero until now: Whisper pads with end-of-text), far longer than any other embedding
+        norm = model.model.decoder.layer_norm
+        model.model.decoder.embed_tokens.weight[ids[end]] = torch.ones(16)
+        norm.weight.zero_()
+        norm.bias.fill_(1.0)
+    model.save_pretrained(out_dir)
+    return model
+
+
 def build_speaker(out_dir: Path):
     """A tiny random speaker-verification model (``WavLMForXVector``) with its feature extractor."""
     from transformers import WavLMConfig, WavLMForXVector

@@ -25,7 +25,7 @@ from higgs_accel.quality import (
     summarize_round,
 )
 from higgs_accel.sinks import declared_type
-from higgs_accel.tiny import build_asr, build_speaker, speech_like
+from higgs_accel.tiny import build_asr, build_speaker, build_whisper_asr, speech_like
 from tests.test_events import documented_fields
 
 
@@ -125,6 +125,17 @@ def test_a_batch_goes_through_the_pipeline_in_batches_and_keeps_order(scorer):
     assert [r["prompt"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["wer"] for r in rows] == pytest.approx([0.0, 1.0, 0.5, 0.0, 1.0])
     assert all(r["rtf"] == pytest.approx(0.5 / r["seconds"]) for r in rows)
+
+
+def test_a_whisper_model_transcribes_in_the_configured_language(tmp_path):
+    build_whisper_asr(tmp_path / "whisper")
+    for language in ("english", ""):
+        scorer = QualityScorer.from_config(EvalConfig(asr_model=str(tmp_path / "whisper"), asr_language=language,
+                                                      batch_size=2))
+        assert scorer.asr.type == "seq2seq_whisper"
+        rows = scorer.score_batch([Utterance(t, voice(100 + 20 * i), 24000) for i, t in enumerate(["a b", "c", "d"])])
+        # the rigged tiny Whisper ends every transcript at once: nothing heard, every word deleted
+        assert [(r["transcript"], r["wer"], r["error"]) for r in rows] == [("", 1.0, None)] * 3
 
 
 def test_identical_audio_has_similarity_one_and_another_speaker_less(scorer):
