@@ -181,7 +181,7 @@ class QualityScorer:
         self.asr, self.speaker = asr, speaker
         self.spell_numbers, self.batch_size, self.asr_language = spell_numbers, batch_size, asr_language
         self.asr_name, self.speaker_name = asr_name, speaker_name
-        self._embeddings: dict[str, np.ndarray] = {}  # reference file -> embedding, computed once
+        self._embeddings: dict[tuple[str, int], np.ndarray] = {}  # reference file -> its x-vector
 
     @classmethod
     def from_config(cls, cfg: EvalConfig, device: torch.device | str = "cpu") -> QualityScorer | None:
@@ -217,16 +217,17 @@ class QualityScorer:
         with torch.no_grad():
             return model(**inputs).embeddings[0].float().cpu().numpy()
 
-    def _reference_embedding(self, u: Utterance) -> np.ndarray | None:
+    def _reference_embedding(self, u: Utterance, waves_seen: dict) -> np.ndarray:
+        """The x-vector of ``u.reference``, computed once: a file once per content (path and modification time,
+        across rounds), a wave once per ``score_batch`` call (``waves_seen``, by identity)."""
         rate = self.speaker[0].sampling_rate
-        if u.reference is None:
-            return None
         if isinstance(u.reference, (str, Path)):
-            key = str(u.reference)
-            if key not in self._embeddings:
-                self._embeddings[key] = self.embed(_audio_at(u.reference, None, rate))
-            return self._embeddings[key]
-        return self.embed(_audio_at(u.reference, u.reference_rate, rate))
+            key, cache = (str(u.reference), Path(u.reference).stat().st_mtime_ns), self._embeddings
+        else:
+            key, cache = id(u.reference), waves_seen
+        if key not in cache:
+            cache[key] = self.embed(_audio_at(u.reference, u.reference_rate, rate))
+        return cache[key]
 
     # -------------------------------------------------------- scoring
 
@@ -248,8 +249,9 @@ class QualityScorer:
             if self.asr is not None:
                 self._score_words(rows)
             if self.speaker is not None:
+                waves_seen: dict[int, np.ndarray] = {}
                 for row, u in zip(rows, utterances):
-                    self._score_voice(row, u)
+                    self._score_voice(row, u, waves_seen)
         return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
 
     def _prepare(self, u: Utterance) -> dict:
@@ -302,11 +304,11 @@ class QualityScorer:
             r["_ref"], r["_hyp"] = ref, normalize_text(r["transcript"], self.spell_numbers)
             r["wer"], r["cer"] = error_rates([r["_ref"]], [r["_hyp"]])
 
-    def _score_voice(self, row: dict, u: Utterance) -> None:
+    def _score_voice(self, row: dict, u: Utterance, waves_seen: dict) -> None:
         if row["_wave"] is None or not len(row["_wave"]) or u.reference is None:
             return
         try:
-            ref = self._reference_embedding(u)
+            ref = self._reference_embedding(u, waves_seen)
             gen = self.embed(resample(row["_wave"], row["_rate"], self.speaker[0].sampling_rate))
             row["similarity"] = cosine(gen, ref)
         except Exception as e:  # noqa: BLE001 - as for the ASR
@@ -333,18 +335,20 @@ def summarize_round(rows: list[dict], score_s: float, asr_model: str | None = No
             "asr_model": asr_model, "speaker_model": speaker_model, "reference": reference, "score_s": score_s}
 
 
-def score_round(scorer: QualityScorer, generated: list[dict], reference: str | Path | None = None,
-                baseline: bool = False) -> tuple[list[dict], dict]:
+def score_round(scorer: QualityScorer, generated: list[dict], reference: str | Path | np.ndarray | None = None,
+                reference_rate: int | None = None, baseline: bool = False) -> tuple[list[dict], dict]:
     """Score one generation round: ``generated`` are ``generate_audio`` event rows (``prompt``, ``text``,
     ``path``, ``error`` and, when the generator timed itself, ``gen_time_s``); ``reference`` is the voice the
-    prompts should be spoken in. Returns the ``quality`` event rows (``baseline`` added) and the
-    ``quality_summary`` fields, ``score_s`` being this call's wall time."""
+    prompts should be spoken in, a file or a wave at ``reference_rate``. Returns the ``quality`` event rows
+    (``baseline`` added) and the ``quality_summary`` fields, ``score_s`` being this call's wall time."""
     start = time.perf_counter()
-    utterances = [Utterance(text=g["text"], audio=g["path"], reference=reference, prompt=g["prompt"],
-                            gen_time_s=g.get("gen_time_s"), error=g.get("error")) for g in generated]
+    utterances = [Utterance(text=g["text"], audio=g["path"], reference=reference, reference_rate=reference_rate,
+                            prompt=g["prompt"], gen_time_s=g.get("gen_time_s"), error=g.get("error"))
+                  for g in generated]
     rows = [{**row, "baseline": baseline} for row in scorer.score_batch(utterances)]
     summary = summarize_round(rows, time.perf_counter() - start, scorer.asr_name, scorer.speaker_name,
-                              str(reference) if reference is not None else None, baseline, scorer.spell_numbers)
+                              str(reference) if isinstance(reference, (str, Path)) else None, baseline,
+                              scorer.spell_numbers)
     return rows, summary
 
 

@@ -236,6 +236,23 @@ def test_a_round_gives_quality_rows_and_a_pooled_summary(scorer, tmp_path):
     assert (empty["wer"], empty["similarity"], empty["utterances"]) == (None, None, 0)
 
 
+def test_a_reference_voice_is_embedded_once(scorer_dirs, tmp_path, monkeypatch):
+    fresh = QualityScorer.from_config(EvalConfig(speaker_model=scorer_dirs["speaker"]))
+    calls = []
+    embed = fresh.embed
+    monkeypatch.setattr(fresh, "embed", lambda wave: calls.append(len(wave)) or embed(wave))
+    generated, ref = _generated(tmp_path)  # two generations with audio, one without
+    rows, summary = score_round(fresh, generated, reference=ref)
+    assert len(calls) == 3  # the reference file once, each generation once
+    score_round(fresh, generated, reference=ref)
+    assert len(calls) == 5  # the file's embedding is kept across rounds
+    wave = voice(140)
+    again, summary = score_round(fresh, generated, reference=wave, reference_rate=24000)
+    assert len(calls) == 8 and summary["reference"] is None  # a wave: once per round
+    # the same voice from a file and from memory gives the same similarities
+    assert [r["similarity"] for r in again] == pytest.approx([r["similarity"] for r in rows], abs=1e-5)
+
+
 def test_quality_events_in_the_log_match_docs_and_their_declared_types(scorer, tmp_path):
     import pyarrow.parquet as pq
 
