@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from .config import ConfigError, EvalConfig
@@ -131,8 +132,11 @@ def load_asr(ref: str, device: torch.device | str = "cpu", key: str = "'eval.asr
     except ImportError:
         raise ConfigError(f"{key}: WER/CER need jiwer: pip install 'higgs-accel[quality]'") from None
 
+    device = torch.device(device)
+    # The pipeline loads a checkpoint in its stored dtype (Whisper's is float16), which a CPU runs badly or not at all.
+    dtype = "auto" if device.type == "cuda" else torch.float32
     pipe = load_ref(key, "an automatic-speech-recognition model", ref,
-                    lambda r: pipeline(ASR_TASK, model=r, device=torch.device(device)))
+                    lambda r: pipeline(ASR_TASK, model=r, device=device, dtype=dtype))
     if pipe.feature_extractor is None:
         raise ConfigError(f"{key}: '{ref}' has no feature extractor (preprocessor_config.json)")
     return pipe
@@ -263,11 +267,7 @@ class QualityScorer:
             row["seconds"] = 0.0
             return row
         try:
-            rate = u.sample_rate
-            if isinstance(u.audio, (str, Path)):
-                import soundfile as sf
-
-                rate = sf.info(str(u.audio)).samplerate
+            rate = sf.info(str(u.audio)).samplerate if isinstance(u.audio, (str, Path)) else u.sample_rate
             wave = _audio_at(u.audio, rate, rate)
         except Exception as e:  # noqa: BLE001 - an unreadable file is this utterance's failure
             row["error"] = f"cannot read the audio: {_one_line(e)}"
@@ -301,8 +301,7 @@ class QualityScorer:
                 r["transcript"] = ""
             if r["transcript"] is None:  # the ASR failed on it
                 continue
-            r["_ref"], r["_hyp"] = ref, normalize_text(r["transcript"], self.spell_numbers)
-            r["wer"], r["cer"] = error_rates([r["_ref"]], [r["_hyp"]])
+            r["wer"], r["cer"] = error_rates([ref], [normalize_text(r["transcript"], self.spell_numbers)])
 
     def _score_voice(self, row: dict, u: Utterance, waves_seen: dict) -> None:
         if row["_wave"] is None or not len(row["_wave"]) or u.reference is None:
