@@ -88,6 +88,10 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "pred_path": STR, "label_path": STR, "n_frames": INT, "pred_seconds": FLOAT, "label_seconds": FLOAT,
     "sample_rate": INT, "acc": FLOAT, "acc_cb": FLOATS, "prompt": INT, "text": STR, "path": STR,
     "seconds": FLOAT, "new_tokens": INT, "stopped": STR, "error": STR,
+    # quality, quality_summary
+    "transcript": STR, "wer": FLOAT, "cer": FLOAT, "similarity": FLOAT, "rtf": FLOAT, "baseline": BOOL,
+    "utterances": INT, "no_audio": INT, "asr_model": STR, "speaker_model": STR, "reference": STR,
+    "score_s": FLOAT,
     # checkpoint, adapter_saved, run_resume, log_error, library_log, run_end
     "adapter": STR, "checkpoint": STR, "from_step": INT, "sink": STR, "error_type": STR, "fragment": STR,
     "logger": STR, "message": STR, "status": STR, "elapsed_s": FLOAT, "completed_steps": INT,
