@@ -414,14 +414,15 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig
     from tqdm import tqdm
 
     from .chat import SpecialIds
-    from .config import DataConfig
+    from .config import DataConfig, ModelConfig
     from .data import decode_audio, read_source
-    from .generate import generate_speech, load_codec, load_model, load_tokenizer, run_sources, write_wav
-    from .model import DTYPES
+    from .generate import generate_speech, run_sources, write_wav
+    from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
     src = run_sources(str(run_dir))
     adapter = None if baseline else (adapter or src["adapter"])
-    scorer = QualityScorer.from_config(eval_cfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scorer = QualityScorer.from_config(eval_cfg, dev)
     if scorer is None:
         raise ConfigError("evaluate needs a scorer: set eval.asr_model and/or eval.speaker_model (in the run's "
                           "config or as flags)")
@@ -434,10 +435,12 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig
                                                                                              else ""))
     out.mkdir(parents=True, exist_ok=True)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = load_tokenizer(src["text_tokenizer"])
-    codec = load_codec(src["audio_tokenizer"]).to(dev)
-    model = load_model(src["base"], adapter, DTYPES[src["dtype"]]).to(dev)
+    sources = ModelConfig(base=src["base"], audio_tokenizer=src["audio_tokenizer"],
+                          text_tokenizer=src["text_tokenizer"])
+    model_cfg, _ = resolve_checkpoints(sources)
+    tokenizer = load_tokenizer(model_cfg.text_tokenizer, "'model.text_tokenizer'")
+    codec = load_codec_dir(model_cfg.audio_tokenizer, "'model.audio_tokenizer'").to(dev)
+    model = load_model(model_cfg.base, adapter, src["dtype"], src["attn_implementation"], "'model.base'").to(dev)
     ids = SpecialIds.from_parts(tokenizer, model.config)
     rate = codec.config.sample_rate
     show = progress and sys.stderr.isatty()
@@ -467,3 +470,70 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows, summary
 
+
+
+# ---------------------------------------------------------------- command line
+
+
+def register(subparsers):
+    import argparse
+
+    p = subparsers.add_parser(
+        "evaluate", help="speak a held-out manifest with a run's adapter and score it (WER/CER, speaker similarity)",
+        description="Generate every text of a held-out manifest with a finished run's adapter (or the base model "
+                    "with --baseline), then score the speech: word and character error rate of an ASR transcript "
+                    "and speaker similarity to the reference voice (docs/quality.md). Scorers and their settings "
+                    "default to the run's eval section. Writes gen-N.wav, ref-N.wav, quality.jsonl and summary.json.",
+        epilog="Examples:\n  higgs-accel evaluate --run runs/demo --manifest held_out.jsonl \\\n"
+               "      --asr-model openai/whisper-large-v3 --speaker-model microsoft/wavlm-base-plus-sv\n"
+               "  higgs-accel evaluate --run runs/demo --manifest held_out.jsonl --baseline",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("what to evaluate")
+    src.add_argument("--run", required=True, help="finished run dir: base, codec, data fields, system prompt and "
+                                                  "eval settings from its config.yaml, adapter from RUN_DIR/adapter")
+    src.add_argument("--manifest", required=True, help="held-out samples: any source data.train_manifest takes")
+    which = src.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="PEFT adapter dir instead of RUN_DIR/adapter (e.g. a checkpoint's)")
+    which.add_argument("--baseline", action="store_true", help="the base model alone, without any adapter")
+    src.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    score = p.add_argument_group("scoring (default: the run's eval section)")
+    score.add_argument("--asr-model", help="same as eval.asr_model")
+    score.add_argument("--speaker-model", help="same as eval.speaker_model")
+    score.add_argument("--asr-language", help="same as eval.asr_language")
+    score.add_argument("--batch-size", type=int, help="same as eval.batch_size")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=750,
+                     help="generation steps per utterance (25 per second of audio); default: 750")
+    gen.add_argument("--limit", type=int, default=0, help="only the first N samples (0: all)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of sample i is SEED + i; default: 0")
+    gen.add_argument("--out", help="output dir (default: RUN_DIR/evaluate/<manifest name>[-base])")
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def cmd_evaluate(args) -> int:
+    import sys
+
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 0),
+                               ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    if not Path(args.manifest).exists() and "://" not in args.manifest:
+        raise ConfigError(f"--manifest: file not found: {args.manifest}")
+    cfg = run_section(args.run, "eval", EvalConfig, asr_model=args.asr_model, speaker_model=args.speaker_model,
+                      asr_language=args.asr_language, batch_size=args.batch_size)
+    rows, summary = evaluate_run(args.run, args.manifest, cfg, out_dir=args.out, adapter=args.adapter,
+                                 baseline=args.baseline, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                 seed=args.seed, device=args.device)
+    print(summary_line(summary), file=sys.stderr)
+    return 0
+
+
+def summary_line(summary: dict) -> str:
+    """One line for a ``quality_summary`` (plus evaluate's ``adapter``): what was scored and how it did."""
+    def num(key: str) -> str:
+        return "-" if summary.get(key) is None else f"{summary[key]:.3f}"
+
+    model = "the base model" if summary.get("baseline") else (summary.get("adapter") or "the adapter")
+    return (f"{model}: {summary['utterances']} utterances ({summary['no_audio']} without audio), WER {num('wer')}, "
+            f"CER {num('cer')}, similarity {num('similarity')}, scored in {summary['score_s']:.1f}s")

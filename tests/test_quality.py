@@ -281,7 +281,7 @@ def test_quality_events_in_the_log_match_docs_and_their_declared_types(scorer, t
 # ---------------------------------------------------------------- evaluate a finished run
 
 
-def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes_cache, scorer_dirs):
+def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes_cache, scorer_dirs, capsys):
     import json
 
     from tests.conftest import train_run
@@ -320,8 +320,24 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     ref1, _ = sf.read(where / "ref-1.wav")
     np.testing.assert_array_equal(ref0, ref1)
 
-    _, base = evaluate_run(run_dir, held_out, cfg, max_new_tokens=20, baseline=True, limit=1, progress=False)
+    # the command line: the run's asr_model, a flag's speaker model, the base model alone, the first sample only
+    from higgs_accel.cli import main
+
+    args = ["evaluate", "--run", str(run_dir), "--manifest", str(held_out), "--max-new-tokens", "20"]
+    assert main([*args, "--speaker-model", scorer_dirs["speaker"], "--baseline", "--limit", "1"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    base = json.loads((run_dir / "evaluate" / "held_out-base" / "summary.json").read_text())
     assert base["baseline"] and base["adapter"] is None and base["utterances"] == 1
+    assert (base["asr_model"], base["speaker_model"]) == (scorer_dirs["asr"], scorer_dirs["speaker"])
+    assert line == (f"the base model: 1 utterances (0 without audio), WER {base['wer']:.3f}, CER {base['cer']:.3f}, "
+                    f"similarity {base['similarity']:.3f}, scored in {base['score_s']:.1f}s")
     assert (run_dir / "evaluate" / "held_out-base" / "gen-0.wav").is_file()
+    # bad input: one line, status 2
+    assert main([*args, "--limit", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "higgs-accel: error: --limit must be at least 0, got -1"
+    assert main(["evaluate", "--run", str(run_dir), "--manifest", str(tmp_path / "none.jsonl")]) == 2
+    assert "--manifest: file not found" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path), "--manifest", str(held_out)]) == 2
+    assert "is not a run dir (no config.yaml)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="evaluate needs a scorer"):
         evaluate_run(run_dir, held_out, EvalConfig(), progress=False)
