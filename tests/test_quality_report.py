@@ -25,7 +25,8 @@ def quality_rounds(step: int, wer: float, similarity: float) -> list[tuple[str, 
     rows = []
     for p, text in enumerate(PROMPTS):
         audio = p != 2
-        rows.append(("quality", dict(prompt=p, text=text, path=f"samples/step-{step:08d}/gen-{p}.wav" if audio else None,
+        path = f"samples/step-{step:08d}/gen-{p}.wav" if audio else None
+        rows.append(("quality", dict(prompt=p, text=text, path=path,
                                      transcript=f"heard {p}" if audio else "", wer=wer * (p + 1) / 2 if audio else 1.0,
                                      cer=wer / 2 if audio else 1.0,
                                      similarity=similarity - p / 10 if audio else None,
