@@ -96,7 +96,8 @@ def quality(run: Run, path: Path) -> Path | None:
             _line(ax, s, col.upper() if col != "similarity" else col, marker="o", ms=4)
             b = _series(base, col)
             if b is not None and b.notna().any():
-                ax.plot(b.index, b.values, "*", color="gray", ms=10, label=f"base model {col}")
+                ax.plot(b.index, b.values, "*", color="gray", ms=10,
+                        label="base model" if col == cols[0] else "_nolegend_")
         _finish(ax, title)
     return _save(fig, path)
 

@@ -68,7 +68,7 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | N
     for r in picked:
         audio = budget.cell(r.get("path"), r.get("file"))
         error = r.get("error")
-        table.append([r.get("prompt"), audio if audio is not None else (f"no audio: {error}" if error else "-"),
+        table.append([r.get("prompt"), audio if audio is not None else (error or "-"),
                       mel_cell([("generated", r.get("file"))], out,
                                f"{step_dir_name(step)}-quality-{r.get('prompt')}"),
                       r.get("text") or "-", _transcript(r.get("transcript")),

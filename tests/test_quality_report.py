@@ -99,7 +99,7 @@ def test_report_plots_and_lists_scored_rounds_of_any_count(tmp_path, rounds, bas
     assert f"### Worst utterances of {which}" in md
     worst_rows = md_rows(md, "| prompt | generated | mel | text asked for | transcript | WER | CER | similarity |")
     assert [r[0] for r in worst_rows] == ["2", "1", "0"]  # no audio (WER 1), then the round's WER, then half of it
-    assert worst_rows[0][1] == "no audio: no audio" and worst_rows[1][1] == "[gen-1.wav](../samples/" \
+    assert worst_rows[0][1] == "no audio" and worst_rows[1][1] == "[gen-1.wav](../samples/" \
         f"step-{expected[-1]:08d}/gen-1.wav)"
     assert [r[3] for r in worst_rows] == [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
     assert [r[4] for r in worst_rows] == ["(nothing)", "heard 1", "heard 0"]
