@@ -421,16 +421,17 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig
 
     src = run_sources(str(run_dir))
     adapter = None if baseline else (adapter or src["adapter"])
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    scorer = QualityScorer.from_config(eval_cfg, dev)
-    if scorer is None:
+    if not (eval_cfg.asr_model or eval_cfg.speaker_model):
         raise ConfigError("evaluate needs a scorer: set eval.asr_model and/or eval.speaker_model (in the run's "
                           "config or as flags)")
+    # Everything that can be wrong in the input is found before any model loads.
     data = run_section(run_dir, "data", DataConfig)
     samples, skips = read_source(str(manifest), data)
     samples = samples[:limit] if limit else samples
     if not samples:
         raise ConfigError(f"--manifest: {manifest} has no usable sample ({len(skips)} skipped)")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scorer = QualityScorer.from_config(eval_cfg, dev)
     out = Path(out_dir) if out_dir else Path(run_dir) / "evaluate" / (Path(manifest).stem + ("-base" if baseline
                                                                                              else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -518,7 +519,7 @@ def cmd_evaluate(args) -> int:
                                ("--batch-size", args.batch_size, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be at least {least}, got {value}")
-    if not Path(args.manifest).exists() and "://" not in args.manifest:
+    if not Path(args.manifest).exists():
         raise ConfigError(f"--manifest: file not found: {args.manifest}")
     cfg = run_section(args.run, "eval", EvalConfig, asr_model=args.asr_model, speaker_model=args.speaker_model,
                       asr_language=args.asr_language, batch_size=args.batch_size)

@@ -339,5 +339,8 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     assert "--manifest: file not found" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(tmp_path), "--manifest", str(held_out)]) == 2
     assert "is not a run dir (no config.yaml)" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert main(["evaluate", "--run", str(run_dir), "--manifest", str(tmp_path / "empty.jsonl")]) == 2
+    assert "has no usable sample" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="evaluate needs a scorer"):
         evaluate_run(run_dir, held_out, EvalConfig(), progress=False)
