@@ -9,7 +9,7 @@ import dataclasses
 import sys
 import warnings
 
-from . import convert, export, generate
+from . import convert, export, generate, quality
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
 
 TRAIN_EPILOG = """\
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(sub)
     export.register(sub)
     convert.register(sub)
+    quality.register(sub)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

@@ -153,6 +153,20 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    asr_model: str = _opt("", "ASR model that transcribes generated speech for WER/CER: anything transformers' "
+                          "automatic-speech-recognition pipeline loads (e.g. openai/whisper-large-v3), hub id or "
+                          "local dir (empty: no WER/CER)")
+    speaker_model: str = _opt("", "speaker-verification x-vector model (AutoModelForAudioXVector, e.g. "
+                              "microsoft/wavlm-base-plus-sv) for speaker similarity, hub id or local dir (empty: none)")
+    asr_language: str = _opt("", "language a Whisper ASR model transcribes in, e.g. english (empty: it detects it)")
+    spell_numbers: bool = _opt(True, "before WER/CER, spell digits out as English words (false: keep them as tokens, "
+                               "for other languages); docs/quality.md")
+    batch_size: int = _opt(8, "utterances per ASR pipeline batch")
+    baseline: bool = _opt(True, "also score the base model (adapter off) once at step 0, on the same prompts")
+
+
+@dataclass
 class RunConfig:
     preset: str = _opt("", "embedded default to run without downloads", choices=("", "tiny"))
     resume: str = _opt("", "continue from a checkpoint: 'latest' or a checkpoint dir")
@@ -161,12 +175,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "lora", "data", "train", "log")
+SECTIONS = ("model", "lora", "data", "train", "log", "eval")
 
 # What `--preset tiny` changes; the model, codec and data paths are filled in when the assets are built.
 TINY_PRESET = {
@@ -358,7 +373,7 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
             line = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, train, log)")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
         for k, v in _flatten(tree, path).items():
             values[k] = (v, path)
     for key, value, where in overrides:
@@ -415,7 +430,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     positive = {"train.max_nonfinite_steps": t.max_nonfinite_steps, "lora.alpha": cfg.lora.alpha,
                 "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "lora.r": cfg.lora.r,
                 "log.log_steps": cfg.log.log_steps, "log.slice_k": cfg.log.slice_k,
-                "log.parquet_flush_events": cfg.log.parquet_flush_events}
+                "log.parquet_flush_events": cfg.log.parquet_flush_events, "eval.batch_size": cfg.eval.batch_size}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {v}")
@@ -475,8 +490,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         path = getattr(cfg.data, key.split(".")[1])
         if path and not Path(path).exists():
             raise ConfigError(f"'{key}': file not found: {path}")
-    for key in ("model.base", "model.audio_tokenizer"):
-        if ref := getattr(cfg.model, key.split(".")[1]):
+    for key in ("model.base", "model.audio_tokenizer", "eval.asr_model", "eval.speaker_model"):
+        section, name = key.split(".")
+        if ref := getattr(getattr(cfg, section), name):
             check_model_ref(f"'{key}'", ref)
 
 
