@@ -121,6 +121,34 @@ def gather_trainable(acc, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_adapter(acc, peft_model, directory) -> None:
+    """The standard PEFT adapter of ``peft_model`` (the PeftModel inside the prepared model) written to
+    ``directory`` by the main process, from weights gathered out of whatever sharding the engine uses. Every process
+    must call it. Replaces ``peft_model.save_pretrained(directory)`` on the main process alone, which would write
+    each sharded parameter's local piece."""
+    state = gather_trainable(acc, peft_model)
+    if acc.is_main_process:
+        with plain_module_names(peft_model):
+            peft_model.save_pretrained(directory, state_dict=state)
+
+
+@contextmanager
+def plain_module_names(model: torch.nn.Module):
+    """The model's own module names for the block: activation-checkpoint wrappers (accelerate's FSDP activation
+    checkpointing inserts them) are taken out of the module tree, because PEFT derives adapter keys from module
+    names. Local to this process; no forward may run inside."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, CheckpointWrapper)]
+    for name, m in wrapped:
+        model.set_submodule(name, m._checkpoint_wrapped_module)
+    try:
+        yield
+    finally:
+        for name, m in wrapped:
+            model.set_submodule(name, m)
+
+
 @contextmanager
 def _gathered(acc, params):
     if _zero3(acc):

@@ -69,6 +69,7 @@ def main(config_json: str, out_dir: str) -> None:
 
     peft_model = acc.unwrap_model(model).peft
     adapter = engine.gather_trainable(acc, peft_model)
+    engine.save_adapter(acc, peft_model, out / "adapter")
     model.eval()
     with torch.no_grad(), engine.full_parameters(acc, model):
         if acc.is_main_process:  # alone: the others hold no forward to match it
@@ -82,7 +83,6 @@ def main(config_json: str, out_dir: str) -> None:
                        out / "logits.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        peft_model.save_pretrained(out / "adapter", state_dict=adapter)
         (out / "result.json").write_text(json.dumps({"losses": losses, "resumed": resumed,
                                                      "engine": engine.describe(acc),
                                                      "adapter_keys": sorted(adapter)}))

@@ -85,6 +85,10 @@ def test_fsdp2_on_two_cpu_processes_matches_ddp_resumes_and_gathers_the_adapter(
     assert fsdp["losses"][0] > fsdp["losses"][-1]
     assert fsdp["resumed"] == fsdp["losses"][2:]
     assert fsdp["adapter_keys"] == ddp["adapter_keys"]  # no wrapper name parts in the gathered names
+    from safetensors.torch import load_file
+
+    written = [sorted(load_file(tmp_path / kind / "adapter" / "adapter_model.safetensors")) for kind in ("ddp", "fsdp")]
+    assert written[0] == written[1] and sum("lora_A" in k for k in written[1]) == 20  # 2 layers x 10 projections
 
     from peft import PeftModel
     from transformers import HiggsAudioV2ForConditionalGeneration
