@@ -32,7 +32,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     # run_start
     "config": _STR, "run_dir": _STR, "versions": _STR, "git_commit": _STR, "device": _STR, "hardware": _STR,
     "world_size": _INT, "mixed_precision": _STR, "trainable_params": _INT, "total_params": _INT, "total_steps": _INT,
-    "steps_per_epoch": _INT, "train_samples": _INT, "val_samples": _INT, "resumed": _BOOL,
+    "steps_per_epoch": _INT, "train_samples": _INT, "val_samples": _INT, "resumed": _BOOL, "engine": _STR,
     # data_skip, data_summary
     "split": _STR, "source": _STR, "line": _INT, "reason": _STR, "detail": _STR, "kept": _INT, "skipped": _INT,
     "skipped_by_reason": _STR, "codec_encodes": _INT,
