@@ -98,6 +98,16 @@ def describe(acc) -> dict:
     return info
 
 
+def grad_norm_tensor(value, device) -> torch.Tensor:
+    """What ``accelerator.clip_grad_norm_`` returns, as a plain tensor: a tensor under DDP, a DTensor under FSDP2, a
+    float (or None before its first step: NaN here) under DeepSpeed. Every process must call it (FSDP2 may reduce)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    return torch.as_tensor(float("nan") if value is None else value, device=device)
+
+
 def _zero3(acc) -> bool:
     from accelerate.utils import DistributedType
 
