@@ -183,12 +183,17 @@ def full_parameters(acc, model: torch.nn.Module):
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         resharding = [m._get_fsdp_state()._fsdp_param_group for m in units]
         before = [bool(g and g._reshard_after_forward) for g in resharding]
+        # FSDP2 records each forward to order its backward prefetches; forwards run here by one process alone would
+        # make that process prefetch differently from the others in the next backward, and the collectives hang.
+        order = units[0]._get_fsdp_state()._comm_ctx.post_forward_order
+        recorded = len(order)
         for m in units:
             m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
         try:
             yield
         finally:
+            del order[recorded:]
             for m, keep in zip(units, before):
                 m.reshard()
                 m.set_reshard_after_forward(keep, recurse=False)

@@ -43,11 +43,13 @@ def main(config_json: str, out_dir: str) -> None:
         if len(batches) == STEPS:
             break
 
+    norms = []
+
     def step(batch) -> float:
         with acc.accumulate(model):
             loss = model(batch).loss
             acc.backward(loss)
-            acc.clip_grad_norm_(params, 1.0)
+            norms.append(engine.grad_norm_tensor(acc.clip_grad_norm_(params, 1.0), acc.device).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
@@ -81,9 +83,12 @@ def main(config_json: str, out_dir: str) -> None:
             torch.save({"batch": {k: v for k, v in batch.items() if torch.is_tensor(v)},
                         "audio_logits": lm.audio_lm_head(hidden), "text_logits": lm.text_lm_head(hidden)},
                        out / "logits.pt")
+    model.train()
+    after = step(batches[-1])  # all processes again, after the main one ran forwards alone
     acc.wait_for_everyone()
     if acc.is_main_process:
-        (out / "result.json").write_text(json.dumps({"losses": losses, "resumed": resumed,
+        (out / "result.json").write_text(json.dumps({"losses": losses, "resumed": resumed, "after": after,
+                                                     "grad_norms": norms[:STEPS],
                                                      "engine": engine.describe(acc),
                                                      "adapter_keys": sorted(adapter)}))
     run.log.close()

@@ -67,7 +67,8 @@ def test_fsdp2_on_two_cpu_processes_matches_ddp_resumes_and_gathers_the_adapter(
     checkpointing), clipping and sharded save_state/load_state run. Checked: the parameters really are DTensors
     sharded over the 2 ranks; the losses equal DDP's within fp32 tolerance; reloading the sharded state taken after
     step 2 repeats steps 3-4 exactly; the gathered adapter loads with PeftModel.from_pretrained and reproduces the
-    logits the main process computed alone, inside ``engine.full_parameters``, from the trained sharded model."""
+    logits the main process computed alone, inside ``engine.full_parameters``, from the trained sharded model; after
+    that block all processes train on in step (FSDP2's recorded forward order is restored)."""
     ddp = launch_worker(tmp_path / "ddp", tiny, codes_cache, "--multi_gpu", "--num_machines", "1")
     fsdp = launch_worker(tmp_path / "fsdp", tiny, codes_cache, "--config_file", str(CONFIGS / "fsdp2.yaml"),
                          "--mixed_precision", "no")
@@ -83,7 +84,9 @@ def test_fsdp2_on_two_cpu_processes_matches_ddp_resumes_and_gathers_the_adapter(
 
     assert fsdp["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
     assert fsdp["losses"][0] > fsdp["losses"][-1]
+    assert fsdp["grad_norms"] == pytest.approx(ddp["grad_norms"], rel=1e-4)
     assert fsdp["resumed"] == fsdp["losses"][2:]
+    assert fsdp["after"] == pytest.approx(ddp["after"], rel=1e-5)  # training goes on after the lone forwards
     assert fsdp["adapter_keys"] == ddp["adapter_keys"]  # no wrapper name parts in the gathered names
     from safetensors.torch import load_file
 
