@@ -38,8 +38,9 @@ import torch
 from higgs_accel.chat import SpecialIds, build_example
 from higgs_accel.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config
 from higgs_accel.data import FileAudio, Sample, collate
-from higgs_accel.losses import N_STATS
-from higgs_accel.model import DTYPES, DualLossModel, add_lora, count_parameters, load_base_model
+from higgs_accel.loading import DTYPES, load_base_model
+from higgs_accel.losses import LossWeights, n_stats
+from higgs_accel.model import DualLossModel, add_lora, count_parameters
 from higgs_accel.tiny import PAD_TOKEN, WORDS, build_model, build_text_tokenizer
 
 LR, MAX_GRAD_NORM, SEED = 2e-4, 1.0, 0
@@ -137,8 +138,9 @@ def time_loop(model, batches: list[dict], warmup: int, steps: int, model_forward
     acc = Accelerator()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=torch.cuda.is_available() or None)
+    num_codebooks = (model.get_base_model() if model_forward else model.lm).config.num_codebooks
     model, optimizer = acc.prepare(model, optimizer)
-    stats = torch.zeros(N_STATS, device=acc.device)
+    stats = torch.zeros(n_stats(num_codebooks), device=acc.device)
     stamps = []
     model.train()
     for i in range(warmup + steps):
@@ -243,7 +245,7 @@ def check_same_objective(peft_model, ids: SpecialIds, batch: dict) -> tuple[floa
     peft_model.eval()
     batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.no_grad():
-        dual = DualLossModel(peft_model, ids, t.text_weight, t.audio_weight, t.audio_reduction).to(DEVICE)
+        dual = DualLossModel(peft_model, ids, LossWeights.of(t)).to(DEVICE)
         ours = dual(batch).loss.item()
         theirs = peft_model(**forward_kwargs(batch)).loss.item()
     peft_model.train()
@@ -265,7 +267,7 @@ def bench_size(size: Size, root: Path, rounds: int, plain: bool) -> float:
     print(f"  same objective: loss {ours:.4f} (DualLossModel) vs {theirs:.4f} (model forward)")
 
     t = TrainConfig()
-    dual = DualLossModel(peft_model, ids, t.text_weight, t.audio_weight, t.audio_reduction)
+    dual = DualLossModel(peft_model, ids, LossWeights.of(t))
     paths = {"higgs-accel": ("DualLossModel, masked heads", lambda: time_loop(dual, batches, size.warmup, size.steps)),
              "Trainer": ("model forward, full logits", lambda: time_trainer(peft_model, batches, size.warmup,
                                                                             size.steps, root / "trainer"))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -40,17 +41,18 @@ def _turn(role: str, content: str) -> str:
     return f"<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
 
 
-def chat_prompt(sample, system_prompt: str) -> str:
-    """Everything before the target audio, ending with the assistant header, in Higgs's Llama-3 chat format.
+def chat_prompt(text: str, system: str, scene: str = "", ref_text: str | None = None) -> str:
+    """Everything before the target audio, ending with the assistant header, in Higgs's Llama-3 chat format: the
+    one prompt layout of training samples and of generation.
 
-    A voice-cloning sample puts its reference transcript and audio as an earlier user/assistant exchange."""
-    system = sample.system or system_prompt
-    if sample.scene:
-        system += f"\n\n<|scene_desc_start|>\n{sample.scene}\n<|scene_desc_end|>"
-    text = f"<|begin_of_text|>{_turn('system', system)}"
-    if sample.ref_audio is not None:
-        text += _turn("user", sample.ref_text) + _turn("assistant", AUDIO_TURN)
-    return text + _turn("user", sample.text) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    With a reference (``ref_text`` not None: its transcript), the reference transcript and audio come first, as an
+    earlier user/assistant exchange (voice cloning)."""
+    if scene:
+        system += f"\n\n<|scene_desc_start|>\n{scene}\n<|scene_desc_end|>"
+    prompt = f"<|begin_of_text|>{_turn('system', system)}"
+    if ref_text is not None:
+        prompt += _turn("user", ref_text) + _turn("assistant", AUDIO_TURN)
+    return prompt + _turn("user", text) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
 def delay_pattern(codes: np.ndarray, bos: int, eos: int, fill_bos: int, fill_eos: int) -> np.ndarray:
@@ -88,21 +90,19 @@ def audio_placeholders(n_frames: int, ids: SpecialIds) -> list[int]:
     return [ids.audio] * (n_frames - (ids.num_codebooks - 1)) + [ids.delay] * (ids.num_codebooks - 1)
 
 
-def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, tokenizer, ids: SpecialIds,
-                  system_prompt: str, train_on_prompt: bool, train_audio_eos: bool) -> dict[str, torch.Tensor]:
-    """Token ids, text labels, delayed audio frames and audio labels of one sample.
+def lay_out(segments: list[tuple[str, bool]], audios: list[tuple[np.ndarray, bool]], tokenizer, ids: SpecialIds,
+            train_audio_eos: bool) -> tuple[list[int], list[int], list[np.ndarray], list[np.ndarray]]:
+    """Token ids, text labels, delayed frames and frame labels of ``segments`` (text, whether its tokens are
+    targets), each ``<|AUDIO_OUT|>`` in them taking the next of ``audios`` (codes, whether a target).
 
-    Text targets sit in the assistant turn holding the target audio (after its audio: ``<|audio_eos|>`` and
-    ``<|eot_id|>``), plus the system and user turns with ``train_on_prompt``; audio placeholders and
-    ``<|audio_out_bos|>`` (given at inference) never are. Text is tokenized piece by piece between audio
-    placeholders, which equals tokenizing the expanded string since special tokens always split."""
-    segments = [(chat_prompt(sample, system_prompt), train_on_prompt), (TARGET, True)]
-    audios = iter(([(ref_codes, False)] if sample.ref_audio is not None else []) + [(codes, True)])
+    Text is tokenized piece by piece between audio placeholders, which equals tokenizing the expanded string since
+    special tokens always split; audio placeholders and ``<|audio_out_bos|>`` (given at inference) are no targets."""
+    audio_iter = iter(audios)
     input_ids, labels, frames, frame_labels = [], [], [], []
     for text, text_is_target in segments:
         for i, piece in enumerate(text.split(AUDIO_PLACEHOLDER)):
             if i > 0:
-                seg_codes, is_target = next(audios)
+                seg_codes, is_target = next(audio_iter)
                 inp, lab = audio_streams(seg_codes, ids, is_target, train_audio_eos)
                 frames.append(inp)
                 frame_labels.append(lab)
@@ -111,9 +111,41 @@ def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, token
             tokens = _tokens(tokenizer, piece)
             input_ids += tokens
             labels += [t if text_is_target and t != ids.audio_bos else IGNORE for t in tokens]
+    return input_ids, labels, frames, frame_labels
+
+
+def sample_prompt(sample, system_prompt: str) -> str:
+    """The prompt of a training sample: its own system prompt, else the configured one."""
+    return chat_prompt(sample.text, sample.system or system_prompt, sample.scene,
+                       sample.ref_text if sample.ref_audio is not None else None)
+
+
+def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, tokenizer, ids: SpecialIds,
+                  system_prompt: str, train_on_prompt: bool, train_audio_eos: bool) -> dict[str, torch.Tensor]:
+    """Token ids, text labels, delayed audio frames and audio labels of one sample.
+
+    Text targets sit in the assistant turn holding the target audio (after its audio: ``<|audio_eos|>`` and
+    ``<|eot_id|>``), plus the system and user turns with ``train_on_prompt``."""
+    segments = [(sample_prompt(sample, system_prompt), train_on_prompt), (TARGET, True)]
+    audios = ([(ref_codes, False)] if sample.ref_audio is not None else []) + [(codes, True)]
+    input_ids, labels, frames, frame_labels = lay_out(segments, audios, tokenizer, ids, train_audio_eos)
     return {
         "input_ids": torch.tensor(input_ids),
         "labels": torch.tensor(labels),
         "audio_input_ids": torch.from_numpy(np.concatenate(frames)),
         "audio_labels": torch.from_numpy(np.concatenate(frame_labels)),
     }
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def special_tokens_in(text: str, tokenizer) -> list[str]:
+    """The tokenizer's special tokens spelled out in ``text``, in order of appearance. Text always splits on them, so
+    a transcript holding one would add an audio placeholder without audio, a turn boundary or a delay token to the
+    layout: such a sample is refused, never built."""
+    pattern = _special_pattern(tokenizer)
+    return pattern.findall(text) if pattern and text else []

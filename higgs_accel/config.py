@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import signal
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +31,9 @@ class ModelConfig:
     audio_tokenizer: str = _opt("", "HiggsAudioV2TokenizerModel codec: hub id or local dir")
     text_tokenizer: str = _opt("", "text tokenizer: hub id or local dir (default: model.base)")
     dtype: str = _opt("fp32", "weights dtype of the base model", choices=("fp32", "bf16"))
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: str = _opt("false", "recompute activations in backward to save memory; auto: only when "
+                                       "higgs_accel.memory predicts the step does not fit the GPU (off on CPU)",
+                                       choices=("false", "true", "auto"))
     attn_implementation: str = _opt("sdpa", "attention kernel", choices=("eager", "sdpa", "flash_attention_2"))
     compile: bool = _opt(False, "torch.compile the transformer backbone (dynamic shapes)")
 
@@ -36,7 +42,8 @@ class ModelConfig:
 class LoraConfig:
     r: int = _opt(16, "LoRA rank")
     alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _opt(0.05, "dropout on the LoRA input")
+    dropout: float = _opt(0.0, "dropout on the LoRA input (0 as torchtune's LoRA recipes; above 0, one mask per "
+                               "input shared by the projections that read it: q/k/v, gate/up)")
     target_modules: list[str] = _opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module-name suffixes to adapt; the MLP names match both the text `mlp` and the DualFFN `audio_mlp`",
@@ -54,10 +61,15 @@ class DataConfig:
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
+    max_tokens: int = _opt(0, "skip a sample whose sequence (text + reference + target audio frames) is longer, as "
+                           "too_long (0: the model's max_position_embeddings)")
+    drop_duplicates: bool = _opt(False, "leave out lines repeating an earlier line's audio and text (always counted)")
     strict: bool = _opt(False, "fail before training, listing every bad sample, instead of skipping them")
     group_by_length: bool = _opt(True, "batch samples of similar length together (less padding)")
     max_tokens_per_batch: int = _opt(0, "cap padded positions per batch instead of a fixed batch size (0: off)")
-    num_workers: int = _opt(0, "DataLoader worker processes")
+    num_workers: int = _opt(0, "DataLoader worker processes (also decode audio for the codec while it encodes)")
+    encode_batch_seconds: float = _opt(60.0, "most seconds of audio the codec encodes in one batch; only files of "
+                                       "exactly equal length share one (0: one file at a time)")
     codes_cache: str = _opt("", "dir of cached codec codes (default: $HIGGS_ACCEL_CACHE or ~/.cache/higgs_accel)")
     audio_field: str = _opt("audio", "manifest field with the audio path (relative to the manifest) or column")
     text_field: str = _opt("text", "field with the transcript")
@@ -91,6 +103,16 @@ class TrainConfig:
     audio_reduction: str = _opt("sum", "how the 8 codebook losses combine (sum: transformers)", choices=("sum", "mean"))
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0: only at the end)")
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0: never)")
+    resume_any_run: bool = _opt(False, "let --resume continue a checkpoint written by another run (another run id), "
+                                "e.g. one copied in from elsewhere; without it such a checkpoint is refused")
+    on_nonfinite: str = _opt("stop", "a step with a non-finite loss or gradient norm is never applied; stop: end the "
+                             "run as `diverged` after train.max_nonfinite_steps such steps in a row; skip: count them "
+                             "and train on", choices=("stop", "skip"))
+    max_nonfinite_steps: int = _opt(3, "consecutive non-finite steps that end the run (with on_nonfinite=stop)")
+    stop_signals: list[str] = _opt(["SIGTERM", "SIGINT", "SIGUSR1"], "signals that stop the run at the next "
+                                   "optimizer step with a checkpoint (a second one exits at once)")
+    lock_stale_s: float = _opt(300.0, "where the file system has no working flock: a run-dir lock whose heartbeat is "
+                               "older than this is taken as left by a dead process on another host")
 
 
 @dataclass
@@ -209,6 +231,8 @@ def _scalar(tp, value):
     if tp is str:
         if isinstance(value, (dict, list)):
             raise TypeError
+        if isinstance(value, bool):  # YAML's true/false for a key that also takes other words (auto)
+            return str(value).lower()
         return "" if value is None else str(value)
     raise TypeError
 
@@ -223,10 +247,38 @@ def type_name(key: str) -> str:
     return _type_name(all_keys()[key][1])
 
 
+# What other trainers call our keys: a mistyped ``learning_rate`` should lead to ``train.lr``.
+SYNONYMS = {
+    "learning_rate": "train.lr", "lr_scheduler": "train.scheduler", "lr_scheduler_type": "train.scheduler",
+    "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size", "warmup": "train.warmup_steps",
+    "save_steps": "train.save_every", "eval_steps": "train.eval_every", "logging_steps": "log.log_steps",
+    "rank": "lora.r", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "output": "train.output_dir", "out_dir": "train.output_dir", "clip_grad_norm": "train.max_grad_norm",
+}
+
+
+def suggest_key(key: str) -> str | None:
+    """The real key closest to ``key``: first by its last part (a leaf name or a synonym, preferring its own
+    section), then by the whole dotted key."""
+    keys = all_keys()
+    section, _, leaf = key.rpartition(".")
+    by_leaf: dict[str, list[str]] = {}
+    for k in keys:
+        by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+    for name, k in SYNONYMS.items():
+        by_leaf.setdefault(name, []).append(k)
+    for name in difflib.get_close_matches(leaf, by_leaf, n=3, cutoff=0.75):
+        found = by_leaf[name]
+        return next((k for k in found if k.startswith(section + ".")), found[0])
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def unknown_key(key: str, where: str, prefix: str = "") -> ConfigError:
     """The error for a key no section has, with the closest real key; ``prefix`` is how the user wrote keys."""
-    close = difflib.get_close_matches(key, all_keys(), n=1)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    close = suggest_key(key)
+    hint = f" (did you mean '{prefix}{close}'?)" if close else ""
     return ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
 
 
@@ -265,8 +317,15 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
+        raw = p.read_bytes()
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+                              ) from None
+        try:
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -294,36 +353,66 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks across keys, each naming the key at fault."""
+    """Checks across keys, each naming the key at fault; all of them before anything loads."""
     t = cfg.train
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "lora.r": cfg.lora.r,
+    for key, (_, tp) in all_keys().items():
+        v = getattr(getattr(cfg, key.split(".")[0]) if "." in key else cfg, key.split(".")[-1])
+        if tp is float and not math.isfinite(v):
+            raise ConfigError(f"'{key}' must be a finite number, got {v}")
+    _check_ranges(cfg)
+    _check_signals(t.stop_signals)
+    check_output_dir(t.output_dir)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    t = cfg.train
+    positive = {"train.max_nonfinite_steps": t.max_nonfinite_steps, "lora.alpha": cfg.lora.alpha,
+                "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "lora.r": cfg.lora.r,
                 "log.log_steps": cfg.log.log_steps, "log.slice_k": cfg.log.slice_k,
                 "log.parquet_flush_events": cfg.log.parquet_flush_events}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {v}")
     for key, v in {"train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
-                   "train.eval_every": t.eval_every, "train.save_every": t.save_every, "train.lr": t.lr,
-                   "data.num_workers": cfg.data.num_workers, "log.slice_samples": cfg.log.slice_samples,
-                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
+                   "train.eval_every": t.eval_every, "train.save_every": t.save_every,
+                   "data.num_workers": cfg.data.num_workers, "train.weight_decay": t.weight_decay,
+                   "train.max_grad_norm": t.max_grad_norm, "train.text_weight": t.text_weight,
+                   "train.audio_weight": t.audio_weight, "data.min_seconds": cfg.data.min_seconds,
+                   "train.lock_stale_s": t.lock_stale_s, "log.slice_samples": cfg.log.slice_samples,
+                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch, "data.max_tokens": cfg.data.max_tokens,
+                   "data.encode_batch_seconds": cfg.data.encode_batch_seconds,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
                    "log.generate_top_k": cfg.log.generate_top_k}.items():
         if v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
+    if t.lr <= 0:
+        raise ConfigError(f"'train.lr' must be greater than 0, got {t.lr}")
+    if t.text_weight == 0 and t.audio_weight == 0:
+        raise ConfigError("'train.text_weight' and 'train.audio_weight' are both 0: nothing would train")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    d = cfg.data
+    if d.max_seconds <= 0:
+        raise ConfigError(f"'data.max_seconds' must be greater than 0, got {d.max_seconds}")
+    if d.min_seconds > d.max_seconds:
+        raise ConfigError(f"'data.min_seconds' ({d.min_seconds}) must not be above 'data.max_seconds' "
+                          f"({d.max_seconds}): every sample would be skipped")
+    if cfg.log.parquet_flush_seconds <= 0:
+        raise ConfigError(f"'log.parquet_flush_seconds' must be greater than 0, got {cfg.log.parquet_flush_seconds}")
     if t.max_steps == 0 and t.epochs < 1:
         raise ConfigError("'train.epochs' must be at least 1 when train.max_steps is 0")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
-    if bad := [c for c in cfg.log.slice_codebooks if not 0 <= c < 8]:
-        raise ConfigError(f"'log.slice_codebooks' holds codebooks outside 0..7: {bad}")
+    if bad := [c for c in cfg.log.slice_codebooks if c < 0]:
+        raise ConfigError(f"'log.slice_codebooks' holds negative codebooks: {bad}")
     if cfg.log.generate_temperature <= 0:
         raise ConfigError(f"'log.generate_temperature' must be greater than 0, got {cfg.log.generate_temperature}")
     if not 0 < cfg.log.generate_top_p <= 1:
         raise ConfigError(f"'log.generate_top_p' must be in (0, 1], got {cfg.log.generate_top_p}")
     if cfg.log.generate_ref_audio and not Path(cfg.log.generate_ref_audio).is_file():
         raise ConfigError(f"'log.generate_ref_audio': file not found: {cfg.log.generate_ref_audio}")
-    if cfg.log.generate_max_new_tokens < 9:
-        raise ConfigError("'log.generate_max_new_tokens' must be at least 9 (stream BOS + 8 delayed codebooks)")
+    if cfg.log.generate_max_new_tokens < 2:
+        raise ConfigError("'log.generate_max_new_tokens' must be at least 2 (stream BOS + one codebook)")
     if not cfg.lora.target_modules:
         raise ConfigError("'lora.target_modules' must name at least one module")
     if not cfg.preset:
@@ -339,6 +428,39 @@ def validate(cfg: RunConfig) -> None:
     for key in ("model.base", "model.audio_tokenizer"):
         if ref := getattr(cfg.model, key.split(".")[1]):
             check_model_ref(f"'{key}'", ref)
+
+
+def validate_for_model(cfg: RunConfig, num_codebooks: int) -> None:
+    """The checks that need the model's codebook count (its config's ``num_codebooks``), once that is read."""
+    if bad := [c for c in cfg.log.slice_codebooks if c >= num_codebooks]:
+        raise ConfigError(f"'log.slice_codebooks' holds codebooks outside 0..{num_codebooks - 1}: {bad}")
+    if cfg.log.generate_max_new_tokens < num_codebooks + 1:
+        raise ConfigError(f"'log.generate_max_new_tokens' must be at least {num_codebooks + 1} (stream BOS + "
+                          f"{num_codebooks} delayed codebooks)")
+
+
+def _check_signals(names: list[str]) -> None:
+    for name in names:
+        sig = getattr(signal, name, None) if name.startswith("SIG") else None
+        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(f"'train.stop_signals': {name!r} is not a signal that can be caught "
+                              "(e.g. SIGTERM, SIGINT, SIGUSR1)")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The run dir, or the nearest existing dir above it, must take new files: probed with an unnamed temporary
+    file, so read-only mounts, permissions and quotas all count and nothing is left behind."""
+    p = Path(output_dir).expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"'train.output_dir': {p} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise ConfigError(f"'train.output_dir': cannot write in {p} ({os.strerror(e.errno) if e.errno else e})"
+                          ) from None
 
 
 def check_model_ref(name: str, ref: str) -> None:

@@ -1,12 +1,12 @@
-"""The structured event log: one structlog processor chain, configured here and nowhere else.
+"""The structured event log: one structlog processor chain per log, built here and nowhere else.
 
 Every event is one ``EventLog.emit(name, **fields)`` call. The chain adds the common fields (run_id, seq,
 rank, schema_version, step, epoch, phase), an ISO UTC timestamp and the level, turns non-finite floats into
-null plus a ``nonfinite`` list, hands the event to the side sinks (Parquet, console, trackers) and renders one
-JSON line into ``RUN_DIR/events.jsonl``. Only the main process has sinks; the others drop their events.
-A failing sink never stops training: the error becomes one ``log_error`` event and training goes on. A log
-reopened after a hard kill first loses its torn last line (reported, with the fragment), so appending never glues
-a new event to it.
+null plus a ``nonfinite`` list and renders one JSON line; the line goes into ``RUN_DIR/events.jsonl``, then the
+finished event to the side sinks (``higgs_accel.sinks``: Parquet, console, trackers). Only the main process
+writes; the others drop their events. A failing sink never stops training: the error becomes one ``log_error``
+event and training goes on. A log reopened after a hard kill first loses its torn last line (reported, with the
+fragment), so appending never glues a new event to it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 
 import structlog
 
-SCHEMA_VERSION = 1
-EVENTS_FILE = "events.jsonl"
-PARQUET_DIR = "events"
+from analysis.schema import EVENTS_FILE, SCHEMA_VERSION, check_event_name, parse_line
 
 
 def _has_nonfinite(value) -> bool:
@@ -83,19 +81,12 @@ def cut_torn_tail(path: Path) -> bytes:
             return b""
         f.seek(cut)
         fragment = f.read()
-        if _is_event(fragment):
+        if parse_line(fragment)[0] is not None:
             f.seek(end)
             f.write(b"\n")
             return b""
         f.truncate(cut)
     return fragment
-
-
-def _is_event(raw: bytes) -> bool:
-    try:
-        return isinstance(json.loads(raw), dict)
-    except ValueError:
-        return False
 
 
 def read_last_seq(path: Path) -> int:
@@ -105,10 +96,9 @@ def read_last_seq(path: Path) -> int:
     last = -1
     with open(path, "rb") as f:
         for raw in f:
-            try:
-                last = json.loads(raw)["seq"]
-            except (ValueError, KeyError):
-                continue
+            event, _ = parse_line(raw)
+            if event is not None:
+                last = max(last, event["seq"])
     return last
 
 
@@ -135,21 +125,6 @@ def ordered(_, __, event: dict) -> dict:
     return {**{k: event[k] for k in FIRST_KEYS if k in event}, **event}
 
 
-class _FanOut:
-    """Passes each finished event to the side sinks; a sink that raises is reported, never propagated."""
-
-    def __init__(self, sinks: list, on_error):
-        self.sinks, self.on_error = sinks, on_error
-
-    def __call__(self, _, __, event: dict) -> dict:
-        for sink in self.sinks:
-            try:
-                sink.write(event)
-            except Exception as e:  # noqa: BLE001 - logging must never stop training
-                self.on_error(type(sink).__name__, e)
-        return event
-
-
 class _MainOnly:
     def __init__(self, is_main: bool):
         self.is_main = is_main
@@ -160,8 +135,52 @@ class _MainOnly:
         return event
 
 
+def _render(_, __, event: dict) -> tuple[tuple, dict]:
+    """The last processor: the JSON line, handed to the output together with the finished event."""
+    return (_dumps(event), event), {}
+
+
+class JsonLines:
+    """RUN_DIR/events.jsonl, appended one flushed line per event."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Output:
+    """What the chain's last processor hands each event to: the JSON line goes to the file first, then the finished
+    event to each side sink in turn. A failure in one never stops the others, nor training: it is reported."""
+
+    def __init__(self, lines: JsonLines | None, sinks: list, on_error):
+        self.lines, self.sinks, self.on_error = lines, sinks, on_error
+
+    def msg(self, line: str, event: dict) -> None:
+        if self.lines is not None:
+            try:
+                self.lines.write(line)
+            except Exception as e:  # noqa: BLE001 - e.g. disk full on the log dir
+                self.on_error("JsonLines", e)
+        for sink in self.sinks:
+            try:
+                sink.write(event)
+            except Exception as e:  # noqa: BLE001 - logging must never stop training
+                self.on_error(type(sink).__name__, e)
+
+    debug = info = warning = error = critical = msg
+
+
 class EventLog:
-    """Owns the JSON-lines file and the side sinks of one run; ``emit`` is the single emission point."""
+    """Owns the JSON-lines file and the side sinks of one run; ``emit`` is the single emission point.
+
+    The processor chain belongs to this log alone (``structlog.wrap_logger``): structlog's global configuration is
+    never touched, so two logs in one process (tests, a notebook) stay independent."""
 
     def __init__(self, run_dir: str | Path, run_id: str, rank: int = 0, is_main: bool = True, sinks: list = ()):
         self.run_dir = Path(run_dir)
@@ -170,43 +189,43 @@ class EventLog:
         self._reported: set[tuple[str, str]] = set()
         self._pending_errors: list[dict] = []
         self._file = None
+        self._on_close: list = []
         first_seq = 0
+        torn = b""
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / EVENTS_FILE
             torn = cut_torn_tail(path)
             first_seq = read_last_seq(path) + 1
-            self._file = open(path, "a", encoding="utf-8")
-        structlog.configure(
+            self._file = JsonLines(path)
+        self._log = structlog.wrap_logger(
+            _Output(self._file, self.sinks, self._sink_failed),
             processors=[
                 _MainOnly(is_main),
-                structlog.contextvars.merge_contextvars,
                 structlog.processors.add_log_level,
                 _Common(run_id, rank, first_seq),
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
                 finite_fields,
                 ordered,
-                _FanOut(self.sinks, self._sink_failed),
-                structlog.processors.JSONRenderer(serializer=_dumps),
+                _render,
             ],
-            logger_factory=structlog.WriteLoggerFactory(file=self._file or open(os.devnull, "w")),
-            cache_logger_on_first_use=False,
+            wrapper_class=structlog.BoundLogger,
         )
-        self._log = structlog.get_logger()
-        if is_main and torn:
+        if torn:
             # Reported with the whole fragment, so what the kill cut short is still in the log, as data.
             self.emit("log_error", level="warning", sink="JsonLines", error_type="TornLine",
                       error=f"the last line was cut short ({len(torn)} bytes), by a hard kill; dropped",
                       fragment=torn.decode("utf-8", "replace"))
 
     def bind(self, **fields) -> None:
-        """Set fields (step, epoch, phase) carried by every later event."""
-        structlog.contextvars.bind_contextvars(**fields)
+        """Set fields (step, epoch, phase) carried by every later event of this log."""
+        self._log = self._log.bind(**fields)
 
     def emit(self, event: str, level: str = "info", **fields) -> None:
+        check_event_name(event)
         try:
             getattr(self._log, level)(event, **fields)
-        except Exception as e:  # noqa: BLE001 - e.g. disk full on the log dir
+        except Exception as e:  # noqa: BLE001 - a field that cannot be rendered, say
             self._sink_failed("JsonLines", e)
         self._flush_errors()
 
@@ -247,14 +266,15 @@ class EventLog:
             except Exception as e:  # noqa: BLE001
                 self._sink_failed(type(sink).__name__, e)
         self._flush_errors()
-        structlog.contextvars.clear_contextvars()
-        for name in LIBRARY_LOGGERS:  # a later run in this process must not write into a closed log
-            lg = logging.getLogger(name)
-            for h in [h for h in lg.handlers if isinstance(h, LibraryLogHandler) and h.log is self]:
-                lg.removeHandler(h)
+        while self._on_close:
+            self._on_close.pop()()
         if self._file:
             self._file.close()
             self._file = None
+
+    def on_close(self, undo) -> None:
+        """Call ``undo()`` when this log closes (state set up for it, put back)."""
+        self._on_close.append(undo)
 
 
 def _dumps(obj, **kw) -> str:
@@ -282,13 +302,33 @@ class LibraryLogHandler(logging.Handler):
 LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "torch", "py.warnings", "datasets")
 
 
-def capture_library_logs(log: EventLog, is_main: bool) -> LibraryLogHandler:
-    """Once per process: library warnings become events on the main process and are silenced elsewhere."""
+def capture_library_logs(log: EventLog, is_main: bool) -> None:
+    """Library warnings become events on the main process and are silenced elsewhere, until ``log`` closes: then
+    the logging and Python-warnings state this changed is put back, so an in-process run (a test, a notebook) leaves
+    the process as it found it."""
     import transformers
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.disable_progress_bar()
+    tf_logging = transformers.utils.logging
+    saved_loggers = {name: (list(lg.handlers), lg.level, lg.propagate)
+                     for name, lg in ((n, logging.getLogger(n)) for n in LIBRARY_LOGGERS)}
+    saved_warnings = (warnings.filters[:], warnings.showwarning, logging._warnings_showwarning)
+    tf_bars, hub_bars = tf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+
+    def restore() -> None:
+        for name, (handlers, level, propagate) in saved_loggers.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
+        warnings.filters[:], warnings.showwarning, logging._warnings_showwarning = saved_warnings
+        if tf_bars:
+            tf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+    tf_logging.disable_default_handler()
+    tf_logging.disable_progress_bar()
     disable_progress_bars()
     # Installed afresh: captureWarnings(True) does nothing while an earlier call's hook is recorded, even when
     # something since put its own ``warnings.showwarning`` back (a test runner, a notebook, an earlier run).
@@ -304,4 +344,4 @@ def capture_library_logs(log: EventLog, is_main: bool) -> LibraryLogHandler:
         lg.propagate = False
     if not is_main:
         warnings.filterwarnings("ignore")
-    return handler
+    log.on_close(restore)

@@ -21,10 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from .config import ConfigError
-from .generate import load_codec, load_model, load_tokenizer, resolve_sources
+from .config import ConfigError, ModelConfig
+from .generate import resolve_sources
+from .loading import DTYPES, load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
 CODEC_DIR = "audio_tokenizer"
 MANIFEST = "higgs_accel_export.json"
@@ -35,7 +34,7 @@ def merge_adapter(base: str, adapter: str):
 
     ``merge_and_unload`` folds every LoRA delta into its layer and replaces each ``modules_to_save`` wrapper
     (e.g. the fully trained audio_lm_head / text_lm_head) with the adapter's trained copy."""
-    model = load_model(base, adapter, torch.float32)
+    model = load_model(base, adapter, "fp32")
     merged = model.merge_and_unload()
     if any("lora_" in n or "modules_to_save" in n or "original_module" in n for n, _ in merged.named_parameters()):
         raise RuntimeError("merge_and_unload left adapter parameters behind")
@@ -45,12 +44,12 @@ def merge_adapter(base: str, adapter: str):
 def export(base: str, adapter: str, out: str | Path, text_tokenizer: str | None = None,
            audio_tokenizer: str | None = None, dtype: str = "fp32") -> Path:
     """Write the merged model, its tokenizer and (if given) the codec to ``out``; return ``out``."""
-    from .model import DTYPES
-
     out = Path(out)
-    tokenizer = load_tokenizer(text_tokenizer or base)
-    codec = load_codec(audio_tokenizer) if audio_tokenizer else None
-    merged = merge_adapter(base, adapter).to(DTYPES[dtype])
+    sources = ModelConfig(base=base, audio_tokenizer=audio_tokenizer or "", text_tokenizer=text_tokenizer or "")
+    model_cfg, _ = resolve_checkpoints(sources, base_name="--base", codec_name="--audio-tokenizer")
+    tokenizer = load_tokenizer(model_cfg.text_tokenizer)
+    codec = load_codec_dir(model_cfg.audio_tokenizer) if audio_tokenizer else None
+    merged = merge_adapter(model_cfg.base, adapter).to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .chat import AUDIO_PLACEHOLDER, SpecialIds, audio_placeholders, audio_streams, chat_prompt
-from .config import ConfigError, DataConfig
-from .data import FileAudio, Sample, load_audio
-from .model import load_ref
+from .chat import SpecialIds, chat_prompt, lay_out
+from .config import ConfigError, DataConfig, ModelConfig
+from .data import load_audio
+from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
 DEFAULT_MAX_NEW_TOKENS = 750  # 30 s at the codec's 25 frames/s, plus the delay-pattern frames
@@ -29,23 +29,12 @@ DEFAULT_MAX_NEW_TOKENS = 750  # 30 s at the codec's 25 frames/s, plus the delay-
 
 def build_prompt(tokenizer, ids: SpecialIds, text: str, ref_codes: np.ndarray | None = None, ref_text: str = "",
                  scene: str = "", system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict[str, torch.Tensor | None]:
-    """Token ids (L,) of the prompt and the delayed frames (F, K) of its reference audio (None without one).
-
-    Same layout as ``build_example`` minus the answer: text is tokenized piece by piece between audio
-    placeholders, and the reference audio is an earlier assistant turn in the delay pattern."""
-    # chat_prompt only reads text, ref_text, scene, system and whether ref_audio is set; no target audio exists.
-    sample = Sample(source="generate", line=0, audio=None, text=text, ref_text=ref_text, scene=scene,
-                    ref_audio=FileAudio(Path("reference")) if ref_codes is not None else None)
-    prompt = chat_prompt(sample, system_prompt) + "<|audio_out_bos|>"
-    input_ids, frames = [], []
-    for i, piece in enumerate(prompt.split(AUDIO_PLACEHOLDER)):
-        if i > 0:  # only the reference has a placeholder
-            inputs, _ = audio_streams(ref_codes, ids, is_target=False, train_eos=False)
-            frames.append(inputs)
-            input_ids += audio_placeholders(len(inputs), ids)
-        if piece:
-            input_ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    audio = torch.as_tensor(np.concatenate([np.asarray(f) for f in frames])) if frames else None
+    """Token ids (L,) of the prompt and the delayed frames (F, K) of its reference audio (None without one): the
+    training layout (``chat.chat_prompt``, ``chat.lay_out``) up to and including ``<|audio_out_bos|>``."""
+    prompt = chat_prompt(text, system_prompt, scene, ref_text if ref_codes is not None else None)
+    audios = [(np.asarray(ref_codes), False)] if ref_codes is not None else []
+    input_ids, _, frames, _ = lay_out([(prompt + "<|audio_out_bos|>", False)], audios, tokenizer, ids, False)
+    audio = torch.as_tensor(np.concatenate(frames)) if frames else None
     return {"input_ids": torch.tensor(input_ids), "audio_input_ids": audio}
 
 
@@ -192,36 +181,7 @@ def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- loading (shared with export)
-
-
-def load_model(base: str, adapter: str | None, dtype: torch.dtype = torch.float32, flag: str = "--base"):
-    """The base model with its text head, and the adapter on top (a PeftModel) when given."""
-    from transformers import HiggsAudioV2ForConditionalGeneration
-
-    model = load_ref(flag, "HiggsAudioV2ForConditionalGeneration", base,
-                     lambda ref: HiggsAudioV2ForConditionalGeneration.from_pretrained(ref, use_text_head=True,
-                                                                                     dtype=dtype))
-    if adapter:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter dir (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
-
-
-def load_tokenizer(ref: str, flag: str = "--base"):
-    from transformers import AutoTokenizer
-
-    return load_ref(flag, "the text tokenizer", ref, AutoTokenizer.from_pretrained)
-
-
-def load_codec(ref: str, flag: str = "--audio-tokenizer"):
-    from transformers import HiggsAudioV2TokenizerModel
-
-    codec = load_ref(flag, "HiggsAudioV2TokenizerModel", ref, HiggsAudioV2TokenizerModel.from_pretrained)
-    return codec.eval().requires_grad_(False)
+# ---------------------------------------------------------------- where the model comes from (shared with export)
 
 
 def run_sources(run_dir: str) -> dict:
@@ -245,12 +205,13 @@ def run_sources(run_dir: str) -> dict:
                           "RUN_DIR/checkpoints/step-N/adapter for a checkpoint")
     return {"base": base, "audio_tokenizer": codec, "text_tokenizer": model.get("text_tokenizer") or base,
             "adapter": str(run / "adapter"), "system_prompt": data.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
-            "dtype": model.get("dtype") or "fp32"}
+            "dtype": model.get("dtype") or "fp32", "attn_implementation": model.get("attn_implementation") or "sdpa"}
 
 
 def resolve_sources(args) -> dict:
     """--run fills in what --base / --audio-tokenizer / --adapter leave out; explicit flags win."""
-    src = {"adapter": None, "system_prompt": DEFAULT_SYSTEM_PROMPT, "dtype": "fp32", "audio_tokenizer": None}
+    src = {"adapter": None, "system_prompt": DEFAULT_SYSTEM_PROMPT, "dtype": "fp32", "audio_tokenizer": None,
+           "attn_implementation": "sdpa"}
     if args.run:
         src.update(run_sources(args.run))
     flags = {key: getattr(args, key, None) for key in ("base", "audio_tokenizer", "adapter")}
@@ -324,12 +285,14 @@ def cmd_generate(args) -> int:
     src = resolve_sources(args)
     if not src.get("audio_tokenizer"):
         raise ConfigError("--audio-tokenizer (or --run) is required")
-    from .model import DTYPES
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = load_tokenizer(src["text_tokenizer"])
-    codec = load_codec(src["audio_tokenizer"]).to(device)
-    model = load_model(src["base"], src["adapter"], DTYPES[args.dtype or src["dtype"]]).to(device)
+    sources = ModelConfig(base=src["base"], audio_tokenizer=src["audio_tokenizer"],
+                          text_tokenizer=src["text_tokenizer"])
+    model_cfg, _ = resolve_checkpoints(sources, base_name="--base", codec_name="--audio-tokenizer")
+    tokenizer = load_tokenizer(model_cfg.text_tokenizer)
+    codec = load_codec_dir(model_cfg.audio_tokenizer).to(device)
+    dtype = args.dtype or src["dtype"]
+    model = load_model(model_cfg.base, src["adapter"], dtype, src["attn_implementation"]).to(device)
     ids = SpecialIds.from_parts(tokenizer, model.config)
     result = generate_speech(model, tokenizer, codec, ids, args.text, ref_audio=args.ref_audio,
                              ref_text=args.ref_text, scene=args.scene,

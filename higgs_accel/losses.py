@@ -15,13 +15,44 @@ import torch.nn.functional as F
 
 from .chat import IGNORE
 
-NUM_CODEBOOKS = 8
 # Layout of the per-step statistics vector: summed on device over micro-steps and processes, read once per step.
+# Seven scalars, then per codebook (as many as the model config has): summed CE, target count, correct count.
 TEXT_CE, TEXT_N, TEXT_OK, TOKENS, FRAMES, SAMPLES, PADDED = range(7)
-CB_CE = slice(7, 7 + NUM_CODEBOOKS)
-CB_N = slice(7 + NUM_CODEBOOKS, 7 + 2 * NUM_CODEBOOKS)
-CB_OK = slice(7 + 2 * NUM_CODEBOOKS, 7 + 3 * NUM_CODEBOOKS)
-N_STATS = 7 + 3 * NUM_CODEBOOKS
+_HEAD = 7
+
+
+def n_stats(num_codebooks: int) -> int:
+    """Length of the statistics vector for a model with ``num_codebooks`` codebooks."""
+    return _HEAD + 3 * num_codebooks
+
+
+def _per_codebook(stats: list[float]) -> tuple[list[float], list[float], list[float]]:
+    k = (len(stats) - _HEAD) // 3
+    return stats[_HEAD:_HEAD + k], stats[_HEAD + k:_HEAD + 2 * k], stats[_HEAD + 2 * k:_HEAD + 3 * k]
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """How the text loss and the codebook losses make the total loss: built once from the config (``train.
+    text_weight``, ``train.audio_weight``, ``train.audio_reduction``) and used both for the loss that is
+    backpropagated and for the logged one, so the two always agree."""
+
+    text: float = 1.0
+    audio: float = 1.0
+    audio_reduction: str = "sum"  # "sum" (transformers' own loss) or "mean" over the codebooks with targets
+
+    @classmethod
+    def of(cls, train_cfg) -> LossWeights:
+        return cls(train_cfg.text_weight, train_cfg.audio_weight, train_cfg.audio_reduction)
+
+    def audio_loss(self, codebook_sum, with_targets):
+        """The audio loss from the summed losses of the codebooks that have targets, and their count."""
+        return codebook_sum if self.audio_reduction == "sum" else codebook_sum / with_targets
+
+    def combine(self, text, audio):
+        """The total loss; a part without targets (None) is left out, and None when both are."""
+        parts = [w * x for w, x in ((self.text, text), (self.audio, audio)) if x is not None]
+        return sum(parts) if parts else None
 
 
 @dataclass
@@ -57,8 +88,8 @@ def _shifted(hidden: torch.Tensor, labels: torch.Tensor):
     return h[valid], y[valid], where
 
 
-def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos, *, text_weight=1.0, audio_weight=1.0,
-              audio_reduction="sum") -> LossOutput:
+def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos,
+              weights: LossWeights = LossWeights()) -> LossOutput:
     """Losses, accuracies and argmax predictions from the backbone's last hidden states (B, L, H)."""
     h_text, y_text, text_where = _shifted(hidden, labels)
     text_logits = text_head(h_text).float()
@@ -76,36 +107,35 @@ def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos, *, text_w
     audio_pred = audio_logits.argmax(-1)
     cb_ce, cb_n = ce.sum(0), has.sum(0)
     cb_loss = cb_ce / cb_n.clamp(min=1)
-    audio_loss = cb_loss.sum() if audio_reduction == "sum" else cb_loss.sum() / (cb_n > 0).sum().clamp(min=1)
+    audio_loss = weights.audio_loss(cb_loss.sum(), (cb_n > 0).sum().clamp(min=1))
 
     with torch.no_grad():
         head = torch.stack([text_ce.detach(), text_ce.new_tensor(n_text), (text_pred == y_text).sum().float()])
         stats = torch.cat([head, head.new_zeros(4), cb_ce.detach(), cb_n.float(),
                            ((audio_pred == y_audio) & has).sum(0).float()])
     return LossOutput(
-        loss=text_weight * text_loss + audio_weight * audio_loss, text_loss=text_loss, audio_loss=audio_loss,
+        loss=weights.combine(text_loss, audio_loss), text_loss=text_loss, audio_loss=audio_loss,
         stats=stats, text_pred=text_pred, text_label=y_text, text_where=text_where, audio_pred=audio_pred,
         audio_label=y_audio, audio_where=audio_where, text_logits_shape=list(text_logits.shape),
         audio_logits_shape=list(audio_logits.shape),
     )
 
 
-def summarize(stats: list[float], text_weight: float, audio_weight: float, audio_reduction: str) -> dict:
+def summarize(stats: list[float], weights: LossWeights) -> dict:
     """Token-weighted metrics from summed statistics (already reduced over micro-steps and processes)."""
-    cb_n = stats[CB_N]
-    cb_loss = [ce / n if n else None for ce, n in zip(stats[CB_CE], cb_n)]
-    cb_acc = [ok / n if n else None for ok, n in zip(stats[CB_OK], cb_n)]
+    cb_ce, cb_n, cb_ok = _per_codebook(stats)
+    cb_loss = [ce / n if n else None for ce, n in zip(cb_ce, cb_n)]
+    cb_acc = [ok / n if n else None for ok, n in zip(cb_ok, cb_n)]
     present = [x for x in cb_loss if x is not None]
     # A part without targets is None, not 0.0: a step or eval that saw no targets must not read as a perfect loss.
-    audio = (sum(present) if audio_reduction == "sum" else sum(present) / len(present)) if present else None
+    audio = weights.audio_loss(sum(present), len(present)) if present else None
     text = stats[TEXT_CE] / stats[TEXT_N] if stats[TEXT_N] else None
-    parts = [w * x for w, x in ((text_weight, text), (audio_weight, audio)) if x is not None]
     out = {
-        "loss": sum(parts) if parts else None,
+        "loss": weights.combine(text, audio),
         "text_loss": text,
         "audio_loss": audio,
         "text_acc": stats[TEXT_OK] / stats[TEXT_N] if stats[TEXT_N] else None,
-        "audio_acc": sum(stats[CB_OK]) / sum(cb_n) if sum(cb_n) else None,
+        "audio_acc": sum(cb_ok) / sum(cb_n) if sum(cb_n) else None,
         "text_targets": int(stats[TEXT_N]),
         "audio_targets": int(sum(cb_n)),
         "tokens": int(stats[TOKENS]),

@@ -3,42 +3,42 @@
 
 from __future__ import annotations
 
-import json
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .events import EVENTS_FILE, PARQUET_DIR
-from .sinks import Superseded, rows_to_table, write_atomic
-
-
-def read_events(path: Path) -> list[dict]:
-    """Every whole event of an events.jsonl; a torn last line (kill -9 mid-write) is skipped."""
-    rows = []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "event" in row:
-                rows.append(row)
-    return rows
+from analysis.schema import (
+    EVENTS_DIR,
+    EVENTS_FILE,
+    Skipped,
+    Superseded,
+    part_name,
+    read_jsonl,
+    rows_to_table,
+    write_atomic,
+)
 
 
 def rebuild_parquet(run_dir: str | Path) -> int:
+    """Replace ``RUN_DIR/events/`` by one part per event family built from events.jsonl; return the family count.
+    Lines that are no valid event are reported on stderr and left out. Only ``events/`` and a temporary folder
+    beside it are written: family names are checked event names, so none leads outside."""
     run_dir = Path(run_dir)
-    rows = read_events(run_dir / EVENTS_FILE)
+    skipped: list[Skipped] = []
+    rows = read_jsonl(run_dir / EVENTS_FILE, skipped=skipped)
+    for s in skipped:
+        print(f"{run_dir}: {s}", file=sys.stderr)
     rule = Superseded.of_rows(rows)
     families = defaultdict(list)
     for row in rows:
         families[row["event"]].append(row)
-    out = run_dir / PARQUET_DIR
-    tmp = run_dir / f"_{PARQUET_DIR}.rebuild"
+    out = run_dir / EVENTS_DIR
+    tmp = run_dir / f"_{EVENTS_DIR}.rebuild"
     shutil.rmtree(tmp, ignore_errors=True)
     for family, members in families.items():
         (tmp / family).mkdir(parents=True)
-        write_atomic(rule.mark(rows_to_table(members)), tmp / family / f"part-{members[0]['seq']:012d}.parquet")
+        write_atomic(rule.mark(rows_to_table(members)), tmp / family / part_name(members[0]["seq"]))
     shutil.rmtree(out, ignore_errors=True)
     tmp.mkdir(exist_ok=True)
     tmp.rename(out)

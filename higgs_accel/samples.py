@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
+from analysis.schema import SAMPLES_DIR, step_dir_name
+
 from .chat import SpecialIds
 from .config import ConfigError, LogConfig
 from .generate import decode_codes, encode_reference, generate_speech, write_wav
 from .losses import LossOutput
 
-SAMPLES_DIR = "samples"
-
 
 def samples_dir(run_dir: str | Path, step: int) -> Path:
     """Where the audio of one eval goes: RUN_DIR/samples/step-<8 digits>, sorting like the checkpoints."""
-    return Path(run_dir) / SAMPLES_DIR / f"step-{step:08d}"
+    return Path(run_dir) / SAMPLES_DIR / step_dir_name(step)
 
 
 def sample_codes(out: LossOutput, b: int, ids: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from higgs_accel.cli import _run_overrides, parse_args
-from higgs_accel.config import ConfigError, all_keys, load_config
+from higgs_accel.config import ConfigError, all_keys, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,6 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     assert cfg.train.lr == 0.2 and cfg.train.batch_size == 3 and cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
-@pytest.mark.slow
 def launch_two(*args: str) -> None:
     """``accelerate launch`` of ``higgs-accel train --preset tiny ARGS`` on 2 CPU processes (gloo)."""
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -90,6 +89,7 @@ def launch_two(*args: str) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): one writer, world size 2, metrics over both; a resume from
     the step-2 checkpoint (across an epoch boundary: 2 steps an epoch) repeats steps 3 and 4 exactly."""
@@ -114,6 +114,7 @@ def test_tiny_preset_end_to_end_with_two_processes(tmp_path):
         (e["step"], e["loss"]) for e in steps[2:]]
 
 
+@pytest.mark.slow
 def test_config_file_trap_is_refused(tmp_path):
     """A MULTI_GPU config run without GPUs would start lone processes: refuse it with a clear line."""
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -123,3 +124,52 @@ def test_config_file_trap_is_refused(tmp_path):
     assert r.returncode != 0
     assert "launched as 2 processes but accelerate sees 1" in r.stderr
     assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=.inf", "'train.lr' must be a finite number, got inf"),
+    ("train.lr=.nan", "'train.lr' must be a finite number, got nan"),
+    ("train.lr=0", "'train.lr' must be greater than 0"),
+    ("train.weight_decay=-5", "'train.weight_decay' must not be negative, got -5.0"),
+    ("lora.dropout=2", "'lora.dropout' must be in [0, 1), got 2.0"),
+    ("lora.dropout=1", "'lora.dropout' must be in [0, 1), got 1.0"),
+    ("data.min_seconds=5", "'data.min_seconds' (5.0) must not be above 'data.max_seconds' (1.0)"),
+    ("train.max_nonfinite_steps=0", "'train.max_nonfinite_steps' must be at least 1"),
+    ("train.stop_signals=SIGTERM,SIGKILL", "'train.stop_signals': 'SIGKILL' is not a signal that can be caught"),
+    ("train.stop_signals=TERM", "'train.stop_signals': 'TERM' is not a signal"),
+    ("train.on_nonfinite=ignore", "'train.on_nonfinite' must be one of 'stop', 'skip'"),
+    ("train.lerning_rate=1", "unknown key 'train.lerning_rate' (did you mean 'train.lr'?)"),
+    ("train.learning_rate=1", "(did you mean 'train.lr'?)"),
+    ("lora.lr=1", "(did you mean 'train.lr'?)"),
+    ("train.gradient_accumulation_steps=2", "(did you mean 'train.grad_accum'?)"),
+])
+def test_out_of_range_values_and_typos_fail_before_anything_loads(override, message):
+    pairs = [("preset", "tiny", "test"), ("data.max_seconds", 1.0, "test")]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*pairs, (*parse_override(override), "command line")])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    if "did you mean" in message:
+        assert "overwrite" not in str(e.value)
+
+
+def test_non_utf8_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_bytes(b"train:\n  lr: 0.1\n  output_dir: caf\xe9\n")
+    r = cli("train", "--config", str(bad))
+    assert r.returncode == 2 and f"{bad}:3: not UTF-8 text (byte 0xe9)" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_output_dir_is_refused_before_loading(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"'train.output_dir': {tmp_path}/file is not a directory"):
+        load_config(None, [("preset", "tiny", "t"), ("train.output_dir", str(tmp_path / "file" / "run"), "t")])
+    # /proc takes no new files even for root, like a read-only mount.
+    with pytest.raises(ConfigError, match="'train.output_dir': cannot write in /proc"):
+        load_config(None, [("preset", "tiny", "t"), ("train.output_dir", "/proc/higgs-run", "t")])
+    if os.geteuid() != 0:  # root writes through permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(ConfigError, match="cannot write in"):
+            load_config(None, [("preset", "tiny", "t"), ("train.output_dir", str(ro / "run"), "t")])

@@ -10,11 +10,11 @@ import soundfile as sf
 import torch
 from transformers import AutoTokenizer, DacFeatureExtractor, HiggsAudioV2Config, HiggsAudioV2Processor
 
-from higgs_accel.chat import IGNORE, TARGET, SpecialIds, build_example, chat_prompt
+from higgs_accel.chat import IGNORE, TARGET, SpecialIds, build_example, sample_prompt
 from higgs_accel.codes import CodeCache
 from higgs_accel.config import DataConfig, ModelConfig
 from higgs_accel.data import FileAudio, Sample, collate, load_audio, load_splits, read_manifest
-from higgs_accel.model import load_codec
+from higgs_accel.loading import load_codec
 
 SYSTEM = "Generate audio following instruction."
 
@@ -39,7 +39,8 @@ def _ours(parts, sample, train_on_prompt=True, train_eos=False):
 def _theirs(parts, sample):
     _, cache, _, processor, _ = parts
     audio = [load_audio(p.path, 24000) for p in (sample.ref_audio, sample.audio) if p is not None]
-    return processor(text=[chat_prompt(sample, SYSTEM) + TARGET], audio=audio, output_labels=True, return_tensors="pt")
+    return processor(text=[sample_prompt(sample, SYSTEM) + TARGET], audio=audio, output_labels=True,
+                     return_tensors="pt")
 
 
 def _with_reference(sample: Sample, other: Sample) -> Sample:
@@ -75,7 +76,7 @@ def test_collated_batch_matches_the_processor_batching_the_same_two_conversation
     _, _, ids, processor, samples = parts
     pair = [samples[0], _with_reference(samples[1], samples[2])]
     ours = collate([_ours(parts, s) for s in pair], ids.pad, ids.stream_eos)
-    texts = [chat_prompt(s, SYSTEM) + TARGET for s in pair]
+    texts = [sample_prompt(s, SYSTEM) + TARGET for s in pair]
     audio = [load_audio(a.path, 24000) for s in pair for a in (s.ref_audio, s.audio) if a is not None]
     theirs = processor(text=list(texts), audio=audio, output_labels=True, return_tensors="pt", padding_side="right")
     text_len, frames = ours["attention_mask"].sum(1), ours["audio_input_ids_mask"].sum(1)

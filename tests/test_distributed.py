@@ -14,7 +14,7 @@ import torch
 
 from higgs_accel.cli import _run_overrides, parse_args
 from higgs_accel.config import load_config
-from tests.conftest import read_events
+from tests.conftest import events_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "accelerate"
@@ -173,7 +173,7 @@ def test_torchrun_with_the_original_trainers_flags_logs_each_step_once(tmp_path,
                         f"data.val_manifest={tiny['data.val_manifest']}", f"data.codes_cache={codes_cache}"],
                        capture_output=True, text=True, cwd=REPO, env=CPU_ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    events = read_events(run_dir)
+    events = events_of(run_dir)
     start = [e for e in events if e["event"] == "run_start"]
     assert len(start) == 1 and start[0]["world_size"] == 2
     assert start[0]["config"]["log"]["log_steps"] == 1

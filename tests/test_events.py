@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -21,14 +21,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import structlog
 import transformers
 
+from analysis.schema import declared_type, read_parts
 from higgs_accel import loop
-from higgs_accel.events import EventLog
+from higgs_accel.events import EventLog, JsonLines
 from higgs_accel.rebuild import rebuild_parquet
-from higgs_accel.sinks import ConsoleSink, ParquetSink, TrackerSink, compact, declared_type, read_parts
-from tests.conftest import of, read_events, train_run
+from higgs_accel.sinks import ConsoleSink, ParquetSink, TrackerSink, compact
+from tests.conftest import events_of, of, train_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_failing_sink_is_reported_once_and_others_continue(tmp_path):
         log.emit("train_step", step=i, loss=float(i))
     log.flush()
     log.close()
-    events = read_events(tmp_path)
+    events = events_of(tmp_path)
     assert len(of(events, "train_step")) == 5
     errors = of(events, "log_error")
     assert [(e["sink"], e["error_type"]) for e in errors] == [("Broken", "RuntimeError")]
@@ -133,11 +133,11 @@ def test_report_error_applies_the_once_per_sink_and_error_type_rule(tmp_path):
     log.report_error("pred_slice", IndexError("slice 2"))
     log.report_error("pred_slice", ValueError("other type"))
     log.report_error("eval_audio", IndexError("other sink"))
-    reported = [(e["sink"], e["error_type"], e["error"]) for e in read_events(tmp_path)]  # written at once
+    reported = [(e["sink"], e["error_type"], e["error"]) for e in events_of(tmp_path)]  # written at once
     log.close()
     assert reported == [("pred_slice", "IndexError", "slice 1"), ("pred_slice", "ValueError", "other type"),
                         ("eval_audio", "IndexError", "other sink")]
-    assert all(e["level"] == "warning" and e["event"] == "log_error" for e in read_events(tmp_path))
+    assert all(e["level"] == "warning" and e["event"] == "log_error" for e in events_of(tmp_path))
 
 
 @pytest.mark.parametrize("target", ["parquet", "console", "jsonl"])
@@ -150,8 +150,7 @@ def test_training_survives_a_failing_sink(target, tmp_path, tiny, codes_cache, m
     elif target == "console":
         monkeypatch.setattr(ConsoleSink, "write", boom)
     else:  # the JSON-lines file itself: disk full on the log dir
-        for level in ("msg", "debug", "info", "warning", "error"):
-            monkeypatch.setattr(structlog.WriteLogger, level, boom)
+        monkeypatch.setattr(JsonLines, "write", boom)
     train_run(tmp_path, tiny, codes_cache, train__max_steps=3, train__eval_every=0, train__save_every=0)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     if target == "jsonl":
@@ -159,7 +158,7 @@ def test_training_survives_a_failing_sink(target, tmp_path, tiny, codes_cache, m
         assert [(e["sink"], e["error_type"]) for e in errors] == [("JsonLines", "OSError")]
         assert pq.read_table(tmp_path / "events" / "train_step").num_rows == 3
         return
-    events = read_events(tmp_path)
+    events = events_of(tmp_path)
     assert len(of(events, "train_step")) == 3 and of(events, "run_end")[0]["status"] == "finished"
     errors = of(events, "log_error")
     assert len(errors) == 1 and errors[0]["error_type"] == "OSError", [(e["sink"], e["error"]) for e in errors]
@@ -428,7 +427,7 @@ def test_trackers_get_numeric_metrics_of_steps_and_evals(tmp_path):
 
 
 def test_library_warnings_reach_the_log_once_each_as_library_log(full_run):
-    planted = [e for e in of(read_events(full_run), "library_log") if "planted" in e["message"]]
+    planted = [e for e in of(events_of(full_run), "library_log") if "planted" in e["message"]]
     assert sorted((e["logger"], e["level"]) for e in planted) == [("py.warnings", "warning"),
                                                                  ("transformers.planted", "warning")]
     by_logger = {e["logger"]: e["message"] for e in planted}
@@ -437,7 +436,7 @@ def test_library_warnings_reach_the_log_once_each_as_library_log(full_run):
 
 
 def test_a_failing_tracker_is_reported_once_and_training_finishes(full_run):
-    events = read_events(full_run)
+    events = events_of(full_run)
     errors = [(e["sink"], e["error_type"], e["error"]) for e in of(events, "log_error")]
     assert errors == [("TrackerSink", "ConnectionError", "tracker unreachable")]
     assert len(of(events, "train_step")) == 20 and of(events, "run_end")[0]["status"] == "finished"
@@ -448,7 +447,7 @@ COMMON = ("event", "ts", "run_id", "seq", "step", "epoch", "phase", "rank", "sch
 
 
 def test_every_event_of_a_real_run_has_the_common_fields(full_run):
-    events = read_events(full_run)
+    events = events_of(full_run)
     assert len({e["event"] for e in events}) >= 12
     assert [e["seq"] for e in events] == list(range(len(events)))
     steps = [e["step"] for e in events]
@@ -494,7 +493,7 @@ def test_every_event_and_field_of_a_real_run_is_documented_and_back(full_run):
     common, documented = documented_fields()
     assert set(COMMON) | {"nonfinite"} == common
     emitted: dict[str, list[dict]] = {}
-    for e in read_events(full_run):
+    for e in events_of(full_run):
         emitted.setdefault(e["event"], []).append(e)
     assert set(emitted) <= set(documented), set(emitted) - set(documented)
     assert set(documented) - set(emitted) == {"run_resume"}  # met by the resume test
@@ -556,3 +555,124 @@ def test_console_shows_slices_as_aligned_two_row_comparisons_and_hides_debug_noi
     assert "details" not in shown["info"]
     assert "audio codebook 1" in shown["debug"] and "[transformers.x] noisy" in shown["debug"]
     assert "[debug] probe" in shown["debug"]
+
+
+# ---------------------------------------------------------------- one schema for writer and reader
+
+_SAMPLE_VALUES = {pa.int64(): 3, pa.float64(): 1.5, pa.bool_(): True, pa.string(): "x",
+                  pa.list_(pa.int32()): [1, 2], pa.list_(pa.float64()): [0.5], pa.list_(pa.string()): ["a"]}
+
+
+def test_writer_and_reader_type_the_same_rows_alike(tmp_path):
+    """Every declared field, null in one part and holding a value in the next: the trainer's compacted Parquet, the
+    reader on that Parquet and the reader on events.jsonl alone all give each field its declared type."""
+    from analysis.load import read_events as load_events
+    from analysis.schema import FIELD_TYPES, TIME
+
+    set_by_log = {"event", "ts", "level", "step", "epoch", "phase", "seq", "run_id", "rank", "schema_version"}
+    fields = {f: t for f, t in FIELD_TYPES.items() if f not in set_by_log | {"superseded"}}
+    assert set(map(str, fields.values())) | {str(TIME)} == set(map(str, set(FIELD_TYPES.values())))
+    run_dir = tmp_path / "run"
+    log = EventLog(run_dir, "r1", sinks=[ParquetSink(run_dir / "events", flush_events=1)])
+    log.emit("probe", **dict.fromkeys(fields))
+    log.emit("probe", **{f: _SAMPLE_VALUES[t] for f, t in fields.items()})
+    assert len(list((run_dir / "events" / "probe").glob("part-*.parquet"))) == 2
+    log.close()
+    written = pq.read_table(run_dir / "events" / "probe").schema
+    from_parquet = load_events(run_dir, skipped=[])["probe"].schema
+    shutil.rmtree(run_dir / "events")
+    from_jsonl = load_events(run_dir, skipped=[])["probe"].schema
+    for name, declared in FIELD_TYPES.items():
+        if name == "superseded":
+            assert written.field(name).type == declared and name not in from_parquet.names
+            continue
+        types = (written.field(name).type, from_parquet.field(name).type, from_jsonl.field(name).type)
+        assert types == (declared,) * 3, (name, types)
+    assert load_events(run_dir, skipped=[])["probe"].column("ts").type == TIME
+
+
+def test_readers_skip_damaged_lines_and_say_which(tmp_path):
+    """Lines that are JSON but no event object, declared fields of the wrong type and a missing seq are left out
+    and named (line and reason); they never crash a reader, never count, and the rebuilder writes only events/."""
+    from analysis.load import read_events as load_events
+
+    good = [{"event": "train_step", "seq": i, "step": i + 1, "loss": 1.0 / (i + 1),
+             "ts": "2026-01-01T00:00:00.000000Z"} for i in range(3)]
+    damaged = ["[1, 2]", '"text"', "17", json.dumps({"event": "train_step", "step": 9}),
+               json.dumps({"event": "train_step", "seq": 10, "step": "nine"}),
+               json.dumps({"event": "../../escape", "seq": 11}), json.dumps({"event": "train_step", "seq": True})]
+    lines = [json.dumps(good[0]), *damaged, *map(json.dumps, good[1:])]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text("\n".join(lines) + "\n")
+    skipped = []
+    tables = load_events(run_dir, skipped=skipped)
+    assert list(tables) == ["train_step"] and tables["train_step"].column("step").to_pylist() == [1, 2, 3]
+    assert tables["train_step"].schema.field("step").type == pa.int64()
+    assert sorted(s.line for s in skipped) == list(range(2, 2 + len(damaged)))
+    assert any("'step'" in str(s) and "line 6" in str(s) for s in skipped)
+    with pytest.warns(UserWarning) as reported:
+        load_events(run_dir)
+    assert len(reported) == len(damaged) and "events.jsonl line 2: a JSON list" in str(reported[0].message)
+    assert rebuild_parquet(run_dir) == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["events", "events.jsonl"]
+    assert [p.name for p in (run_dir / "events").iterdir()] == ["train_step"]
+    assert not (tmp_path / "escape").exists()
+
+
+def test_the_writer_refuses_an_unsafe_event_name(tmp_path):
+    log = EventLog(tmp_path, "r1", sinks=[ParquetSink(tmp_path / "events")])
+    for name in ("../x", "Train", "a/b", ""):
+        with pytest.raises(ValueError, match="event name"):
+            log.emit(name)
+    log.close()
+    assert not (tmp_path / "events.jsonl").read_text()
+
+
+def test_two_logs_in_one_process_are_independent(tmp_path):
+    """Each log owns its chain: fields bound on one never reach the other, each numbers its own events, and
+    structlog's global configuration is never touched."""
+    import structlog
+
+    before = structlog.get_config()
+    a, b = EventLog(tmp_path / "a", "ra"), EventLog(tmp_path / "b", "rb")
+    a.bind(step=7, phase="eval")
+    a.emit("checkpoint", path="x")
+    b.emit("checkpoint", path="y")
+    b.emit("checkpoint", path="z")
+    a.close()
+    b.close()
+    [ea] = events_of(tmp_path / "a")
+    eb = events_of(tmp_path / "b")
+    assert (ea["step"], ea["phase"], ea["run_id"], ea["seq"]) == (7, "eval", "ra", 0)
+    assert [(e["step"], e["phase"], e["run_id"], e["seq"]) for e in eb] == [(0, "train", "rb", 0),
+                                                                           (0, "train", "rb", 1)]
+    assert structlog.get_config() == before
+
+
+def test_closing_the_log_restores_logging_and_warnings_state(tmp_path):
+    import logging
+
+    from higgs_accel.events import LIBRARY_LOGGERS, capture_library_logs
+
+    def snapshot():
+        loggers = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level,
+                       logging.getLogger(n).propagate) for n in LIBRARY_LOGGERS}
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        return loggers, list(warnings.filters), warnings.showwarning, bars
+
+    before = snapshot()
+    log = EventLog(tmp_path, "r1")
+    capture_library_logs(log, is_main=False)
+    assert snapshot() != before
+    log.close()
+    assert snapshot() == before
+
+
+def test_ts_written_as_text_by_an_older_writer_reads_as_a_timestamp(tmp_path):
+    from analysis.schema import TIME
+
+    pq.write_table(pa.table({"seq": [0, 1], "ts": ["2026-01-01T00:00:00.000000Z", None]}),
+                   tmp_path / "part-000000000000.parquet")
+    ts = read_parts(tmp_path).column("ts")
+    assert ts.type == TIME and ts.to_pylist()[0] == datetime(2026, 1, 1, tzinfo=timezone.utc)

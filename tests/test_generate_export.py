@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from higgs_accel import generate as gen
+from higgs_accel import loading
 from higgs_accel.chat import SpecialIds, build_example, delay_pattern
 from higgs_accel.cli import parse_args
 from higgs_accel.codes import CodeCache
@@ -31,9 +32,9 @@ def run_dir(tmp_path_factory, tiny, codes_cache):
 @pytest.fixture(scope="module")
 def parts(run_dir, tiny):
     """Tokenizer, codec, base + adapter (a PeftModel, as training holds it) and the special ids."""
-    tok = gen.load_tokenizer(tiny["model.base"])
-    codec = gen.load_codec(tiny["model.audio_tokenizer"])
-    model = gen.load_model(tiny["model.base"], str(run_dir / "adapter"))
+    tok = loading.load_tokenizer(tiny["model.base"])
+    codec = loading.load_codec_dir(tiny["model.audio_tokenizer"])
+    model = loading.load_model(tiny["model.base"], str(run_dir / "adapter"))
     return tok, codec, model, SpecialIds.from_parts(tok, model.config)
 
 
@@ -220,8 +221,8 @@ def test_export_equals_base_plus_adapter(parts, run_dir, tmp_path):
     for a, e, p in zip(adapted, exported, plain):
         assert torch.allclose(a, e, atol=1e-5, rtol=0), (a - e).abs().max()
         assert not torch.allclose(a, p, atol=1e-3), "the adapter should change the model"
-    assert gen.load_tokenizer(str(out))("Quiet rivers.")["input_ids"] == tok("Quiet rivers.")["input_ids"]
-    assert gen.load_codec(str(out / "audio_tokenizer")).config.hop_length == 960
+    assert loading.load_tokenizer(str(out))("Quiet rivers.")["input_ids"] == tok("Quiet rivers.")["input_ids"]
+    assert loading.load_codec_dir(str(out / "audio_tokenizer")).config.hop_length == 960
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(out)

@@ -10,8 +10,9 @@ from higgs_accel.chat import IGNORE, SpecialIds
 from higgs_accel.codes import CodeCache, resolve
 from higgs_accel.config import DataConfig, LoraConfig, ModelConfig
 from higgs_accel.data import HiggsDataset, collate, read_manifest
-from higgs_accel.losses import audio_labels_by_position, dual_loss, summarize
-from higgs_accel.model import DualLossModel, add_lora, load_base_model, load_codec, load_text_tokenizer
+from higgs_accel.loading import load_base_model, load_codec, load_text_tokenizer
+from higgs_accel.losses import LossWeights, audio_labels_by_position, dual_loss, summarize
+from higgs_accel.model import DualLossModel, add_lora
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_masked_heads_equal_full_logits(setup):
         full_pred = audio_logits.argmax(-1)
     assert torch.allclose(out.text_loss, full_text, atol=1e-6)
     assert torch.allclose(out.audio_loss, torch.stack(per_cb).sum(), atol=1e-5)
-    metrics = summarize(out.stats.tolist(), 1.0, 1.0, "sum")
+    metrics = summarize(out.stats.tolist(), LossWeights())
     for c in range(8):
         assert abs(metrics[f"audio_loss_cb{c}"] - per_cb[c].item()) < 1e-5
         has = ya[..., c] != IGNORE
@@ -79,10 +80,10 @@ def test_audio_mean_reduction_and_weights(setup):
     model, batch, _ = setup
     with torch.no_grad():
         summed = model(batch)
-        model.weights = dict(text_weight=0.5, audio_weight=2.0, audio_reduction="mean")
+        model.weights = LossWeights(text=0.5, audio=2.0, audio_reduction="mean")
         try:
             weighted = model(batch)
         finally:
-            model.weights = dict(text_weight=1.0, audio_weight=1.0, audio_reduction="sum")
+            model.weights = LossWeights()
     assert torch.allclose(weighted.audio_loss, summed.audio_loss / 8, atol=1e-5)
     assert torch.allclose(weighted.loss, 0.5 * summed.text_loss + 2.0 * summed.audio_loss / 8, atol=1e-5)

@@ -16,7 +16,7 @@ import analysis
 from higgs_accel.chat import SpecialIds, build_example
 from higgs_accel.config import ConfigError, DataConfig
 from higgs_accel.data import FileAudio, Sample, collate
-from tests.conftest import make_config, of, read_events, train_run
+from tests.conftest import events_of, make_config, of, train_run
 
 
 def test_overfits_four_samples(tmp_path, tiny, codes_cache):
@@ -42,7 +42,8 @@ def finished(tmp_path_factory, tiny, codes_cache):
 
 
 def test_only_lora_parameters_train(tiny, codes_cache, tmp_path):
-    from higgs_accel.model import add_lora, load_base_model
+    from higgs_accel.loading import load_base_model
+    from higgs_accel.model import add_lora
 
     cfg = make_config(tmp_path, tiny, codes_cache, lora__modules_to_save=["audio_lm_head"])
     model = add_lora(load_base_model(cfg.model), cfg.lora)
@@ -107,7 +108,7 @@ def test_final_adapter_reloads_with_peft_and_reproduces_the_trained_logits(tmp_p
     from peft import PeftModel
 
     from higgs_accel import checkpoint, loop
-    from higgs_accel.model import load_base_model, load_text_tokenizer
+    from higgs_accel.loading import load_base_model, load_text_tokenizer
 
     trained = {}
     save_adapter = checkpoint.save_adapter
@@ -167,7 +168,7 @@ def test_resume_continues_exactly(finished, tmp_path, tiny, codes_cache):
 def test_resume_latest_in_the_same_dir_appends(tmp_path, tiny, codes_cache):
     run_dir = tmp_path / "run"
     train_run(run_dir, tiny, codes_cache, train__max_steps=4, train__save_every=2, train__eval_every=0)
-    first = read_events(run_dir)
+    first = events_of(run_dir)
     events = train_run(run_dir, tiny, codes_cache, train__max_steps=4, train__save_every=2, train__eval_every=0,
                        resume="latest")
     assert events[: len(first)] == first
@@ -193,7 +194,7 @@ def test_a_run_that_fails_to_start_says_so_and_the_next_one_replaces_it(tmp_path
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match="'data.strict': 1 bad sample"):
         train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), data__strict=True)
-    end = read_events(run_dir)[-1]
+    end = events_of(run_dir)[-1]
     assert end["event"] == "run_end" and end["status"] == "failed" and "gone.wav" in end["error"]
     # Nothing was trained, so the same command again (without strict) needs no overwrite.
     events = train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), train__max_steps=1,
@@ -203,7 +204,7 @@ def test_a_run_that_fails_to_start_says_so_and_the_next_one_replaces_it(tmp_path
     with pytest.raises(ConfigError, match="'data.strict'"):
         train_run(run_dir, tiny, codes_cache, data__train_manifest=str(manifest), data__strict=True,
                   train__max_steps=2, resume="latest")
-    assert [e["status"] for e in of(read_events(run_dir), "run_end")] == ["finished", "failed"]
+    assert [e["status"] for e in of(events_of(run_dir), "run_end")] == ["finished", "failed"]
     assert analysis.load_run(run_dir).status == "finished"
 
 

@@ -1,0 +1,86 @@
+"""Why a run ends before its last step, and how it says so: stop signals (preemption, Ctrl-C) and divergence.
+
+Both are decided at an optimizer-step boundary, the same step on every process, so a stopped run can save a
+checkpoint that ``--resume latest`` continues exactly. docs/cluster.md has the operator's view.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+# How a run ended -> the process exit status (0 and 2 are also the CLI's: finished, bad input).
+EXIT_CODES = {"finished": 0, "diverged": 3, "preempted": 75, "interrupted": 130}
+# 75 is EX_TEMPFAIL ("try again later"): a requeue wrapper resubmits with --resume latest on 75 only.
+
+
+class StopSignals:
+    """The first of ``names`` received asks the run to stop at the next optimizer step; a second exits at once
+    (default action of that signal: no checkpoint, the log keeps every line written so far)."""
+
+    def __init__(self, names: list[str]):
+        self.signum: int | None = None
+        self._previous = {}
+        for name in names:
+            sig = signal.Signals[name]
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def status(self) -> str:
+        """``interrupted`` for Ctrl-C, ``preempted`` for anything a scheduler sends."""
+        return "interrupted" if self.signum == signal.SIGINT else "preempted"
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def agreed_stop(accelerator, signals: StopSignals) -> bool:
+    """Whether any process got a stop signal; every process gets the same answer (one small all-reduce, so the
+    loop folds it into the step's metrics reduce where it can)."""
+    if accelerator.num_processes == 1:
+        return signals.signum is not None
+    import torch
+
+    flag = torch.tensor([float(signals.signum is not None)], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
+@dataclass
+class NonFiniteGuard:
+    """``train.on_nonfinite`` / ``train.max_nonfinite_steps``: a step whose loss or gradient norm is not finite is
+    never applied; ``stop`` ends the run after ``limit`` such steps in a row, ``skip`` trains on."""
+
+    policy: str
+    limit: int
+    total: int = 0
+    in_a_row: int = 0
+
+    def bad(self, *values: float) -> bool:
+        """Record one optimizer step; True when it must be skipped. The loop passes the clipped-gradient norm before
+        ``optimizer.step``: a non-finite loss makes it non-finite too, and after the gradient all-reduce it is the
+        same on every process, so all skip (and stop) together."""
+        if all(math.isfinite(v) for v in values):
+            self.in_a_row = 0
+            return False
+        self.total += 1
+        self.in_a_row += 1
+        return True
+
+    @property
+    def diverged(self) -> bool:
+        return self.policy == "stop" and self.in_a_row >= self.limit
