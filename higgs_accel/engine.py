@@ -108,6 +108,18 @@ def grad_norm_tensor(value, device) -> torch.Tensor:
     return torch.as_tensor(float("nan") if value is None else value, device=device)
 
 
+def nonfinite_flags(acc, tensors) -> list[bool]:
+    """Whether each tensor holds a NaN or inf in any of its shards: one device-to-host read, the same answer on
+    every process (every process must call it). Sharded parameters are checked piece by piece where they live."""
+    from torch.distributed.tensor import DTensor
+
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    if not local:
+        return []
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in local]).to(torch.int32)
+    return [n > 0 for n in acc.reduce(bad, "sum").tolist()]
+
+
 def _zero3(acc) -> bool:
     from accelerate.utils import DistributedType
 
