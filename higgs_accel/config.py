@@ -97,6 +97,8 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear warmup steps")
     scheduler: str = _opt("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
+    allow_engine_fallback: bool = _opt(False, "train with the engine accelerate runs even when it is not the one the "
+                                       "launcher asked for (FSDP or DeepSpeed dropped to DDP); off: stop with an error")
     mixed_precision: str = _opt("", "autocast precision; empty: what `accelerate launch` / its config file says",
                                 choices=("", "no", "bf16", "fp16"))
     text_weight: float = _opt(1.0, "weight of the text loss in the total loss")

@@ -215,10 +215,12 @@ def _generate(lm, prompt: dict, max_new_tokens: int, sampling: dict):
         kwargs = {"audio_input_ids": frames,
                   "audio_input_ids_mask": torch.ones(frames.shape[:2], dtype=torch.bool, device=device)}
     # eos_token_id is what _sample emits once every codebook has ended: stop there, whatever generation_config says.
+    # synced_gpus=False: one process generates alone (during training: the main one, with the full parameters
+    # gathered by engine.full_parameters); under FSDP or ZeRO-3 transformers would wait for the others every token.
     return lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
                        max_new_tokens=max_new_tokens, **sampling,
                        eos_token_id=lm.config.eos_token_id, pad_token_id=lm.config.pad_token_id,
-                       return_dict_in_generate=True)
+                       return_dict_in_generate=True, synced_gpus=False)
 
 
 def _device(module) -> torch.device:
