@@ -245,8 +245,9 @@ def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
 # ---------------------------------------------------------------- where the model comes from (shared with export)
 
 
-def run_sources(run_dir: str) -> dict:
-    """base, audio_tokenizer, text_tokenizer, adapter, system_prompt and dtype of a finished run."""
+def run_sources(run_dir: str, need_adapter: bool = True) -> dict:
+    """base, audio_tokenizer, text_tokenizer, adapter, system_prompt and dtype of a run; the adapter is its finished
+    one, required unless ``need_adapter`` is off (another adapter or none is used), and then None when absent."""
     import yaml
 
     run = Path(run_dir)
@@ -261,11 +262,13 @@ def run_sources(run_dir: str) -> dict:
 
         tiny = ensure_tiny_assets(run / "tiny")
         base, codec = base or tiny["model.base"], codec or tiny["model.audio_tokenizer"]
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    finished = (run / "adapter" / "adapter_config.json").is_file()
+    if need_adapter and not finished:
         raise ConfigError(f"--run: {run_dir} has no finished adapter ({run / 'adapter'}); pass --adapter "
                           "RUN_DIR/checkpoints/step-N/adapter for a checkpoint")
     return {"base": base, "audio_tokenizer": codec, "text_tokenizer": model.get("text_tokenizer") or base,
-            "adapter": str(run / "adapter"), "system_prompt": data.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
+            "adapter": str(run / "adapter") if finished else None,
+            "system_prompt": data.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
             "dtype": model.get("dtype") or "fp32", "attn_implementation": model.get("attn_implementation") or "sdpa"}
 
 

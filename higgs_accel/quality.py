@@ -419,7 +419,7 @@ def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig
     from .generate import generate_speech, run_sources, write_wav
     from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
-    src = run_sources(str(run_dir))
+    src = run_sources(str(run_dir), need_adapter=not (adapter or baseline))
     adapter = None if baseline else (adapter or src["adapter"])
     if not (eval_cfg.asr_model or eval_cfg.speaker_model):
         raise ConfigError("evaluate needs a scorer: set eval.asr_model and/or eval.speaker_model (in the run's "

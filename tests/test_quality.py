@@ -344,3 +344,13 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     assert "has no usable sample" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="evaluate needs a scorer"):
         evaluate_run(run_dir, held_out, EvalConfig(), progress=False)
+    # a run without a finished adapter is scored from the adapter given (a checkpoint's, say)
+    import shutil
+
+    shutil.move(run_dir / "adapter", tmp_path / "other-adapter")
+    assert main([*args, "--adapter", str(tmp_path / "other-adapter"), "--limit", "1"]) == 0
+    assert json.loads((where / "summary.json").read_text())["adapter"] == str(tmp_path / "other-adapter")
+    assert main([*args, "--limit", "1"]) == 2
+    assert "has no finished adapter" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
