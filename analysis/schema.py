@@ -89,6 +89,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "sample_rate": INT, "acc": FLOAT, "acc_cb": FLOATS, "prompt": INT, "text": STR, "path": STR,
     "seconds": FLOAT, "new_tokens": INT, "stopped": STR, "error": STR, "do_sample": BOOL, "temperature": FLOAT,
     "top_k": INT, "top_p": FLOAT, "ras_win_len": INT, "ras_win_max_num_repeat": INT,
+    "gen_time_s": FLOAT,
     # quality, quality_summary
     "transcript": STR, "wer": FLOAT, "cer": FLOAT, "similarity": FLOAT, "rtf": FLOAT, "baseline": BOOL,
     "utterances": INT, "no_audio": INT, "asr_model": STR, "speaker_model": STR, "reference": STR,

@@ -7,6 +7,7 @@ sound like. Generated audio runs ``generate.generate_speech`` on fixed prompts: 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -86,14 +87,16 @@ def write_generated(model, tokenizer, codec, ids: SpecialIds, prompts: list[str]
     no file), never raised."""
     rows = []
     for i, text in enumerate(prompts):
+        start = time.perf_counter()
         r = generate_speech(model, tokenizer, codec, ids, text, system_prompt=system_prompt,
                             max_new_tokens=max_new_tokens, seed=seed + i, **gen_kwargs)
+        gen_time_s = time.perf_counter() - start
         path = None
         if r["error"] is None:
             path = str(write_wav(Path(out_dir) / f"gen-{i}.wav", r["wave"], r["sample_rate"]))
         rows.append({"prompt": i, "text": text, "path": path, "seconds": r["seconds"], "n_frames": r["n_frames"],
                      "new_tokens": r["new_tokens"], "stopped": r["stopped"], "sample_rate": r["sample_rate"],
-                     **(r["sampling"] or dict.fromkeys(SAMPLING_KEYS)), "error": r["error"]})
+                     **(r["sampling"] or dict.fromkeys(SAMPLING_KEYS)), "gen_time_s": gen_time_s, "error": r["error"]})
     return rows
 
 
