@@ -70,13 +70,13 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, _run_overrides(args))
     from .loop import train
 
-    run_dir = train(cfg)
+    ended = train(cfg)
     if not args.no_report and _is_main():
         from analysis.report import write_report
 
-        paths = write_report(run_dir)
+        paths = write_report(ended.run_dir)
         print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 0
+    return ended.exit_code  # stopping.EXIT_CODES: a requeue wrapper tells preempted (75) from failed
 
 
 def cmd_prepare(args) -> int:
@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"higgs-accel: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (or not in train.stop_signals): no traceback
+        from .stopping import EXIT_CODES
+
+        print("higgs-accel: interrupted", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
 
 
 if __name__ == "__main__":

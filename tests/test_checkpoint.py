@@ -14,7 +14,7 @@ import torch
 from higgs_accel import checkpoint as ckpt
 from higgs_accel.config import ConfigError
 
-from .conftest import of, events_of, train_run
+from .conftest import events_of, of, train_run
 
 STEPS = {"train__max_steps": 4, "train__save_every": 2, "train__eval_every": 0, "log__log_steps": 2,
          "lora__dropout": 0.1}
