@@ -252,7 +252,8 @@ def test_sigterm_with_two_processes_stops_both_at_one_step_and_resume_repeats_th
         first.wait(timeout=300)
     finally:
         first.kill()
-    assert "Traceback" not in stderr_of(run_dir), stderr_of(run_dir)
+    # The workers end without a traceback (the launcher prints one of its own: a worker exited 75, see docs/cluster.md)
+    assert "higgs_accel/" not in stderr_of(run_dir), stderr_of(run_dir)
     end = of(events_of(run_dir), "run_end")[-1]
     assert end["status"] == "preempted" and 2 <= end["step"] < 8, end
     assert (ckpt.checkpoint_dir(run_dir, end["step"]) / ckpt.MANIFEST).is_file()

@@ -65,7 +65,8 @@ def step_grads(monkeypatch, run_dir: Path, tiny, codes_cache, manifest, **overri
 
     def keep_loss(self, batch, counts=None):
         out = forward(self, batch, counts)
-        losses.append(out.loss.item())
+        if self.training:  # not the final eval's
+            losses.append(out.loss.item())
         return out
 
     def spy(state, batches, stats):
