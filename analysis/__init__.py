@@ -3,6 +3,6 @@
 Reads Parquet (falling back to events.jsonl) with pyarrow and pandas only: never torch or the trainer.
 """
 
-from .run import Run, load_run
+from .run import Run, load_run, load_runs
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run", "load_runs"]

@@ -1,5 +1,5 @@
-"""``python -m analysis report RUN_DIR`` and ``python -m analysis diff RUN_A RUN_B``; ``main`` is also what
-``higgs-accel report`` calls. Exit status: 0 ok, 1 a --fail-if-worse check failed, 2 bad input."""
+"""Reports of higgs-accel runs: python -m analysis report RUN_DIR, python -m analysis diff RUN_A RUN_B (main is also
+what higgs-accel report calls). Exit status: 0 ok, 1 a --fail-if-worse check failed, 2 bad input."""
 
 from __future__ import annotations
 

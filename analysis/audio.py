@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .document import Audio, Doc
+from . import plots
+from .document import Audio, Doc, Picture
 from .run import Run, ranges, spread
+from .schema import step_dir_name
 
 AUDIO_MB = 20.0  # default cap on the WAV bytes inlined into one HTML page (base64 adds a third)
 STOPPED = {"eos": "at EOS", "max_length": "length limit (no EOS)"}
@@ -123,8 +125,18 @@ def _left_out(steps: list[int], shown: list[int], total: int, audio_mb: float, b
     return notes
 
 
-def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB) -> None:
-    """Players (HTML) or links (Markdown) for the run's eval audio; nothing for a run without any."""
+def _mel(panels: list[tuple[str, Path | None]], out: Path | None, name: str) -> Picture | str:
+    """A table cell with the mel spectrograms of these files side by side (written under ``out``/mel), or "-"."""
+    if out is None:
+        return "-"
+    (out / "mel").mkdir(parents=True, exist_ok=True)
+    path = plots.mel_panels(panels, out / "mel" / f"{name}.png")
+    return Picture(path, "mel spectrogram") if path is not None else "-"
+
+
+def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | None = None) -> None:
+    """Players (HTML) or links (Markdown) for the run's eval audio; nothing for a run without any. With ``out``
+    (where the report is written) each eval pair and each generation gets its mel spectrogram picture."""
     steps = run.audio_steps()
     if not steps:
         return
@@ -136,19 +148,23 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB) -> None:
     budget = _Budget(int(audio_mb * 1e6))
     tables = []
     for step in shown:
-        ev = [[r.get("sample"), *_eval_cells(r, budget), _acc_cb(r.get("acc_cb")), _seconds(r), _int(r.get("n_frames"))]
-              for r in at[step]["eval"]]
-        gen = [[r.get("prompt"), r.get("text") or "-", *_generate_cells(r, budget), _int(r.get("new_tokens"))]
-               for r in at[step]["generate"]]
+        ev = [[r.get("sample"), *_eval_cells(r, budget),
+               _mel([("label", r.get("label_file")), ("prediction", r.get("pred_file"))], out,
+                    f"{step_dir_name(step)}-sample-{r.get('sample')}"),
+               _acc_cb(r.get("acc_cb")), _seconds(r), _int(r.get("n_frames"))] for r in at[step]["eval"]]
+        gen = [[r.get("prompt"), r.get("text") or "-", *_generate_cells(r, budget),
+                _mel([("generated", r.get("file"))], out, f"{step_dir_name(step)}-prompt-{r.get('prompt')}"),
+                _int(r.get("new_tokens"))] for r in at[step]["generate"]]
         tables.append((step, ev, gen))
     doc.bullets(_left_out(steps, shown, sum(sizes.values()), audio_mb, budget))
     for step, ev, gen in tables:
         doc.heading(f"Audio at step {step}", 3)
         if ev:
-            doc.table(["sample", "label", "prediction", "acc", "acc per codebook", "seconds", "frames"], ev,
-                      align_right=False)
+            doc.table(["sample", "label", "prediction", "acc", "mel: label | prediction", "acc per codebook",
+                       "seconds", "frames"], ev, align_right=False)
         if gen:
-            doc.table(["prompt", "text", "generated", "stopped", "seconds", "new tokens"], gen, align_right=False)
+            doc.table(["prompt", "text", "generated", "stopped", "seconds", "mel", "new tokens"], gen,
+                      align_right=False)
 
 
 def _by(rows: list[dict], key: str) -> dict:
@@ -191,8 +207,10 @@ def _str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), audio_mb: float = AUDIO_MB) -> None:
-    """Both runs' audio at the same eval steps side by side; nothing when neither run has audio."""
+def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), audio_mb: float = AUDIO_MB,
+                 out: Path | None = None) -> None:
+    """Both runs' audio at the same eval steps side by side; nothing when neither run has audio. With ``out``
+    (where the diff is written) each row gets the mel spectrograms of both runs side by side."""
     sa, sb = a.audio_steps(), b.audio_steps()
     if not sa and not sb:
         return
@@ -218,20 +236,27 @@ def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), 
     for step in shown:
         xa, xb = at[step]
         ea, eb = _by(xa["eval"], "sample"), _by(xb["eval"], "sample")
-        ev = [[k, *_eval_cells(ea.get(k), budget), *_eval_cells(eb.get(k), budget)] for k in _keys(ea, eb)]
+        ev = [[k, *_eval_cells(ea.get(k), budget), *_eval_cells(eb.get(k), budget),
+               _mel([("label", (ea.get(k) or eb.get(k) or {}).get("label_file")),
+                     (f"{na} prediction", (ea.get(k) or {}).get("pred_file")),
+                     (f"{nb} prediction", (eb.get(k) or {}).get("pred_file"))], out,
+                    f"{step_dir_name(step)}-sample-{k}")]
+              for k in _keys(ea, eb)]
         ga, gb = _by(xa["generate"], "prompt"), _by(xb["generate"], "prompt")
         gen = [[k, _text(ga.get(k), gb.get(k), names), *_generate_cells(ga.get(k), budget),
-                *_generate_cells(gb.get(k), budget)] for k in _keys(ga, gb)]
+                *_generate_cells(gb.get(k), budget),
+                _mel([(na, (ga.get(k) or {}).get("file")), (nb, (gb.get(k) or {}).get("file"))], out,
+                     f"{step_dir_name(step)}-prompt-{k}")] for k in _keys(ga, gb)]
         tables.append((step, ev, gen))
     doc.bullets(notes + _left_out(common, shown, sum(sizes.values()), audio_mb, budget))
     for step, ev, gen in tables:
         doc.heading(f"Audio at step {step}", 3)
         if ev:
             doc.table(["sample", f"{na} label", f"{na} prediction", f"{na} acc", f"{nb} label", f"{nb} prediction",
-                       f"{nb} acc"], ev, align_right=False)
+                       f"{nb} acc", f"mel: label | {na} | {nb}"], ev, align_right=False)
         if gen:
             doc.table(["prompt", "text", f"{na} generated", f"{na} stopped", f"{na} seconds", f"{nb} generated",
-                       f"{nb} stopped", f"{nb} seconds"], gen, align_right=False)
+                       f"{nb} stopped", f"{nb} seconds", f"mel: {na} | {nb}"], gen, align_right=False)
 
 
 def _text(ra: dict | None, rb: dict | None, names: tuple[str, str]) -> str:

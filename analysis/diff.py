@@ -16,7 +16,7 @@ from .audio import AUDIO_MB, audio_diff, diff_section
 from .document import Doc
 from .run import Run, better, load_run, ranges, spread
 from .schema import flatten
-from .slices import side_by_side
+from .slices import same_sample, side_by_side
 
 NAMES = ("A", "B")
 HEADLINE = ("loss", "text_loss", "audio_loss", "text_acc", "audio_acc")
@@ -46,11 +46,29 @@ def compare(a: float | None, b: float | None, metric: str) -> dict:
     return out
 
 
+def _own_paths(run: Run, flat: dict) -> dict:
+    """Values that are paths under the run's own directory, written relative to it (``RUN_DIR/tiny/model``): two
+    runs whose assets live in their own dirs do not differ there."""
+    roots = {str(Path(r)) for r in (run.start.get("run_dir"), run.config.get("train", {}).get("output_dir"))
+             if isinstance(r, str) and r}
+    roots |= {str(run.path), str(run.path.resolve())}
+
+    def rel(v):
+        if not isinstance(v, str):
+            return v
+        for root in sorted(roots, key=len, reverse=True):
+            if v == root:
+                return "RUN_DIR"
+            if v.startswith(root.rstrip("/") + "/"):
+                return "RUN_DIR/" + v[len(root.rstrip("/")) + 1:]
+        return v
+
+    return {k: rel(v) for k, v in flat.items()}
+
+
 def config_diff(a: Run, b: Run, show_all: bool = False) -> dict[str, list]:
-    fa = flatten(a.config, "config") | {f"run.{k}": v for k in _RUN_FIELDS for k, v in
-                                        flatten(a.start.get(k), k).items()}
-    fb = flatten(b.config, "config") | {f"run.{k}": v for k in _RUN_FIELDS for k, v in
-                                        flatten(b.start.get(k), k).items()}
+    fa, fb = ({**_own_paths(r, flatten(r.config, "config")),
+               **{f"run.{k}": v for k in _RUN_FIELDS for k, v in flatten(r.start.get(k), k).items()}} for r in (a, b))
     keys = list(dict.fromkeys([*fa, *fb]))
     return {k: [fa.get(k), fb.get(k)] for k in keys if show_all or fa.get(k) != fb.get(k)}
 
@@ -208,7 +226,7 @@ def _pct(v) -> str:
 
 
 def build_doc(a: Run, b: Run, result: dict, out: Path | None, audio_mb: float = AUDIO_MB) -> Doc:
-    doc = Doc(f"Diff: B {b.path.name} against A {a.path.name}")
+    doc = Doc(f"Diff: {b.path.name} (B) against {a.path.name} (A)")
     doc.table(["", "A", "B"], [["run dir", str(a.path), str(b.path)], ["status", *result["status"]],
                                ["train steps", *result["steps"]]], align_right=False)
     if result["gates"]:
@@ -256,26 +274,45 @@ def build_doc(a: Run, b: Run, result: dict, out: Path | None, audio_mb: float = 
         doc.heading("Curves")
         doc.image(plots.overlay(a, b, NAMES, out / "curves.png"), "A (solid) and B (dashed)")
     slices(doc, a, b)
-    diff_section(doc, a, b, NAMES, audio_mb)
+    diff_section(doc, a, b, NAMES, audio_mb, out)
     return doc
 
 
 def slices(doc: Doc, a: Run, b: Run) -> None:
-    common = sorted(set(a.slice_steps("train")) & set(b.slice_steps("train")))
-    if not common:
+    """Predictions of both runs for the same samples: the last common eval's slices (the same validation batch in
+    both), and the last common train step at which both runs saw the same samples (``sample_key``)."""
+    shown = []
+    for phase in ("eval", "train"):
+        common = sorted(set(a.slice_steps(phase)) & set(b.slice_steps(phase)))
+        same = a.same_sample_steps(b, phase)
+        if not common:
+            continue
+        if not same:
+            shown.append((phase, None, f"the runs saw different samples at each of the {len(common)} common {phase} "
+                                       "steps with slices (another data order or data): not compared"))
+            continue
+        note = "" if len(same) == len(common) else (f"the same samples at {len(same)} of the {len(common)} common "
+                                                    f"{phase} steps with slices")
+        shown.append((phase, same[-1], note))
+    if not shown:
         return
-    step = common[-1]
-    doc.heading(f"Predictions at step {step}, side by side")
-    sa, sb = a.slices_at(step), b.slices_at(step)
+    doc.heading("Predictions side by side")
+    doc.para("Only samples both runs saw: each run's prediction against the one label, wrong ones marked.")
+    doc.bullets([f"{phase}: {note}" for phase, _, note in shown if note])
+    for phase, step, _ in shown:
+        if step is None:
+            continue
+        sa, sb = a.slices_at(step, phase), b.slices_at(step, phase)
+        by_b = {_slice_key(r): r for _, r in sb.iterrows()}
+        with doc.details(f"{phase} step {step}", open=True):
+            for _, ra in sa.iterrows():
+                rb = by_b.get(_slice_key(ra))
+                if rb is not None and same_sample(ra, rb):
+                    side_by_side(doc, ra, rb, NAMES)
 
-    def key(r):
-        return r["modality"], -1 if r["codebook"] != r["codebook"] else int(r["codebook"]), int(r["sample"])
 
-    by_b = {key(r): r for _, r in sb.iterrows()}
-    for _, ra in sa.iterrows():
-        rb = by_b.get(key(ra))
-        if rb is not None:
-            side_by_side(doc, ra, rb, NAMES)
+def _slice_key(r) -> tuple:
+    return r["modality"], -1 if r["codebook"] != r["codebook"] else int(r["codebook"]), int(r["sample"])
 
 
 def run_diff(path_a, path_b, as_json: bool = False, show_all: bool = False, out=None, gates=(),

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen befor
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .mel import HOP, TOP_DB, mel_db, read_audio  # noqa: E402
 from .run import Run  # noqa: E402
 
 DPI = 90
@@ -35,8 +36,11 @@ def _line(ax, s: pd.Series | None, label: str, **kw) -> None:
     if s is None:
         return
     s = s.dropna()
-    # A one-step run would draw an invisible line of length zero: show its point instead.
-    marker = "o" if len(s) <= 1 else kw.pop("marker", None)
+    if s.empty:
+        return
+    marker = kw.pop("marker", None)
+    if len(s) == 1:  # a line of one point has length zero and would not show: draw the point
+        marker = "o"
     if len(s) <= MAX_POINTS:
         ax.plot(s.index, s.values, label=label, marker=marker, **kw)
         return
@@ -175,3 +179,25 @@ def overlay(a: Run, b: Run, names: tuple[str, str], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     return _save(fig, path)
+
+
+def mel_panels(panels: list[tuple[str, Path | None]], path: Path) -> Path | None:
+    """Mel spectrograms side by side on one color scale (label next to prediction, or one generation), a small
+    picture for a table cell; None when no file can be read."""
+    read = [(title, read_audio(p) if p is not None else None) for title, p in panels]
+    mels = [(title, mel_db(*audio), audio[1]) for title, audio in read if audio is not None]
+    if not mels:
+        return None
+    top = max(float(m.max()) for _, m, _ in mels)
+    fig, axes = plt.subplots(1, len(mels), figsize=(2.6 * len(mels), 1.5), squeeze=False, sharey=True)
+    for ax, (title, m, rate) in zip(axes.flat, mels, strict=True):
+        ax.imshow(m, origin="lower", aspect="auto", cmap="magma", vmin=top - TOP_DB, vmax=top,
+                  extent=(0, m.shape[1] * HOP / rate, 0, m.shape[0]))
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("s", fontsize=6, labelpad=0)
+    axes.flat[0].set_ylabel("mel", fontsize=6)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path

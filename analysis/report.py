@@ -12,7 +12,7 @@ from .audio import AUDIO_MB, report_section
 from .document import Doc
 from .run import Run, better, load_run, spread
 from .schema import flatten
-from .slices import slice_grid, slices_summary
+from .slices import step_grids, step_summary
 
 FORMATS = ("md", "html")
 # Columns of train_step / eval that are counts or timing, not quality: left out of best/final tables.
@@ -43,9 +43,10 @@ def write_report(run_dir, out=None, formats=FORMATS, steps=None, audio_mb: float
 
 def build(run: Run, out: Path, steps: list[int] | None = None, audio_mb: float = AUDIO_MB) -> Doc:
     doc = Doc(f"Run {run.start.get('run_id') or run.path.name}: {run.status}")
+    found = checks.warnings_for(run)
+    doc.bullets(summary(run, found))
     header(doc, run)
     doc.heading("Worth a look")
-    found = checks.warnings_for(run)
     doc.bullets(found) if found else doc.para("Nothing: no NaN/inf, spikes, stalled losses or data problems found.")
     metric_tables(doc, run)
     doc.heading("Curves")
@@ -55,9 +56,38 @@ def build(run: Run, out: Path, steps: list[int] | None = None, audio_mb: float =
     doc.image(plots.throughput(run, out / "throughput.png"), "throughput and memory")
     codebook_health(doc, run, out)
     slices_section(doc, run, steps)
-    report_section(doc, run, audio_mb)
+    report_section(doc, run, audio_mb, out)
     files_section(doc, run)
     return doc
+
+
+def _change(s: pd.Series) -> str:
+    """"first → last (change)" of a metric over steps, or its one value."""
+    s = pd.to_numeric(s, errors="coerce").dropna()
+    if s.empty:
+        return "-"
+    first, last = float(s.iloc[0]), float(s.iloc[-1])
+    if len(s) == 1:
+        return f"{last:.4g} at step {int(s.index[-1])}"
+    rel = f" ({(last - first) / abs(first):+.0%})" if first else ""
+    return f"{first:.4g} at step {int(s.index[0])} → {last:.4g} at step {int(s.index[-1])}{rel}"
+
+
+def summary(run: Run, found: list[str]) -> list[str]:
+    """The report in a few lines: how the run ended, how its losses and accuracy moved, what to look at."""
+    end, total = run.end or {}, run.start.get("total_steps")
+    steps = max(run.steps) if run.steps else 0
+    elapsed = end.get("elapsed_s")
+    out = [f"**{run.status}** after {steps}" + (f" of {total}" if total else "") + " steps"
+           + (f" in {elapsed:.1f} s" if isinstance(elapsed, (int, float)) else "")]
+    train, ev = run.metrics("train"), run.metrics("eval")
+    if "loss" in train:
+        out.append(f"train loss {_change(train['loss'])}")
+    for col, name in (("loss", "eval loss"), ("audio_acc", "eval audio accuracy"), ("text_acc", "eval text accuracy")):
+        if col in ev:
+            out.append(f"{name} {_change(ev[col])}")
+    out.append(f"{len(found)} thing(s) worth a look, below" if found else "nothing worth a look found")
+    return out
 
 
 def _fmt_int(v) -> str:
@@ -166,14 +196,17 @@ def codebook_health(doc: Doc, run: Run, out: Path) -> None:
               [[int(step), *[f"{v:.1f}" if np.isfinite(v) else "-" for v in table.loc[step]]] for step in shown])
 
 
+SLICE_STEPS = 7  # train steps whose slices the report shows by default, evenly spread (first and last included)
+
+
 def choose_steps(run: Run, wanted: list[int] | None) -> tuple[list[int], list[str]]:
     """Steps with train slices to show: the wanted ones (each moved to the nearest step that has slices),
-    or the first, middle and last such step."""
+    or up to SLICE_STEPS evenly spread ones."""
     have = run.slice_steps("train") or run.slice_steps("eval")
     if not have:
         return [], []
     if not wanted:
-        return sorted({have[0], have[len(have) // 2], have[-1]}), []
+        return spread(have, SLICE_STEPS), []
     chosen, notes = [], []
     for step in wanted:
         near = min(have, key=lambda h: (abs(h - step), h))
@@ -190,23 +223,20 @@ def slices_section(doc: Doc, run: Run, steps: list[int] | None) -> None:
     if not chosen:
         doc.para("No prediction slices in this run.")
         return
-    doc.para("Each slice shows the first (and last) target positions of one sample: the argmax prediction and "
-             "the label there. Marked cells are wrong predictions.")
+    doc.para("The first (and last) targets of a few samples per step: the argmax prediction at each, marked where "
+             "it is wrong, with the label; audio slices have one column per code frame and one row per codebook. "
+             "One section per step; the first and the last are open.")
     doc.bullets(notes)
     phase = "train" if run.slice_steps("train") else "eval"
-    for step in chosen:
-        doc.heading(f"Step {step}", 3)
+    for i, step in enumerate(chosen):
         df = run.slices_at(step, phase)
-        slices_summary(doc, df)
-        for _, row in df.iterrows():
-            slice_grid(doc, row)
+        with doc.details(f"{phase} step {step}: {step_summary(df)}", open=i in (0, len(chosen) - 1)):
+            step_grids(doc, df)
     eval_steps = run.slice_steps("eval")
     if eval_steps and phase == "train":
-        doc.heading(f"Eval slices, step {eval_steps[-1]}", 3)
         df = run.slices_at(eval_steps[-1], "eval")
-        slices_summary(doc, df)
-        for _, row in df.iterrows():
-            slice_grid(doc, row)
+        with doc.details(f"eval step {eval_steps[-1]} (the last eval): {step_summary(df)}", open=True):
+            step_grids(doc, df)
 
 
 def files_section(doc: Doc, run: Run) -> None:

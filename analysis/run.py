@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from datetime import datetime
@@ -21,6 +22,12 @@ _CB = re.compile(r"audio_(acc|loss)_cb(\d+)$")
 _MISMATCH_COLUMNS = ("step", "modality", "codebook", "sample", "first_pos", "first_pred", "first_label")
 
 
+# The event families the trainer writes (docs/events.md, one section each): a run without events of one of them
+# still answers ``run.<family>`` with an empty frame; any other name is a typo and raises AttributeError.
+EVENT_FAMILIES = ("run_start", "data_skip", "data_summary", "train_step", "eval", "pred_slice", "eval_audio",
+                  "generate_audio", "checkpoint", "adapter_saved", "run_resume", "log_error", "library_log", "run_end")
+
+
 def load_run(path: str | Path) -> Run:
     """Read RUN_DIR (Parquet, completed from events.jsonl for crashed or running runs)."""
     path = Path(path)
@@ -29,6 +36,22 @@ def load_run(path: str | Path) -> Run:
     if not (path / EVENTS_FILE).is_file() and not (path / EVENTS_DIR).is_dir():
         raise FileNotFoundError(f"{path}: neither events.jsonl nor events/ found; is this a run directory?")
     return Run(path, read_events(path))
+
+
+def load_runs(paths, table: str = "train_step") -> pd.DataFrame:
+    """One event table of several runs as one frame, with a first column ``run`` naming each run (its directory
+    name; the parent's name is added when two runs share one): ``load_runs(dirs).groupby("run")``."""
+    runs = [load_run(p) for p in paths]
+    names = [r.path.name for r in runs]
+    names = [f"{r.path.parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names, strict=True)]
+    if runs and table not in runs[0].table_names():
+        getattr(runs[0], table)  # raises AttributeError naming the tables
+    frames = [r.frame(table).assign(run=name) for r, name in zip(runs, names, strict=True)]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["run"])
+    df = pd.concat(frames, ignore_index=True)
+    return df[["run", *[c for c in df.columns if c != "run"]]]
 
 
 def _decode(value):
@@ -59,7 +82,20 @@ class Run:
     def __getattr__(self, name: str) -> pd.DataFrame:
         if name.startswith("_"):
             raise AttributeError(name)
-        return self.frame(name)
+        if name in self.tables or name in EVENT_FAMILIES:
+            return self.frame(name)
+        names = self.table_names()
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise AttributeError(f"{type(self).__name__} has no attribute or event table {name!r}; {hint}"
+                             f"tables: {', '.join(names)}")
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.table_names()))
+
+    def table_names(self) -> list[str]:
+        """Every event table ``run.<name>`` answers: the run's own, and the documented families it has none of."""
+        return sorted(set(self.tables) | set(EVENT_FAMILIES))
 
     def frame(self, family: str) -> pd.DataFrame:
         """All events of one family, in seq order; an empty DataFrame if there are none."""
@@ -108,7 +144,7 @@ class Run:
             if "ts" in table.column_names and table.num_rows:
                 ts = pc.max(table.column("ts")).as_py()
                 latest = ts if latest is None or (ts and ts > latest) else latest
-        return parse_ts(latest)
+        return latest if isinstance(latest, datetime) else parse_ts(latest)
 
     @property
     def status(self) -> str:
@@ -188,6 +224,25 @@ class Run:
         if table is None:
             return []
         return sorted(pc.unique(table.column("step")).to_pylist())
+
+    def slice_samples(self, phase: str = "train") -> pd.DataFrame:
+        """step, sample and a key per sample logged in slices: ``sample_key`` (a content hash), or in logs from
+        before it the labels of the sample's text slice, which tell samples apart just as well."""
+        table = self._slice_rows(phase, ("step", "sample", "modality", "sample_key", "first_label", "last_label"))
+        if table is None:
+            return pd.DataFrame(columns=["step", "sample", "key"])
+        df = table.to_pandas()
+        if "sample_key" in df and df["sample_key"].notna().all():
+            df["key"] = df["sample_key"]
+        else:
+            df = df[df["modality"] == "text"].copy()
+            df["key"] = [repr((list(f), list(la))) for f, la in zip(df["first_label"], df["last_label"], strict=True)]
+        return df[["step", "sample", "key"]].drop_duplicates(["step", "sample"]).reset_index(drop=True)
+
+    def same_sample_steps(self, other: Run, phase: str = "train") -> list[int]:
+        """Steps at which this run and ``other`` logged slices of the same sample (at the same batch index)."""
+        joined = self.slice_samples(phase).merge(other.slice_samples(phase), on=["step", "sample", "key"])
+        return sorted(int(s) for s in joined["step"].unique())
 
     def slices_at(self, step: int, phase: str | None = "train") -> pd.DataFrame:
         """The prediction slices logged at ``step`` (text rows first, then audio by codebook and sample), with

@@ -68,10 +68,11 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     # run_start
     "config": STR, "run_dir": STR, "versions": STR, "git_commit": STR, "device": STR, "hardware": STR,
     "world_size": INT, "mixed_precision": STR, "trainable_params": INT, "total_params": INT, "total_steps": INT,
-    "steps_per_epoch": INT, "train_samples": INT, "val_samples": INT, "resumed": BOOL,
+    "steps_per_epoch": INT, "train_samples": INT, "val_samples": INT, "resumed": BOOL, "checkpoints": STR,
+    "memory": STR,
     # data_skip, data_summary
     "split": STR, "source": STR, "line": INT, "reason": STR, "detail": STR, "kept": INT, "skipped": INT,
-    "skipped_by_reason": STR, "codec_encodes": INT,
+    "skipped_by_reason": STR, "codec_encodes": INT, "longest_tokens": INT, "duplicates": INT, "encode_speed": FLOAT,
     # train_step, eval (and the per-codebook metrics, see CODEBOOK_METRIC)
     "loss": FLOAT, "text_loss": FLOAT, "audio_loss": FLOAT, "text_acc": FLOAT, "audio_acc": FLOAT,
     "text_targets": INT, "audio_targets": INT, "tokens": INT, "audio_frames": INT, "samples": INT,
@@ -82,7 +83,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "last_frame": INTS, "first_pred": INTS, "last_pred": INTS, "first_label": INTS, "last_label": INTS,
     "first_pred_text": STRS, "first_label_text": STRS, "last_pred_text": STRS, "last_label_text": STRS,
     "n_targets": INT, "n_match": INT, "batch_match": INT, "batch_targets": INT, "logits_shape": INTS,
-    "labels_shape": INTS,
+    "labels_shape": INTS, "sample_key": STR,
     # eval_audio, generate_audio
     "pred_path": STR, "label_path": STR, "n_frames": INT, "pred_seconds": FLOAT, "label_seconds": FLOAT,
     "sample_rate": INT, "acc": FLOAT, "acc_cb": FLOATS, "prompt": INT, "text": STR, "path": STR,

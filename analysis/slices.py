@@ -37,64 +37,106 @@ def _token(row, part: str, kind: str) -> list[str]:
     return [str(i) for i in ids]
 
 
-def slice_grid(doc: Doc, row) -> None:
-    """One slice: rows pos / pred / label over the first (and last) K targets; wrong predictions marked."""
-    pos, pred, label = [], [], []
+def _axis(values: list[int]) -> list[int | None]:
+    """Sorted distinct positions, with None where a gap lies between two of them (drawn as an ellipsis)."""
+    out: list[int | None] = []
+    for v in sorted(set(values)):
+        if out and v > out[-1] + 1:
+            out.append(None)
+        out.append(v)
+    return out
+
+
+def _cells(row, key: str, axis: list[int | None], kind: str = "pred") -> list[Cell]:
+    """One row of a grid: this slice's predictions (or labels) at each axis position, wrong predictions marked
+    with the label; blank where the slice has no target."""
+    at: dict[int, tuple[str, str, bool]] = {}
     for part in windows(row):
-        if pos:
-            pos.append(Cell("…"))
-            pred.append(Cell("…"))
-            label.append(Cell("…"))
         ids_p, ids_l = _list(row.get(f"{part}_pred")), _list(row.get(f"{part}_label"))
-        for p, txt_p, txt_l, ip, il in zip(_list(row.get(f"{part}_pos")), _token(row, part, "pred"),
-                                           _token(row, part, "label"), ids_p, ids_l, strict=False):
-            pos.append(Cell(str(p)))
-            pred.append(Cell(txt_p, bad=ip != il))
-            label.append(Cell(txt_l))
-    n_t, n_m = _int(row.get("n_targets")), _int(row.get("n_match"))
-    caption = (f"{row.get('phase')} step {row.get('step')} · sample {row.get('sample')} · {what(row)} · "
-               f"{n_m}/{n_t} match")
-    if _int(row.get("batch_targets")):
-        caption += f" (batch {_int(row.get('batch_match'))}/{_int(row.get('batch_targets'))})"
-    first = row.get("first_mismatch")
-    note = ("first window all correct" if first is None or first != first else
-            f"first mismatch at target {int(first)} (position {pos[int(first)].text})")
-    doc.grid(caption, [("pos", pos), ("pred", pred), ("label", label)], note)
+        for x, tp, tl, ip, il in zip(_list(row.get(f"{part}_{key}")), _token(row, part, "pred"),
+                                     _token(row, part, "label"), ids_p, ids_l, strict=False):
+            at[int(x)] = (tp, tl, ip != il)
+    out = []
+    for x in axis:
+        if x is None:
+            out.append(Cell("…"))
+        elif x not in at:
+            out.append(Cell(""))
+        elif kind == "label":
+            out.append(Cell(at[x][1]))
+        else:
+            out.append(Cell(at[x][0], bad=at[x][2], label=at[x][1] if kind == "pred+label" else None))
+    return out
 
 
-def slices_summary(doc: Doc, df: pd.DataFrame) -> None:
-    """One line per sample: matches/targets per modality and codebook, so a step reads at a glance."""
-    cols = sorted({what(r) for _, r in df.iterrows()}, key=lambda w: (w != "text", len(w), w))
-    rows = []
-    for (phase, sample), g in df.groupby(["phase", "sample"], sort=True):
-        cells = {what(r): f"{_int(r['n_match'])}/{_int(r['n_targets'])}" for _, r in g.iterrows()}
-        rows.append([f"{phase} sample {sample}", *[cells.get(c, "-") for c in cols]])
-    doc.table(["matches / targets", *cols], rows)
+def _match(rows) -> str:
+    m = sum(_int(r.get("n_match")) or 0 for r in rows)
+    t = sum(_int(r.get("n_targets")) or 0 for r in rows)
+    return f"{m}/{t}"
+
+
+def sample_grid(doc: Doc, rows: list) -> None:
+    """One sample of one step, compact: its text slice (position, prediction, label) and one grid of its audio
+    slices with a column per code frame and a row per codebook; wrong predictions marked, the label with them."""
+    text = [r for r in rows if r.get("modality") == "text"]
+    audio = sorted((r for r in rows if r.get("modality") == "audio"), key=lambda r: _int(r.get("codebook")) or 0)
+    head = rows[0]
+    parts = [f"{head.get('phase')} step {head.get('step')} · sample {head.get('sample')}"]
+    if text:
+        parts.append(f"text {_match(text)}")
+    if audio:
+        parts.append(f"audio {_match(audio)} match")
+    caption = " · ".join(parts)
+    grids = []
+    for r in text:
+        axis = _axis([p for part in windows(r) for p in _list(r.get(f"{part}_pos"))])
+        grids.append(("text", [("pos", [Cell("…") if x is None else Cell(str(x)) for x in axis]),
+                               ("pred", _cells(r, "pos", axis)), ("label", _cells(r, "pos", axis, "label"))]))
+    if audio:
+        # Audio rows of old logs have no frame numbers: their positions stand in (the delay then shows).
+        key = "frame" if all(_list(r.get("first_frame")) for r in audio) else "pos"
+        axis = _axis([f for r in audio for part in windows(r) for f in _list(r.get(f"{part}_{key}"))])
+        grids.append(("audio", [(key, [Cell("…") if x is None else Cell(str(x)) for x in axis]),
+                                *[(f"cb{_int(r.get('codebook'))}", _cells(r, key, axis, "pred+label"))
+                                  for r in audio]]))
+    for i, (what_, grid_rows) in enumerate(grids):
+        note = ("marked: wrong predictions, with the label under them (after the slash in Markdown)"
+                if what_ == "audio" else "")
+        doc.grid(caption if i == 0 else "", grid_rows, note)
+
+
+def step_summary(df: pd.DataFrame) -> str:
+    """Matches over targets of one step's slices, text and audio apart: "text 4/4, audio 45/336 match"."""
+    rows = [r for _, r in df.iterrows()]
+    text = [r for r in rows if r.get("modality") == "text"]
+    audio = [r for r in rows if r.get("modality") == "audio"]
+    return ", ".join(part for part in (f"text {_match(text)}" if text else "",
+                                       f"audio {_match(audio)}" if audio else "") if part) + " match"
+
+
+def step_grids(doc: Doc, df: pd.DataFrame) -> None:
+    """Every sample of one step's slices (``Run.slices_at``), one compact grid each."""
+    for _, g in df.groupby(["phase", "sample"], sort=True):
+        sample_grid(doc, [r for _, r in g.iterrows()])
+
+
+def same_sample(a, b) -> bool:
+    """Whether two runs' slices are of the same sample: equal ``sample_key`` where both runs logged one (older logs
+    did not), else equal labels."""
+    ka, kb = a.get("sample_key"), b.get("sample_key")
+    if isinstance(ka, str) and isinstance(kb, str):
+        return ka == kb
+    return all(_list(a.get(f"{p}_label")) == _list(b.get(f"{p}_label")) for p in ("first", "last"))
 
 
 def side_by_side(doc: Doc, a, b, names: tuple[str, str]) -> None:
-    """The same slice of two runs: A's and B's predictions against the labels; cells where A and B disagree
-    are marked (on B's row), as are labels that differ (the runs did not see the same batch)."""
-    pos, pred_a, pred_b, lab_a, lab_b = [], [], [], [], []
-    for part in windows(a):
-        if pos:
-            for r in (pos, pred_a, pred_b, lab_a, lab_b):
-                r.append(Cell("…"))
-        la, lb = _list(a.get(f"{part}_label")), _list(b.get(f"{part}_label"))
-        pa_, pb = _list(a.get(f"{part}_pred")), _list(b.get(f"{part}_pred"))
-        ta, tb = _token(a, part, "pred"), _token(b, part, "pred")
-        tla, tlb = _token(a, part, "label"), _token(b, part, "label")
-        for i, p in enumerate(_list(a.get(f"{part}_pos"))):
-            pos.append(Cell(str(p)))
-            pred_a.append(Cell(ta[i] if i < len(ta) else "", bad=i < len(la) and i < len(pa_) and pa_[i] != la[i]))
-            pred_b.append(Cell(tb[i] if i < len(tb) else "", bad=i >= len(pb) or i >= len(pa_) or pb[i] != pa_[i]))
-            lab_a.append(Cell(tla[i] if i < len(tla) else ""))
-            lab_b.append(Cell(tlb[i] if i < len(tlb) else "", bad=i >= len(lb) or i >= len(la) or lb[i] != la[i]))
+    """The same slice of the same sample in two runs: A's and B's predictions against the one label, each run's
+    wrong predictions marked."""
+    axis = _axis([p for part in windows(a) for p in _list(a.get(f"{part}_pos"))])
     caption = (f"{a.get('phase')} step {a.get('step')} · sample {a.get('sample')} · {what(a)} · "
                f"{names[0]} {_int(a.get('n_match'))}/{_int(a.get('n_targets'))} · "
                f"{names[1]} {_int(b.get('n_match'))}/{_int(b.get('n_targets'))} match")
-    rows = [("pos", pos), (f"pred {names[0]}", pred_a), (f"pred {names[1]}", pred_b), (f"label {names[0]}", lab_a)]
-    if any(c.bad for c in lab_b):
-        rows.append((f"label {names[1]}", lab_b))
-    doc.grid(caption, rows, f"marked: {names[0]}'s wrong predictions; on {names[1]}'s rows, where it differs from "
-                            f"{names[0]}")
+    rows = [("pos", [Cell("…") if x is None else Cell(str(x)) for x in axis]),
+            (f"pred {names[0]}", _cells(a, "pos", axis)), (f"pred {names[1]}", _cells(b, "pos", axis)),
+            ("label", _cells(a, "pos", axis, "label"))]
+    doc.grid(caption, rows, "marked: wrong predictions of each run")

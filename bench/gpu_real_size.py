@@ -35,6 +35,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from higgs_accel.memory import ALLOCATOR_OVERHEAD
+
 # Dense bf16 tensor-core peaks (TFLOPS, no sparsity) by a substring of torch.cuda.get_device_name(); first match.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
                     ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0)]
@@ -92,6 +94,7 @@ def run_config(dual, batches: list[dict], warmup: int, steps: int, cuda: bool) -
         torch.cuda.synchronize()
     return {"seconds": (time.perf_counter() - start) / steps,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "tokens": batches[0]["input_ids"].numel(),
             "text_targets": out.text_logits_shape[0], "audio_targets": out.audio_logits_shape[0]}
 
 
@@ -133,6 +136,17 @@ def set_checkpointing(dual, on: bool) -> None:
         dual.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         dual.lm.activation_checkpointing_disable()
+
+
+def predicted(config, seq: int, batch: int, mode: str, audio_targets: int | None = None, text_targets: int = 0) -> str:
+    """higgs_accel.memory's live peak for the configuration, in GiB (every position an audio target unless the run
+    counted them)."""
+    from higgs_accel.config import LoraConfig
+    from higgs_accel.memory import GIB, predict
+
+    p = predict(config, LoraConfig(), seq * batch, gradient_checkpointing=mode == "on", audio_targets=audio_targets,
+                text_targets=text_targets)
+    return f"{p.allocated / GIB:.1f}"
 
 
 def fmt(x, spec: str, none: str = "n/a") -> str:
@@ -195,8 +209,12 @@ def main() -> None:
         f"`python {' '.join(sys.argv)}`",
         "- MFU formula: see the docstring of bench/gpu_real_size.py",
         "",
-        "| grad ckpt | seq | batch | tokens/step | step s | tokens/s | TFLOPS | MFU | MFU 6N | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "- predicted GiB: higgs_accel.memory's live peak (max_memory_allocated; the device needs "
+        f"{ALLOCATOR_OVERHEAD:.2f}x that for the caching allocator), from CPU measurements",
+        "",
+        "| grad ckpt | seq | batch | tokens/step | step s | tokens/s | TFLOPS | MFU | MFU 6N | peak GiB "
+        "| predicted GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for line in header:
         print(line, flush=True)
@@ -208,8 +226,8 @@ def main() -> None:
             for b in batch_sizes:
                 cells = [mode, str(seq), str(b), f"{seq * b:,}"]
                 if failed_at is not None:
-                    rows.append("| " + " | ".join(cells + [f"OOM (not run: batch {failed_at} ran out)"] + [""] * 5)
-                                + " |")
+                    rows.append("| " + " | ".join(cells + [f"OOM (not run: batch {failed_at} ran out)"] + [""] * 5
+                                                  + [predicted(config, seq, b, mode)]) + " |")
                     print(rows[-1], flush=True)
                     continue
                 result = None
@@ -230,7 +248,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
                 if result is None:
                     failed_at = b
-                    rows.append("| " + " | ".join(cells + ["OOM"] + [""] * 5) + " |")
+                    rows.append("| " + " | ".join(cells + ["OOM"] + [""] * 5 + [predicted(config, seq, b, mode)])
+                                + " |")
                     print(rows[-1], flush=True)
                     continue
                 flops, flops_6n = step_flops(config, lora_r, seq, b, result["text_targets"], result["audio_targets"])
@@ -238,7 +257,8 @@ def main() -> None:
                 mfu = flops / s / (peak * 1e12) if peak else None
                 mfu_6n = flops_6n / s / (peak * 1e12) if peak else None
                 cells += [f"{s:.3f}", f"{seq * b / s:,.0f}", f"{flops / s / 1e12:.1f}", fmt(mfu, ".1%"),
-                          fmt(mfu_6n, ".1%"), fmt(result["peak_gib"], ".1f")]
+                          fmt(mfu_6n, ".1%"), fmt(result["peak_gib"], ".1f"),
+                          predicted(config, seq, b, mode, result["audio_targets"], result["text_targets"])]
                 rows.append("| " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)
                 # Ranked by achieved FLOPs/s, which is what MFU divides by a constant (and known without a peak).

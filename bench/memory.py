@@ -14,8 +14,17 @@ memory above what was in use just before it (the model, its LoRA and the batch):
         once and the peak tracks live tensors, as the CUDA figure does.
 The last line is the ratio masked / full (target <= 0.3).
 
-    python bench/memory.py [--seq 2048] [--hidden 1024] [--layers 2] [--lora-dropout 0.05] [--device auto]
-                           [--quick]
+--per-layer measures what one decoder layer keeps for backward: the masked step at 1 and 3 layers (bf16 weights
+and the real width with --dtype bf16 --hidden 3072; a 512-token text vocabulary, which cancels out of the slope),
+each in a fresh process; their slope per --seq tokens next to the analytic floor (higgs_accel.memory: both
+RMSNorms' inputs and outputs, q/k/v, the attention output, gate, up and their product), and each step next to the
+memory model's prediction. Its last line is the ratio measured / floor (target <= 1.3). --plain measures
+transformers' and PEFT's own layers instead (the figure before higgs_accel.activations). --table prints the memory
+model's table for the real model.
+
+    python bench/memory.py [--seq 2048] [--hidden 1024] [--layers 2] [--lora-dropout 0] [--device auto] [--quick]
+    python bench/memory.py --per-layer --hidden 3072 --dtype bf16 [--plain] [--layer-pair 1,3]
+    python bench/memory.py --table
 """
 
 from __future__ import annotations
@@ -59,11 +68,15 @@ def narrow_widths(hidden: int) -> dict:
                 intermediate_size=max(128, round(hidden * 8 / 3 / 128) * 128))
 
 
-def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype: str, lora_dropout: float) -> dict:
+def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype: str, lora_dropout: float,
+            vocab: int = 0, plain: bool = False) -> dict:
+    """One step of ``variant`` in this process. ``vocab`` > 0 shrinks the text vocabulary (the per-layer figure
+    does not depend on it); ``plain`` runs transformers' and PEFT's own layers instead of higgs-accel's lean ones."""
     import torch
     from throughput import forward_kwargs, real_width_config, synthetic_batches, text_tokenizer
     from transformers import HiggsAudioV2ForConditionalGeneration
 
+    from higgs_accel.activations import lean_activations
     from higgs_accel.chat import SpecialIds
     from higgs_accel.config import TrainConfig
     from higgs_accel.loading import DTYPES
@@ -73,10 +86,13 @@ def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = text_tokenizer(Path(tmp))
-    config = real_width_config(tokenizer, layers, seq, **narrow_widths(hidden))
+    config = real_width_config(tokenizer, layers, seq, **narrow_widths(hidden),
+                               **({"vocab_size": vocab} if vocab else {}))
     base = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True).to(device, DTYPES[dtype])
     ids = SpecialIds.from_parts(tokenizer, config)
     peft_model = add_lora(base, LoraConfig(dropout=lora_dropout))
+    if plain:
+        lean_activations(peft_model, lean=False)
     peft_model.train()
     batch = {k: v.to(device) if torch.is_tensor(v) else v
              for k, v in synthetic_batches(tokenizer, ids, seq, 1, 1)[0].items()}
@@ -111,16 +127,19 @@ def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype
     else:
         peak = _proc_status_kib("VmHWM") * 1024 - before
     return {"variant": variant, "peak_bytes": peak, "before_bytes": before, "seconds": seconds, "loss": loss,
-            "text_logits_shape": shape, "parameters": sum(p.numel() for p in base.parameters())}
+            "text_logits_shape": shape, "parameters": sum(p.numel() for p in base.parameters()),
+            "config": config.to_dict(), "tokens": batch["input_ids"].numel(),
+            "audio_targets": int((batch["audio_labels"] != -100).any(-1).sum()),
+            "text_targets": int((batch["labels"] != -100).sum())}
 
 
 # ---------------------------------------------------------------- both variants, each in a fresh process
 
 
-def run_variant(variant: str, args) -> dict:
+def run_variant(variant: str, args, layers: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--seq", str(args.seq), "--hidden", str(args.hidden),
-           "--layers", str(args.layers), "--device", args.device, "--dtype", args.dtype,
-           "--lora-dropout", str(args.lora_dropout)]
+           "--layers", str(layers or args.layers), "--device", args.device, "--dtype", args.dtype,
+           "--lora-dropout", str(args.lora_dropout), "--vocab", str(args.vocab)] + (["--plain"] if args.plain else [])
     # A fixed mmap threshold: glibc otherwise raises it after each large free and then keeps freed blocks of up to
     # 32 MiB in its heap, which would make RSS lag the live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
@@ -139,6 +158,30 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def per_layer(args) -> None:
+    """The masked step at 1 and 3 layers: the slope is what one decoder layer keeps, next to the analytic floor
+    and to higgs_accel.memory's prediction of each step."""
+    from types import SimpleNamespace
+
+    from higgs_accel.memory import DTYPE_BYTES, floor_values_per_token, predict
+
+    lower, upper = (int(x) for x in args.layer_pair.split(","))
+    runs = {n: run_variant("masked", args, layers=n) for n in (lower, upper)}
+    for n, r in runs.items():
+        c = SimpleNamespace(**r["config"])
+        predicted = predict(c, LoraConfig(dropout=args.lora_dropout), r["tokens"], dtype=args.dtype,
+                            audio_targets=r["audio_targets"], text_targets=r["text_targets"]).activations
+        print(f"  {n} layer(s): measured +{r['peak_bytes'] / MIB:7.0f} MiB, memory model {predicted / MIB:7.0f} MiB "
+              f"({predicted / r['peak_bytes'] - 1:+.1%}); {r['audio_targets']} audio and {r['text_targets']} text "
+              f"targets, {r['seconds']:.1f} s")
+    c = SimpleNamespace(**runs[upper]["config"])
+    layer = (runs[upper]["peak_bytes"] - runs[lower]["peak_bytes"]) / (upper - lower)
+    floor = floor_values_per_token(c) * DTYPE_BYTES[args.dtype] * args.seq
+    print(f"per decoder layer per {args.seq} tokens: {layer / MIB:.0f} MiB measured (slope between {lower} and "
+          f"{upper} layers), analytic floor {floor / MIB:.0f} MiB ({floor_values_per_token(c):,} values per token in "
+          f"{args.dtype}); measured / floor: {layer / floor:.2f}x (target <= 1.3)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=2048, help="tokens in the step (one sample)")
@@ -149,21 +192,48 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=LoraConfig().dropout,
                         help="LoRA dropout (default: the trainer's); above 0 each adapted layer keeps a dropped copy "
                              "of its input for backward")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="what one decoder layer keeps: the masked step at 1 and 3 layers (each in a fresh "
+                             "process), their slope next to the analytic floor, and the memory model's prediction")
+    parser.add_argument("--layer-pair", help="with --per-layer: the two depths measured (default 1,3; --quick 1,2)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the memory model's table for the real model (sequence x batch x checkpointing); "
+                             "measures nothing")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="text vocabulary (default: the real 128,256; 512 with --per-layer, where the heads "
+                             "cancel out of the slope)")
+    parser.add_argument("--plain", action="store_true",
+                        help="transformers' and PEFT's own layers instead of higgs-accel's lean ones (the 'before')")
     parser.add_argument("--quick", action="store_true", help="seq 256, hidden 128, 1 layer: checks the script")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.seq, args.hidden, args.layers = 256, 128, 1
+    if args.vocab is None:
+        args.vocab = 512 if args.per_layer else 0
+    args.layer_pair = args.layer_pair or ("1,2" if args.quick else "1,3")
     if args.child:
         print(json.dumps(measure(args.child, args.seq, args.hidden, args.layers, args.device, args.dtype,
-                                 args.lora_dropout)))
+                                 args.lora_dropout, args.vocab, args.plain)))
         return
 
     args.device = resolve_device(args.device)
     how = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"one training step (forward + backward), batch 1 x {args.seq} tokens, vocabulary 128,256, hidden "
-          f"{args.hidden}, {args.layers} layer(s), LoRA dropout {args.lora_dropout}, {args.dtype} on {args.device}; "
-          f"{how} above the memory in use before the step, each variant in a fresh process")
+    if args.table:
+        from higgs_accel.memory import real_model_config, table
+
+        print("GPU memory of one training step of the real model (28 layers, bf16 weights, default LoRA), every "
+              "position an audio target; predicted by higgs_accel.memory from CPU measurements")
+        print("\n".join(table(real_model_config(), LoraConfig())))
+        return
+    layers = args.layer_pair.replace(",", " and ") if args.per_layer else args.layers
+    print(f"one training step (forward + backward), batch 1 x {args.seq} tokens, vocabulary "
+          f"{args.vocab or 128256:,}, hidden {args.hidden}, {layers} layer(s), LoRA dropout {args.lora_dropout}, "
+          f"{args.dtype} on {args.device}, {'plain PEFT' if args.plain else 'lean'} layers; {how} above the memory "
+          f"in use before the step, each run in a fresh process")
+    if args.per_layer:
+        per_layer(args)
+        return
     results = {}
     for variant in VARIANTS:
         r = results[variant] = run_variant(variant, args)

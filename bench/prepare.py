@@ -1,24 +1,35 @@
-"""Codec real-time factor (tiny and full-size random codec) and how long the loop waits for data with cached codes.
+"""Codec real-time factor (tiny and full-size random codec), how long the loop waits for data with cached codes, and
+the encode step's throughput over a corpus, batched pipeline vs one file at a time.
 
 Real-time factor = seconds of audio encoded per second of wall time. The data-wait fraction is the sum of the
 ``data_wait_s`` over the sum of ``step_time_s`` of a tiny-preset run whose codes are already cached.
 Target: the loop waits for data less than 5% of its step time.
-Usage: python bench/prepare.py [--seconds 10] [--steps 60]
+Encode throughput (``--encode``): the full-size codec over ``--files`` WAV files of different lengths, through
+``encode_missing`` (the batched pipeline, ``--workers`` decoding processes) and through ``CodeCache.encode`` one file
+at a time (the sequential path), alternating over ``--rounds`` rounds (other processes share the CPUs: each round
+measures both under the same load), each round into empty caches. Also the share of identical codes between the
+two, and the share that survives padding each file to a multiple of ``--pad`` samples (what batching files of
+different lengths together would cost). Targets: 1.5x on the CPU, 200x real time on an H100/H200-class GPU.
+Usage: python bench/prepare.py [--seconds 10] [--steps 60] [--encode --device cuda --files 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 
+from higgs_accel.codes import CodeCache, encode_missing
 from higgs_accel.config import ModelConfig, load_config
+from higgs_accel.data import FileAudio, Sample
 from higgs_accel.loading import load_codec
 from higgs_accel.loop import train
 from higgs_accel.tiny import ensure_tiny_assets, speech_like
@@ -29,7 +40,11 @@ def full_size_codec() -> HiggsAudioV2TokenizerModel:
     cfg = HiggsAudioV2TokenizerConfig(
         target_bandwidths=[0.5, 1, 1.5, 2],
         acoustic_model_config={"downsampling_ratios": [8, 5, 4, 2, 3], "upsampling_ratios": [8, 5, 4, 2, 3]})
-    return HiggsAudioV2TokenizerModel(cfg).eval()
+    torch.manual_seed(0)
+    codec = HiggsAudioV2TokenizerModel(cfg).eval()
+    for q in codec.quantizer.quantizers:  # zero codebooks would map every frame to code 0: nothing to compare
+        q.codebook.embed.normal_(0.0, 0.02)
+    return codec
 
 
 def real_time_factor(codec, seconds: float) -> float:
@@ -54,13 +69,90 @@ def data_wait_fraction(root: Path, steps: int) -> float:
     return sum(e["data_wait_s"] for e in steps_) / sum(e["step_time_s"] for e in steps_)
 
 
+def corpus(root: Path, files: int, min_s: float, max_s: float) -> list[Path]:
+    """Speech-like WAV files of random lengths (uniform in seconds), 24 kHz mono."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    long = speech_like(" ".join(["quiet rivers and old green hills"] * int(max_s + 1)), rng)
+    paths = []
+    for i, seconds in enumerate(rng.uniform(min_s, max_s, files)):
+        start = int(rng.integers(0, 24000))
+        sf.write(root / f"{i}.wav", long[start: start + int(seconds * 24000)], 24000)
+        paths.append(root / f"{i}.wav")
+    return paths
+
+
+def encode_throughput(codec, paths: list[Path], root: Path, rounds: int, workers: int) -> dict:
+    """Audio seconds per second of each path, per round, and the codes each path stored."""
+    samples = [Sample(source="bench", line=i, audio=FileAudio(p), text="x") for i, p in enumerate(paths)]
+    seconds = sum(sf.info(p).frames / sf.info(p).samplerate for p in paths)
+    speeds: dict[str, list[float]] = {"one at a time": [], "batched": []}
+    caches = {}
+    for r in range(rounds):
+        for mode in (speeds if r % 2 == 0 else reversed(speeds)):
+            cache = CodeCache(root / f"{mode}-{r}", codec)
+            start = time.perf_counter()
+            if mode == "batched":
+                encode_missing(samples, cache, workers=workers)
+            else:
+                for s in samples:
+                    cache.encode(s.audio, cache.key(s.audio))
+            speeds[mode].append(seconds / (time.perf_counter() - start))
+            caches[mode] = cache
+    single, batched = ({p.name: np.load(p) for p in caches[m].dir.glob("*.npy")} for m in speeds)
+    same = sum(int((single[k] == batched[k]).sum()) for k in single)
+    return {"speeds": speeds, "agreement": same / sum(v.size for v in single.values()), "audio_s": seconds}
+
+
+def padding_agreement(codec, paths: list[Path], pad: int, device) -> float:
+    """Share of codes unchanged when each file is zero-padded to a multiple of ``pad`` samples and its codes
+    trimmed to its own frame count: the cost of batching files of different lengths with padding."""
+    same = total = 0
+    with torch.no_grad():
+        for p in paths:
+            wave = torch.from_numpy(sf.read(p, dtype="float32")[0])[None, None].to(device)
+            alone = codec.encode(wave).audio_codes[0]
+            padded = codec.encode(torch.nn.functional.pad(wave, (0, -wave.shape[-1] % pad))).audio_codes[0]
+            same += int((padded[:, : alone.shape[-1]] == alone).sum())
+            total += alone.numel()
+    return same / total
+
+
+def report_encode(args, root: Path) -> None:
+    codec = full_size_codec().to(args.device)
+    paths = corpus(root / "audio", args.files, args.min_s, args.max_s)
+    out = encode_throughput(codec, paths, root / "codes", args.rounds, args.workers)
+    for mode, speeds in out["speeds"].items():
+        print(f"{mode}: " + ", ".join(f"{x:.2f}" for x in speeds) + " audio s per s")
+    for pad in args.pad:
+        kept = padding_agreement(codec, paths, pad, args.device)
+        print(f"padded to a multiple of {pad} samples: {100 * kept:.2f}% of codes unchanged")
+    print(f"{args.files} files, {out['audio_s']:.0f} s of audio, {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.workers} decoding worker(s); identical codes: {100 * out['agreement']:.2f}%")
+    ratios = [b / s for b, s in zip(out["speeds"]["batched"], out["speeds"]["one at a time"])]
+    print(f"batched / one at a time: {statistics.median(ratios):.2f}x (rounds: " + ", ".join(f"{r:.2f}" for r in ratios)
+          + f"); batched up to {max(out['speeds']['batched']):.1f}x real time (target >= 1.5x on the CPU, >= 200x real"
+          " time on a GPU)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--encode", action="store_true", help="measure only the encode step's throughput")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--files", type=int, default=12)
+    parser.add_argument("--min-s", type=float, default=2.0)
+    parser.add_argument("--max-s", type=float, default=12.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--pad", type=int, nargs="*", default=[960, 24000])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.encode:
+            report_encode(args, root)
+            return
         tiny = load_codec(ModelConfig(audio_tokenizer=ensure_tiny_assets(root / "tiny")["model.audio_tokenizer"]))
         rtf_tiny = real_time_factor(tiny, args.seconds)
         big = full_size_codec()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -134,3 +135,17 @@ def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, token
         "audio_input_ids": torch.from_numpy(np.concatenate(frames)),
         "audio_labels": torch.from_numpy(np.concatenate(frame_labels)),
     }
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def special_tokens_in(text: str, tokenizer) -> list[str]:
+    """The tokenizer's special tokens spelled out in ``text``, in order of appearance. Text always splits on them, so
+    a transcript holding one would add an audio placeholder without audio, a turn boundary or a delay token to the
+    layout: such a sample is refused, never built."""
+    pattern = _special_pattern(tokenizer)
+    return pattern.findall(text) if pattern and text else []

@@ -1,11 +1,15 @@
-"""``higgs-accel``: train, report, logs rebuild. Bad input exits with status 2 and one line naming the culprit."""
+"""higgs-accel: LoRA fine-tuning of Higgs Audio v2, and the tools around a run: one subcommand per job below
+(higgs-accel COMMAND --help for its options). Bad input exits with status 2 and one line naming the culprit."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
+import warnings
 
-from . import export, generate
+from . import convert, export, generate
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
 
 TRAIN_EPILOG = """\
@@ -39,7 +43,7 @@ def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -
         group = p.add_argument_group(f"{section} options")
         for key, (f, _) in keys.items():
             if key.startswith(section + "."):
-                default = f.default if f.default is not f.default_factory else f.default_factory()
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
                 choices = f.metadata.get("choices")
                 extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
                 group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=_metavar(key),
@@ -72,11 +76,50 @@ def cmd_train(args) -> int:
 
     ended = train(cfg)
     if not args.no_report and _is_main():
-        from analysis.report import write_report
-
-        paths = write_report(ended.run_dir)
-        print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        write_run_report(ended.run_dir)
     return ended.exit_code  # stopping.EXIT_CODES: a requeue wrapper tells preempted (75) from failed
+
+
+def write_run_report(run_dir) -> None:
+    """The report at the end of a run. It can never change how the run ended: a failure is one warning line and a
+    ``log_error`` event (sink ``report``) appended to the run's log; the exit status stays the run's."""
+    from analysis.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run is over and its events are safe; only the report is missing
+        print(f"higgs-accel: warning: the run finished, but its report failed ({type(e).__name__}: {e}); "
+              f"try again with `higgs-accel report {run_dir}`", file=sys.stderr)
+        _append_log_error(run_dir, "report", e)
+        return
+    print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+
+
+def _append_log_error(run_dir, sink: str, error: BaseException) -> None:
+    """One ``log_error`` event appended to a closed run (JSON lines and Parquet), at the run's last step."""
+    import json
+    from pathlib import Path
+
+    from analysis.schema import EVENTS_DIR, EVENTS_FILE
+
+    from .events import EventLog
+    from .sinks.parquet import ParquetSink
+
+    last = {}
+    try:
+        with open(Path(run_dir) / EVENTS_FILE, "rb") as f:
+            for raw in f:
+                try:
+                    last = json.loads(raw)
+                except ValueError:
+                    continue
+        log = EventLog(run_dir, str(last.get("run_id", "")), sinks=[ParquetSink(Path(run_dir) / EVENTS_DIR)])
+        log.bind(**{k: last[k] for k in ("step", "epoch") if isinstance(last.get(k), int)})
+        log.report_error(sink, error)
+        log.close()
+    except Exception as e:  # noqa: BLE001 - not even the log can be written: the warning line above stands
+        print(f"higgs-accel: warning: could not record that in the event log ({type(e).__name__}: {e})",
+              file=sys.stderr)
 
 
 def cmd_prepare(args) -> int:
@@ -122,13 +165,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="higgs-accel", description=__doc__)
+    parser = _Parser(prog="higgs-accel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub).set_defaults(func=cmd_train)
     _train_parser(sub, "prepare", "encode all audio into the codes cache before training (same options as train)"
                   ).set_defaults(func=cmd_prepare)
     generate.register(sub)
     export.register(sub)
+    convert.register(sub)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)
@@ -141,10 +185,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """No loading bars and no library deprecation notices on the console of the one-shot commands (generate,
+    export): their output is the result. Errors still show. Training records library warnings as events instead."""
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    tf_logging = transformers.utils.logging
+    verbosity, bars, hub_bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled(), \
+        not are_progress_bars_disabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        tf_logging.set_verbosity(verbosity)
+        if bars:
+            tf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        return args.func(args)
+        if args.command in ("train", "prepare", "report", "logs"):  # training captures library logs as events
+            return args.func(args)
+        with quiet_libraries():
+            return args.func(args)
     except ConfigError as e:
         print(f"higgs-accel: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FileAudio, Sample, Skip, decode_audio
+from .data import FileAudio, Sample, Skip, audio_error, decode_audio, strict_error
+from .encoding import EncodeStats
 
 SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
 MEMORY_BYTES = 256 * 2**20  # codes kept in memory per process once read: about 180 hours of audio
@@ -31,10 +32,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("HIGGS_ACCEL_CACHE") or Path.home() / ".cache" / "higgs_accel") / "codes"
 
 
+# Config entries that say where a codec came from or how it was saved, never what codes it makes: kept out of its
+# identity, so the same codec from another dir, a relative path, a hub id or its local snapshot shares one cache.
+PROVENANCE = ("_name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype")
+
+
+def _code_config(value):
+    """The codec config as plain data without provenance entries (at any depth: sub-configs carry their own)."""
+    if isinstance(value, dict):
+        return {k: _code_config(v) for k, v in sorted(value.items()) if k not in PROVENANCE}
+    if isinstance(value, (list, tuple)):
+        return [_code_config(v) for v in value]
+    return value
+
+
 def codec_identity(codec) -> str:
-    """Changes when the codec's config or any of its weights and buffers change: the raw bytes of every tensor are
-    hashed (in their own dtype, no conversion: about 0.7 s for the full-size codec), with its name, dtype and shape."""
-    h = hashlib.sha256(codec.config.to_json_string(use_diff=False).encode())
+    """Content only: the config fields that change codes, and the raw bytes of every weight and buffer (in their own
+    dtype, no conversion: about 0.7 s for the full-size codec) with its name, dtype and shape. Never a path."""
+    config = json.dumps(_code_config(codec.config.to_dict()), sort_keys=True, default=str)
+    h = hashlib.sha256(config.encode())
     for name, t in sorted(codec.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
@@ -117,18 +133,29 @@ class CodeCache:
         return np.asarray(entry)
 
     def encode(self, audio, digest: str) -> np.ndarray | dict:
-        """Decode, check and encode one audio; store and return its codes or the reason it has none."""
+        """Decode, check and encode one audio; store and return its codes or the reason it has none. Nothing about
+        one file can raise: a failure is that file's reason, with its path."""
         try:
             wave = decode_audio(audio.read(), self.sample_rate)
-        except Exception as e:  # noqa: BLE001 - soundfile raises several types for corrupt files
-            return self._store_skip(digest, "unreadable_audio", f"{type(e).__name__}: {e}")
-        if len(wave) == 0:
-            return self._store_skip(digest, "empty_audio", "no samples")
+        except Exception as e:  # noqa: BLE001 - soundfile, the resampler and the OS raise many types for bad files
+            return self._store_skip(digest, "unreadable_audio", audio_error(e))
+        hop = self.codec.config.hop_length
+        if len(wave) < hop:  # the codec's convolutions reject (or cannot frame) anything shorter
+            detail = "no samples" if len(wave) == 0 else (
+                f"{len(wave) / self.sample_rate * 1000:.1f} ms, shorter than one codec frame "
+                f"({hop / self.sample_rate * 1000:.0f} ms)")
+            return self._store_skip(digest, "empty_audio", detail)
         if float(np.abs(wave).max()) < SILENCE_PEAK:
             return self._store_skip(digest, "silent_audio", f"peak below {SILENCE_PEAK} (about -80 dBFS)")
-        with torch.no_grad():
-            device = next(self.codec.parameters()).device
-            codes = self.codec.encode(torch.from_numpy(wave)[None, None].to(device)).audio_codes[0]
+        try:
+            with torch.no_grad():
+                device = next(self.codec.parameters()).device
+                codes = self.codec.encode(torch.from_numpy(wave)[None, None].to(device)).audio_codes[0]
+        except Exception as e:  # noqa: BLE001 - the codec may reject one input; that is this file's reason
+            detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            if isinstance(e, torch.OutOfMemoryError):  # passing, not the file's fault: not stored, a rerun retries
+                return {"reason": "encode_failed", "detail": detail}
+            return self._store_skip(digest, "encode_failed", detail)
         self.encode_calls += 1
         if codes.shape[-1] == 0:
             return self._store_skip(digest, "empty_audio", "shorter than one codec frame")
@@ -153,19 +180,24 @@ def _refs(sample: Sample):
     return [("ref_codes", sample.ref_audio), ("codes", sample.audio)] if sample.ref_audio else [("codes", sample.audio)]
 
 
-def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False) -> int:
-    """Encode what the cache lacks (this process's share of the samples); return how many were encoded."""
-    from tqdm import tqdm
+def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False, *, workers: int = 0,
+                   batch_seconds: float | None = None):
+    """Encode what the cache lacks (this process's share of the samples) in batches of equal-length files, decoded
+    by ``workers`` processes (see ``encoding``); return an ``encoding.EncodeStats``."""
+    from .encoding import encode_all
 
-    before = cache.encode_calls
-    for s in tqdm(samples, desc="encoding audio", unit="sample", disable=not (progress and sys.stderr.isatty())):
+    todo = {}
+    for s in samples:
         for _, audio in _refs(s):
-            if not audio.exists():
-                continue
-            digest = cache.key(audio)
-            if cache.lookup(digest) is None:
-                cache.encode(audio, digest)
-    return cache.encode_calls - before
+            try:
+                if not audio.exists():
+                    continue
+                digest = cache.key(audio)
+            except OSError:
+                continue  # resolve reports it, with the path
+            if digest not in todo and cache.lookup(digest) is None:
+                todo[digest] = audio
+    return encode_all(todo, cache, workers, batch_seconds, progress)
 
 
 def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_seconds: float,
@@ -176,10 +208,15 @@ def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_sec
     for s in samples:
         problem, frames = None, 0
         for attr, audio in _refs(s):
-            if not audio.exists():
+            try:
+                found = audio.exists()
+                digest = cache.key(audio) if found else ""
+            except OSError as e:
+                problem = Skip(s.source, s.line, "unreadable_audio", f"{audio}: {audio_error(e)}")
+                break
+            if not found:
                 problem = Skip(s.source, s.line, "missing_file", f"audio not found: {audio}")
                 break
-            digest = cache.key(audio)
             entry = cache.lookup(digest)
             if entry is None and encode:
                 entry = cache.encode(audio, digest)
@@ -205,8 +242,8 @@ def resolve(samples: list[Sample], cache: CodeCache, min_seconds: float, max_sec
 
 @dataclass
 class PreparedData:
-    """Both splits checked against a complete codes cache: the kept samples (with their cache keys and frame
-    counts) and a Skip for every other one."""
+    """Both splits checked against a complete codes cache and screened (``data.screen``): the kept samples (with
+    their cache keys and frame counts), a Skip for every other one, and what screening counted per split."""
 
     cache: CodeCache
     train: list[Sample]
@@ -214,31 +251,40 @@ class PreparedData:
     train_skips: list[Skip]
     val_skips: list[Skip]
     encoded: int  # by this process, in this call
+    longest_tokens: dict[str, int]  # split -> positions of its longest kept sample
+    duplicates: dict[str, int]  # split -> lines repeating an earlier line's audio and texts
+    encoding: EncodeStats  # this process's encode step: files, seconds of audio, wall time
 
     def check_strict(self, strict: bool) -> None:
         problems = self.train_skips + self.val_skips
         if strict and problems:
-            from .config import ConfigError
-
-            raise ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n"
-                              + "\n".join(f"  {p}" for p in problems))
+            raise strict_error(problems)
 
 
-def prepare_data(cfg, state, codec) -> PreparedData:
-    """Read both manifests, encode what the cache lacks (each process of ``state`` its share, in parallel), then
-    check every sample against the now complete cache. ``higgs-accel prepare`` and training's setup both call this,
-    so they keep and skip the same samples."""
-    from .data import load_splits
+def prepare_data(cfg, state, codec, tokenizer, num_codebooks: int, max_positions: int) -> PreparedData:
+    """Read both manifests, encode what the cache lacks (each process of ``state`` its share, in parallel), check
+    every sample against the now complete cache, then screen the texts and lengths (``max_positions``: the model's
+    ``max_position_embeddings``). ``higgs-accel prepare`` and training's setup both call this, so they keep and skip
+    the same samples."""
+    from .data import load_splits, screen, token_limit
 
     data = cfg.data
     cache = CodeCache(data.codes_cache or default_cache_dir(), codec.to(state.device))
     train, val, train_skips, val_skips = load_splits(data, cfg.train.seed)
     mine = (train + val)[state.process_index::state.num_processes]
-    encoded = encode_missing(mine, cache, progress=state.is_main_process)
+    encoding = encode_missing(mine, cache, progress=state.is_main_process, workers=data.num_workers,
+                              batch_seconds=data.encode_batch_seconds)
     state.wait_for_everyone()
-    train, more_train = resolve(train, cache, data.min_seconds, data.max_seconds)
-    val, more_val = resolve(val, cache, data.min_seconds, data.max_seconds)
-    return PreparedData(cache, train, val, train_skips + more_train, val_skips + more_val, encoded)
+    limit = token_limit(data, max_positions)
+    splits = {}
+    for split, samples, skips in (("train", train, train_skips), ("val", val, val_skips)):
+        resolved, more = resolve(samples, cache, data.min_seconds, data.max_seconds)
+        screened = screen(resolved, tokenizer, num_codebooks, data, limit)
+        splits[split] = (screened.kept, skips + more + screened.skips, screened)
+    (train, train_skips, train_screen), (val, val_skips, val_screen) = splits["train"], splits["val"]
+    return PreparedData(cache, train, val, train_skips, val_skips, encoding.encoded,
+                        {"train": train_screen.longest_tokens, "val": val_screen.longest_tokens},
+                        {"train": train_screen.duplicates, "val": val_screen.duplicates}, encoding)
 
 
 def prepare(cfg) -> tuple[int, list[Skip]]:
@@ -246,7 +292,8 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     processes of ``accelerate launch``; print one summary line per split. Returns (encoded, skips)."""
     from accelerate import PartialState
 
-    from .loading import load_codec
+    from .chat import SpecialIds
+    from .loading import load_base_config, load_codec, load_text_tokenizer, resolve_checkpoints
     from .sinks.console import summary_line
     from .tiny import apply_tiny_preset
 
@@ -254,14 +301,20 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
     if cfg.preset == "tiny":
         with state.main_process_first():
             apply_tiny_preset(cfg, Path(cfg.train.output_dir) / "tiny")
-    data = prepare_data(cfg, state, load_codec(cfg.model))
+    with state.main_process_first():
+        model_cfg, _ = resolve_checkpoints(cfg.model)
+    tokenizer, model_config = load_text_tokenizer(model_cfg), load_base_config(model_cfg)
+    ids = SpecialIds.from_parts(tokenizer, model_config)
+    data = prepare_data(cfg, state, load_codec(model_cfg), tokenizer, ids.num_codebooks,
+                        model_config.max_position_embeddings)
     problems = data.train_skips + data.val_skips
     if state.is_main_process:
-        for skip in problems:
+        for skip in [] if cfg.data.strict else problems:  # with strict, the error below lists them: once
             print(f"skip {skip}", file=sys.stderr)
-        print(summary_line("train", len(data.train), Counter(s.reason for s in data.train_skips)), file=sys.stderr)
-        if data.val or data.val_skips:
-            print(summary_line("val", len(data.val), Counter(s.reason for s in data.val_skips)), file=sys.stderr)
+        for split, kept, skips in (("train", data.train, data.train_skips), ("val", data.val, data.val_skips)):
+            if split == "train" or kept or skips:
+                print(summary_line(split, len(kept), Counter(s.reason for s in skips), data.duplicates[split]),
+                      file=sys.stderr)
         print(f"codes cache: {data.cache.dir} ({data.encoded} encoded by this process now)", file=sys.stderr)
     data.check_strict(cfg.data.strict)
     return data.encoded, problems

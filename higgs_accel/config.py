@@ -31,7 +31,9 @@ class ModelConfig:
     audio_tokenizer: str = _opt("", "HiggsAudioV2TokenizerModel codec: hub id or local dir")
     text_tokenizer: str = _opt("", "text tokenizer: hub id or local dir (default: model.base)")
     dtype: str = _opt("fp32", "weights dtype of the base model", choices=("fp32", "bf16"))
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: str = _opt("false", "recompute activations in backward to save memory; auto: only when "
+                                       "higgs_accel.memory predicts the step does not fit the GPU (off on CPU)",
+                                       choices=("false", "true", "auto"))
     attn_implementation: str = _opt("sdpa", "attention kernel", choices=("eager", "sdpa", "flash_attention_2"))
     compile: bool = _opt(False, "torch.compile the transformer backbone (dynamic shapes)")
 
@@ -40,7 +42,8 @@ class ModelConfig:
 class LoraConfig:
     r: int = _opt(16, "LoRA rank")
     alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
-    dropout: float = _opt(0.05, "dropout on the LoRA input")
+    dropout: float = _opt(0.0, "dropout on the LoRA input (0 as torchtune's LoRA recipes; above 0, one mask per "
+                               "input shared by the projections that read it: q/k/v, gate/up)")
     target_modules: list[str] = _opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module-name suffixes to adapt; the MLP names match both the text `mlp` and the DualFFN `audio_mlp`",
@@ -58,10 +61,15 @@ class DataConfig:
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
+    max_tokens: int = _opt(0, "skip a sample whose sequence (text + reference + target audio frames) is longer, as "
+                           "too_long (0: the model's max_position_embeddings)")
+    drop_duplicates: bool = _opt(False, "leave out lines repeating an earlier line's audio and text (always counted)")
     strict: bool = _opt(False, "fail before training, listing every bad sample, instead of skipping them")
     group_by_length: bool = _opt(True, "batch samples of similar length together (less padding)")
     max_tokens_per_batch: int = _opt(0, "cap padded positions per batch instead of a fixed batch size (0: off)")
-    num_workers: int = _opt(0, "DataLoader worker processes")
+    num_workers: int = _opt(0, "DataLoader worker processes (also decode audio for the codec while it encodes)")
+    encode_batch_seconds: float = _opt(60.0, "most seconds of audio the codec encodes in one batch; only files of "
+                                       "exactly equal length share one (0: one file at a time)")
     codes_cache: str = _opt("", "dir of cached codec codes (default: $HIGGS_ACCEL_CACHE or ~/.cache/higgs_accel)")
     audio_field: str = _opt("audio", "manifest field with the audio path (relative to the manifest) or column")
     text_field: str = _opt("text", "field with the transcript")
@@ -221,6 +229,8 @@ def _scalar(tp, value):
     if tp is str:
         if isinstance(value, (dict, list)):
             raise TypeError
+        if isinstance(value, bool):  # YAML's true/false for a key that also takes other words (auto)
+            return str(value).lower()
         return "" if value is None else str(value)
     raise TypeError
 
@@ -367,7 +377,8 @@ def _check_ranges(cfg: RunConfig) -> None:
                    "train.max_grad_norm": t.max_grad_norm, "train.text_weight": t.text_weight,
                    "train.audio_weight": t.audio_weight, "data.min_seconds": cfg.data.min_seconds,
                    "train.lock_stale_s": t.lock_stale_s, "log.slice_samples": cfg.log.slice_samples,
-                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch,
+                   "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch, "data.max_tokens": cfg.data.max_tokens,
+                   "data.encode_batch_seconds": cfg.data.encode_batch_seconds,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
                    "log.generate_top_k": cfg.log.generate_top_k}.items():
         if v < 0:

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .chat import IGNORE, build_example
+from .chat import AUDIO_PLACEHOLDER, IGNORE, TARGET, build_example, sample_prompt, special_tokens_in
 from .config import ConfigError
 
 MANIFEST_SUFFIXES = (".jsonl", ".json")
 AUDIOFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
+BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>:?\s*")
 
 
 # ---------------------------------------------------------------- audio references
@@ -71,7 +73,7 @@ class Sample:
     """One training example: the target utterance and, for voice cloning, a reference."""
 
     source: str                  # manifest path or dataset dir
-    line: int                    # 1-based manifest line, or dataset row index
+    line: int                    # 1-based manifest (or metadata.csv) line, or 0-based dataset row
     audio: FileAudio | DatasetAudio
     text: str
     speaker: str = ""
@@ -106,6 +108,12 @@ def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def audio_error(e: Exception) -> str:
+    """Why audio could not be read, in words: soundfile names the in-memory buffer it was given, not the file."""
+    message = BUFFER_REPR.sub("", getattr(e, "error_string", None) or str(e))
+    return f"{type(e).__name__}: {message}"
+
+
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     return decode_audio(Path(path).read_bytes(), sample_rate)
 
@@ -113,32 +121,80 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
 # ---------------------------------------------------------------- sources
 
 
+class _BadField(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _describe(value) -> str:
+    shown = json.dumps(value, default=str) if isinstance(value, (int, float, list, dict)) else repr(value)
+    return f"{type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}"
+
+
+def _text(row, name: str, required: bool, numbers: bool = False) -> str:
+    """A text field's value ('' for an absent optional one); a missing, empty or non-string value raises
+    ``_BadField`` with its reason. ``numbers``: integers are taken as text (speaker ids often are numbers)."""
+    value = row.get(name)
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value is None:
+        if required:
+            raise _BadField("missing_field", f"no '{name}' field" if name not in row else f"'{name}' is null")
+        return ""
+    if not isinstance(value, str):
+        raise _BadField("bad_field", f"'{name}' must be a string, got {_describe(value)}")
+    _encodable(name, value)
+    if not value.strip():
+        if required:
+            raise _BadField("empty_text", f"'{name}' is {'empty' if not value else 'only whitespace'}")
+        return ""
+    return value
+
+
+def _audio(row, name: str, required: bool, audio_of):
+    """An audio field as a reference (None for an absent optional one): a path string, or what the reader already
+    made of the row's audio (a dataset's Audio column)."""
+    value = row.get(name)
+    if isinstance(value, str) and not value.strip():
+        value = None
+    if value is None:
+        if required:
+            raise _BadField("missing_field", f"no '{name}' field" if name not in row else f"'{name}' is empty")
+        return None
+    if not isinstance(value, (str, FileAudio, DatasetAudio)):
+        raise _BadField("bad_field", f"'{name}' must be a path string, got {_describe(value)}")
+    if isinstance(value, str):
+        _encodable(name, value)
+    return audio_of(value, name)
+
+
+def _encodable(name: str, value: str) -> None:
+    """JSON escapes can spell lone surrogates (``"\\ud800"``), which no tokenizer or file system takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadField("not_utf8", f"'{name}' holds {value[e.start]!r}, which is not valid UTF-8") from None
+
+
 def _row_to_sample(row, fields, source: str, line: int, audio_of) -> Sample | Skip:
-    """One manifest row (dict) -> Sample, or a Skip naming what is wrong with it."""
+    """One manifest row (dict) -> Sample, or a Skip naming the field at fault and why."""
     if not isinstance(row, dict):
-        return Skip(source, line, "invalid_json", "line is not a JSON object")
-    missing = [f for f in (fields.audio_field, fields.text_field) if not row.get(f)]
-    if missing:
-        return Skip(source, line, "missing_field", f"missing or empty field(s): {', '.join(missing)}")
-    text = row[fields.text_field]
-    if not isinstance(text, str) or not text.strip():
-        return Skip(source, line, "empty_text", "transcript is empty")
-    ref = row.get(fields.ref_audio_field)
-    if ref and not row.get(fields.ref_text_field):
-        return Skip(source, line, "missing_field", f"'{fields.ref_audio_field}' needs '{fields.ref_text_field}'")
-
-    def text_of(name):
-        value = row.get(name)
-        return "" if value is None else str(value)
-
-    return Sample(source=source, line=line, audio=audio_of(row[fields.audio_field], fields.audio_field), text=text,
-                  speaker=text_of(fields.speaker_field), ref_text=text_of(fields.ref_text_field),
-                  ref_audio=audio_of(ref, fields.ref_audio_field) if ref else None,
-                  scene=text_of(fields.scene_field), system=text_of(fields.system_field))
+        return Skip(source, line, "invalid_json", f"line is a JSON {type(row).__name__}, not an object")
+    try:
+        audio = _audio(row, fields.audio_field, True, audio_of)
+        text = _text(row, fields.text_field, True)
+        ref = _audio(row, fields.ref_audio_field, False, audio_of)
+        return Sample(source=source, line=line, audio=audio, text=text, ref_audio=ref,
+                      ref_text=_text(row, fields.ref_text_field, ref is not None),
+                      speaker=_text(row, fields.speaker_field, False, numbers=True),
+                      scene=_text(row, fields.scene_field, False), system=_text(row, fields.system_field, False))
+    except _BadField as e:
+        return Skip(source, line, e.reason, e.detail)
 
 
 def _file_audio(root: Path):
-    return lambda value, _column: FileAudio(root / str(value))
+    return lambda value, _column: FileAudio(root / value)
 
 
 def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
@@ -148,7 +204,7 @@ def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark (Windows tools) is fine
             except UnicodeDecodeError as e:
                 skips.append(Skip(str(path), n, "not_utf8", f"line is not valid UTF-8 ({e.reason} at byte {e.start})"))
                 continue
@@ -157,7 +213,7 @@ def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                skips.append(Skip(str(path), n, "invalid_json", f"{e.msg} at column {e.colno}"))
+                skips.append(Skip(str(path), n, "invalid_json", f"{e.msg.removesuffix(' at')} at column {e.colno}"))
                 continue
             out = _row_to_sample(row, fields, str(path), n, _file_audio(path.parent))
             (samples if isinstance(out, Sample) else skips).append(out)
@@ -171,10 +227,13 @@ def read_audiofolder(root: Path, fields) -> tuple[list[Sample], list[Skip]]:
     if meta.suffix == ".jsonl":
         return read_manifest(meta, audio_fields)
     samples, skips = [], []
-    with open(meta, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.DictReader(f), start=2):
-            out = _row_to_sample(row, audio_fields, str(meta), n, _file_audio(root))
-            (samples if isinstance(out, Sample) else skips).append(out)
+    with open(meta, newline="", encoding="utf-8-sig") as f:
+        try:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                out = _row_to_sample(row, audio_fields, str(meta), n, _file_audio(root))
+                (samples if isinstance(out, Sample) else skips).append(out)
+        except UnicodeDecodeError as e:  # decoded in blocks, not rows: no row to skip, the file must be fixed
+            raise ConfigError(f"{meta}: not valid UTF-8 ({e.reason}); save it as UTF-8") from None
     return samples, skips
 
 
@@ -233,6 +292,11 @@ def read_source(path: str, fields) -> tuple[list[Sample], list[Skip]]:
     raise ConfigError(f"{path}: not found")
 
 
+def strict_error(problems: list[Skip]) -> ConfigError:
+    """``data.strict``: the one failure that lists every bad sample (so nothing else needs to print them)."""
+    return ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip], list[Skip]]:
     """Train and validation samples, then the lines each split's source could not parse (kept apart so every skip is
     reported under its own split): a separate source, or a seeded ``val_fraction`` of the training one."""
@@ -247,10 +311,83 @@ def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip],
     return train, [], skips, []
 
 
+# ---------------------------------------------------------------- checks that need the tokenizer
+
+
+def token_limit(cfg, max_positions: int) -> int:
+    """The most positions one sample may take (0: no limit): ``data.max_tokens`` (default ``max_positions``, the
+    model's ``max_position_embeddings``), and no more than ``data.max_tokens_per_batch`` when that is set, so that
+    every sample fits in a batch of its own."""
+    return min((n for n in (cfg.max_tokens or max_positions, cfg.max_tokens_per_batch) if n), default=0)
+
+
+def sequence_lengths(samples: list[Sample], tokenizer, num_codebooks: int, system_prompt: str) -> list[int]:
+    """Positions of each sample's full sequence as ``build_example`` lays it out (a test holds them equal), without
+    building it: the text tokens between its audios, plus per audio its frames, stream BOS and EOS and the delay
+    frames. Needs the frame counts ``codes.resolve`` sets."""
+    pieces = [(sample_prompt(s, system_prompt) + TARGET).split(AUDIO_PLACEHOLDER) for s in samples]
+    flat = [p for ps in pieces for p in ps]
+    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    return [sum(next(counts) for _ in ps) + s.frames + (len(ps) - 1) * (num_codebooks + 1)
+            for s, ps in zip(samples, pieces)]
+
+
+def special_token_skip(sample: Sample, tokenizer) -> Skip | None:
+    """A Skip when a text of the sample (transcript, reference transcript, scene, system prompt) spells out a special
+    token, naming the field and the token."""
+    for name in ("text", "ref_text", "scene", "system"):
+        if found := special_tokens_in(getattr(sample, name), tokenizer):
+            return Skip(sample.source, sample.line, "special_token",
+                        f"'{name}' contains the special token {found[0]}")
+    return None
+
+
+def _too_long(sample: Sample, tokens: int, limit: int) -> Skip:
+    return Skip(sample.source, sample.line, "too_long", f"{tokens} tokens, over the limit of {limit}")
+
+
+@dataclass
+class Screened:
+    """What ``screen`` kept, left out and counted."""
+
+    kept: list[Sample]
+    skips: list[Skip]
+    longest_tokens: int     # positions of the longest kept sample
+    duplicates: int         # lines repeating an earlier line's audio content and texts (dropped or not)
+
+
+def screen(samples: list[Sample], tokenizer, num_codebooks: int, cfg, limit: int) -> Screened:
+    """The checks after ``codes.resolve`` (which knows the audio's content and frames): special tokens in the texts,
+    sequences over ``limit`` positions (``token_limit``), and repeated lines (dropped with ``data.drop_duplicates``)."""
+    kept, skips, seen, duplicates = [], [], {}, 0
+    lengths = sequence_lengths(samples, tokenizer, num_codebooks, cfg.system_prompt)
+    longest = 0
+    for s, n in zip(samples, lengths):
+        if problem := special_token_skip(s, tokenizer):
+            skips.append(problem)
+            continue
+        if limit and n > limit:
+            skips.append(_too_long(s, n, limit))
+            continue
+        key = (s.codes, s.text, s.ref_codes, s.ref_text, s.scene, s.system)
+        if key in seen:
+            duplicates += 1
+            if cfg.drop_duplicates:
+                skips.append(Skip(s.source, s.line, "duplicate", f"same audio and text as {seen[key]}"))
+                continue
+        seen.setdefault(key, f"{s.source}:{s.line}")
+        longest = max(longest, n)
+        kept.append(s)
+    return Screened(kept, skips, longest, duplicates)
+
+
 # ---------------------------------------------------------------- dataset, samplers, collator
 
 class HiggsDataset(torch.utils.data.Dataset):
-    """Samples whose codes are cached; items are built on access from the cache, never from the audio files."""
+    """Samples whose codes are cached; items are built on access from the cache, never from the audio files.
+
+    An item that cannot be built is a Skip naming its line, never an exception: a ``StopIteration`` escaping
+    ``__getitem__`` would make the DataLoader end the epoch early, silently."""
 
     def __init__(self, samples: list[Sample], cache, tokenizer, ids, data_cfg):
         self.samples, self.cache, self.tokenizer, self.ids, self.cfg = samples, cache, tokenizer, ids, data_cfg
@@ -265,13 +402,21 @@ class HiggsDataset(torch.utils.data.Dataset):
             ref = self.cache.load(s.ref_codes) if s.ref_audio is not None else None
         except (OSError, ValueError) as e:  # an entry deleted or damaged mid-run: skip, as before training
             return Skip(s.source, s.line, "missing_codes", f"{type(e).__name__}: {e}")
-        return build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg.system_prompt,
-                             self.cfg.train_on_prompt, self.cfg.train_audio_eos)
+        if problem := special_token_skip(s, self.tokenizer):  # screened before training; checked again for safety
+            return problem
+        try:
+            example = build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg.system_prompt,
+                                    self.cfg.train_on_prompt, self.cfg.train_audio_eos)
+        except Exception as e:  # noqa: BLE001 - StopIteration included: see the class doc
+            return Skip(s.source, s.line, "build_failed", f"{type(e).__name__}: {e}")
+        limit = token_limit(self.cfg, 0)
+        if limit and len(example["input_ids"]) > limit:
+            return _too_long(s, len(example["input_ids"]), limit)
+        return example
 
     def lengths(self) -> list[int]:
-        """Sequence length of each sample, estimated without building it: audio frames plus text tokens."""
-        return [s.frames + len(self.tokenizer(s.text + s.ref_text + s.scene, add_special_tokens=False)["input_ids"])
-                for s in self.samples]
+        """Sequence length of each sample, exactly as built, without building it."""
+        return sequence_lengths(self.samples, self.tokenizer, self.ids.num_codebooks, self.cfg.system_prompt)
 
 
 class EpochSampler(torch.utils.data.Sampler):

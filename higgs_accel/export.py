@@ -21,9 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .generate import resolve_sources
-from .loading import DTYPES, load_codec_dir, load_model, load_tokenizer
+from .loading import DTYPES, load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
 CODEC_DIR = "audio_tokenizer"
 MANIFEST = "higgs_accel_export.json"
@@ -45,9 +45,11 @@ def export(base: str, adapter: str, out: str | Path, text_tokenizer: str | None 
            audio_tokenizer: str | None = None, dtype: str = "fp32") -> Path:
     """Write the merged model, its tokenizer and (if given) the codec to ``out``; return ``out``."""
     out = Path(out)
-    tokenizer = load_tokenizer(text_tokenizer or base)
-    codec = load_codec_dir(audio_tokenizer) if audio_tokenizer else None
-    merged = merge_adapter(base, adapter).to(DTYPES[dtype])
+    sources = ModelConfig(base=base, audio_tokenizer=audio_tokenizer or "", text_tokenizer=text_tokenizer or "")
+    model_cfg, _ = resolve_checkpoints(sources, base_name="--base", codec_name="--audio-tokenizer")
+    tokenizer = load_tokenizer(model_cfg.text_tokenizer)
+    codec = load_codec_dir(model_cfg.audio_tokenizer) if audio_tokenizer else None
+    merged = merge_adapter(model_cfg.base, adapter).to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .chat import SpecialIds, chat_prompt, lay_out
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, ModelConfig
 from .data import load_audio
-from .loading import load_codec_dir, load_model, load_tokenizer
+from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
 DEFAULT_MAX_NEW_TOKENS = 750  # 30 s at the codec's 25 frames/s, plus the delay-pattern frames
@@ -284,9 +284,13 @@ def cmd_generate(args) -> int:
     if not src.get("audio_tokenizer"):
         raise ConfigError("--audio-tokenizer (or --run) is required")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = load_tokenizer(src["text_tokenizer"])
-    codec = load_codec_dir(src["audio_tokenizer"]).to(device)
-    model = load_model(src["base"], src["adapter"], args.dtype or src["dtype"], src["attn_implementation"]).to(device)
+    sources = ModelConfig(base=src["base"], audio_tokenizer=src["audio_tokenizer"],
+                          text_tokenizer=src["text_tokenizer"])
+    model_cfg, _ = resolve_checkpoints(sources, base_name="--base", codec_name="--audio-tokenizer")
+    tokenizer = load_tokenizer(model_cfg.text_tokenizer)
+    codec = load_codec_dir(model_cfg.audio_tokenizer).to(device)
+    dtype = args.dtype or src["dtype"]
+    model = load_model(model_cfg.base, src["adapter"], dtype, src["attn_implementation"]).to(device)
     ids = SpecialIds.from_parts(tokenizer, model.config)
     result = generate_speech(model, tokenizer, codec, ids, args.text, ref_audio=args.ref_audio,
                              ref_text=args.ref_text, scene=args.scene,

@@ -4,6 +4,7 @@ is one line naming the config key or flag it came from."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -56,11 +57,40 @@ def load_codec_dir(ref: str, name: str = "--audio-tokenizer"):
     return codec.eval().requires_grad_(False)
 
 
+def resolve_checkpoints(cfg: ModelConfig, base_name: str = "'model.base'",
+                        codec_name: str = "'model.audio_tokenizer'") -> tuple[ModelConfig, dict]:
+    """``cfg`` with the base model and codec references led to transformers-format dirs (an original-layout
+    checkpoint is converted once into the cache: convert.py), the text tokenizer defaulting to the resolved base
+    (a converted copy carries the pad token and chat template); and run_start's ``checkpoints`` record. Wrong
+    things (a codec as the base, an unrelated model, an empty dir, an unreachable hub id) are refused here, before
+    any model is built. With several processes, call it on the main process first: it may convert."""
+    from .convert import resolve_base, resolve_codec
+
+    found = {}
+    if cfg.base:
+        found["model.base"] = resolve_base(cfg.base, name=base_name)
+    if cfg.audio_tokenizer:
+        found["model.audio_tokenizer"] = resolve_codec(cfg.audio_tokenizer, name=codec_name)
+    base = found["model.base"].path if cfg.base else ""
+    codec = found["model.audio_tokenizer"].path if cfg.audio_tokenizer else ""
+    own_tokenizer = cfg.text_tokenizer if cfg.text_tokenizer != cfg.base else ""  # the base's: the resolved one
+    resolved = dataclasses.replace(cfg, base=base, audio_tokenizer=codec, text_tokenizer=own_tokenizer or base)
+    return resolved, {key: r.event() for key, r in found.items()}
+
+
 # ---------------------------------------------------------------- from the training config
 
 
 def load_base_model(cfg: ModelConfig):
     return load_model(cfg.base, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, name="'model.base'")
+
+
+def load_base_config(cfg: ModelConfig):
+    """The base model's HiggsAudioV2Config alone (no weights): what ``higgs-accel prepare`` needs to screen samples
+    the way training will (codebook count, ``max_position_embeddings``)."""
+    from transformers import HiggsAudioV2Config
+
+    return load_ref("'model.base'", "HiggsAudioV2Config", cfg.base, HiggsAudioV2Config.from_pretrained)
 
 
 def load_text_tokenizer(cfg: ModelConfig):

@@ -27,9 +27,10 @@ from .codes import PreparedData, prepare_data
 from .config import ConfigError, RunConfig, validate_for_model
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .events import EventLog, capture_library_logs
-from .loading import load_base_model, load_codec, load_text_tokenizer
+from .loading import load_base_model, load_codec, load_text_tokenizer, resolve_checkpoints
 from .lock import RunLock, acquire_for_run
 from .losses import LossWeights, n_stats, summarize
+from .memory import plan as plan_memory
 from .model import DualLossModel, add_lora, count_parameters
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
@@ -378,11 +379,13 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
         with accelerator.main_process_first():
             apply_tiny_preset(cfg, run_dir / "tiny")
     set_seed(t.seed)
-    tokenizer, codec, base, ids = _setup_model(cfg)
+    tokenizer, codec, base, ids, checkpoints = _setup_model(cfg, accelerator)
     generation = generation_options(cfg.log, codec) if accelerator.is_main_process else {}
-    data = _setup_data(cfg, accelerator, log, codec)
+    data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, base.config.max_position_embeddings)
     weights = LossWeights.of(t)
-    model = DualLossModel(add_lora(base, cfg.lora, cfg.model.gradient_checkpointing), ids, weights)
+    # Recompute activations only when the step is predicted not to fit (model.gradient_checkpointing: auto).
+    memory_plan = plan_memory(cfg, base.config, accelerator.device, longest=data.longest_tokens["train"] or None)
+    model = DualLossModel(add_lora(base, cfg.lora, memory_plan["gradient_checkpointing"]), ids, weights)
     trainable, total = count_parameters(model)
     if cfg.model.compile:
         model.lm.model.compile(dynamic=True)  # the backbone only: the heads run on data-dependent positions
@@ -402,7 +405,8 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              device=str(accelerator.device), hardware=hardware(), world_size=accelerator.num_processes,
              mixed_precision=accelerator.mixed_precision, trainable_params=trainable, total_params=total,
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
-             val_samples=len(data.val), resumed=bool(resume_from))
+             val_samples=len(data.val), resumed=bool(resume_from), checkpoints=checkpoints,
+             memory=memory_plan)
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],
@@ -411,25 +415,32 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
                       val_loader, total_steps, start, codec, ids, weights, generation, lock)
 
 
-def _setup_model(cfg: RunConfig):
-    """Text tokenizer, codec, base model and the special ids; the config's codebook-dependent settings are checked
-    against the model's own codebook count."""
-    tokenizer, codec = load_text_tokenizer(cfg.model), load_codec(cfg.model)
-    base = load_base_model(cfg.model)
+def _setup_model(cfg: RunConfig, accelerator: Accelerator):
+    """Text tokenizer, codec, base model and the special ids, from the checkpoints the config names (converted
+    first if in the authors' original layout); the config's codebook-dependent settings are checked against the
+    model's own codebook count. Also returns run_start's record of the checkpoints."""
+    with accelerator.main_process_first():
+        model_cfg, checkpoints = resolve_checkpoints(cfg.model)
+    tokenizer, codec = load_text_tokenizer(model_cfg), load_codec(model_cfg)
+    base = load_base_model(model_cfg)
     ids = SpecialIds.from_parts(tokenizer, base.config)
     validate_for_model(cfg, ids.num_codebooks)
-    return tokenizer, codec, base, ids
+    return tokenizer, codec, base, ids, checkpoints
 
 
-def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec) -> PreparedData:
+def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, tokenizer, ids: SpecialIds,
+                max_positions: int) -> PreparedData:
     """Both splits against a complete codes cache (``prepare_data``, as ``higgs-accel prepare`` does), reported as
     events; strict data checks and an empty training set stop here."""
-    data = prepare_data(cfg, accelerator, codec)
+    data = prepare_data(cfg, accelerator, codec, tokenizer, ids.num_codebooks, max_positions)
+    data.check_strict(cfg.data.strict)  # before the skips are reported: the error lists them, once
     # Summed over the processes: each encoded its share.
     encodes = int(accelerator.reduce(torch.tensor(data.cache.encode_calls, device=accelerator.device), "sum"))
-    report_data(log, "train", data.train, data.train_skips, encodes)
-    report_data(log, "val", data.val, data.val_skips, encodes)
-    data.check_strict(cfg.data.strict)
+    audio_s, wall_s = accelerator.gather(torch.tensor([[data.encoding.audio_seconds, data.encoding.wall_seconds]],
+                                                      dtype=torch.float64, device=accelerator.device)).cpu().unbind(1)
+    speed = float(audio_s.sum() / wall_s.max()) if audio_s.sum() > 0 else None  # the slowest process sets the pace
+    report_data(log, "train", data.train, data.train_skips, encodes, data, speed)
+    report_data(log, "val", data.val, data.val_skips, encodes, data, speed)
     if not data.train:
         raise ConfigError(f"'data.train_manifest': no usable sample in {cfg.data.train_manifest}")
     return data
@@ -501,11 +512,13 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator, run_id: str | No
     return found
 
 
-def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int) -> None:
+def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int, data: PreparedData,
+                encode_speed: float | None) -> None:
     for s in skips:
         emit_skip(log, split, s)
-    log.emit("data_summary", split=split, kept=len(kept), skipped=len(skips),
-             skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes)
+    log.emit("data_summary", level="warning" if data.duplicates[split] else "info", split=split, kept=len(kept),
+             skipped=len(skips), skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes,
+             longest_tokens=data.longest_tokens[split], duplicates=data.duplicates[split], encode_speed=encode_speed)
 
 
 def emit_skip(log: EventLog, split: str, s) -> None:

@@ -20,20 +20,27 @@ from .losses import (
 )
 
 
-def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool = False):
+def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | str = False):
+    """Freeze ``model``, wrap it in PEFT LoRA and make the step keep only what backward needs (see
+    ``higgs_accel.activations``). ``gradient_checkpointing`` is a bool or the config's "true"/"false"; "auto" is
+    decided by ``higgs_accel.memory.plan`` before this call and counts as off here."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    from .activations import lean_activations
+
     model.requires_grad_(False)
-    if gradient_checkpointing:
+    if gradient_checkpointing in (True, "true"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                               target_modules=list(cfg.target_modules),
                               modules_to_save=list(cfg.modules_to_save) or None)
     try:
-        return get_peft_model(model, peft_cfg)
+        peft_model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"'lora.target_modules' / 'lora.modules_to_save': {e}") from None
+    lean_activations(peft_model)
+    return peft_model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from .chat import IGNORE
@@ -27,6 +29,7 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
         t.cpu().numpy() for t in (out.text_where, out.text_pred, out.text_label, out.audio_where, out.audio_pred,
                                   out.audio_label))
     input_ids = batch["input_ids"].cpu().numpy()
+    keys = sample_keys(batch, samples)
     has = audio_label != IGNORE
     batch_match = ((audio_pred == audio_label) & has).sum(0).tolist()
     batch_targets = has.sum(0).tolist()
@@ -45,7 +48,7 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
         for part in ("first", "last"):
             row[f"{part}_pred_text"] = decode(row[f"{part}_pred"])
             row[f"{part}_label_text"] = decode(row[f"{part}_label"])
-        rows.append(dict(modality="text", sample=b, codebook=None, **row, **text_shapes))
+        rows.append(dict(modality="text", sample=b, sample_key=keys[b], codebook=None, **row, **text_shapes))
         in_b = audio_where[:, 0] == b
         # Frame numbers inside the target utterance: the target audio starts after the last <|audio_out_bos|>,
         # with its stream BOS; codebook c's stream is delayed by c frames.
@@ -56,6 +59,17 @@ def build_slices(out: LossOutput, batch: dict, tokenizer, samples: int, k: int, 
             row = _ends(audio_where[sel, 1], audio_pred[sel, c], audio_label[sel, c], k)
             for part in ("first", "last"):
                 row[f"{part}_frame"] = [p - first_frame - c for p in row[f"{part}_pos"]]
-            rows.append(dict(modality="audio", sample=b, codebook=c, **row, batch_match=batch_match[c],
-                             batch_targets=batch_targets[c], **audio_shapes))
+            rows.append(dict(modality="audio", sample=b, sample_key=keys[b], codebook=c, **row,
+                             batch_match=batch_match[c], batch_targets=batch_targets[c], **audio_shapes))
     return rows
+
+
+def sample_keys(batch: dict, samples: int) -> list[str]:
+    """A short content hash of each of the first ``samples`` samples (its text tokens and audio codes, padding
+    left out): two runs saw the same sample at a step when the keys are equal, whatever order their data came in."""
+    keys = []
+    for b in range(min(samples, len(batch["input_ids"]))):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].cpu().numpy().astype(np.int64)
+        codes = batch["audio_labels"][b][batch["audio_input_ids_mask"][b]].cpu().numpy().astype(np.int64)
+        keys.append(hashlib.blake2b(ids.tobytes() + b"|" + codes.tobytes(), digest_size=8).hexdigest())
+    return keys

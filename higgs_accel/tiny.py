@@ -7,7 +7,6 @@ takes, so the tiny preset exercises the real loading and data code without any d
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,26 @@ PAD_TOKEN = "<|finetune_right_pad_id|>"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars hum softly above "
          "quiet rivers and old green hills where small birds sing every morning").split()
 SAMPLE_RATE = 24000
-ASSETS_VERSION = "1"
+ASSETS_VERSION = "3"  # bumped when the assets change, so old asset dirs are rebuilt
+# Llama 3's pre-tokenizer split (the real checkpoint's tokenizer): contractions, letter runs with one leading
+# non-letter, digits in threes, punctuation runs with their newlines, newline runs, then spaces.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def build_text_tokenizer(out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Split like Llama 3 first (so "\n\n" after a chat header is one piece, as in the real tokenizer), then map
+    # bytes to BPE symbols without GPT-2's own split.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     corpus = [" ".join(WORDS), "Generate audio following instruction.", "system user assistant\n\n"] * 20
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
@@ -81,12 +88,21 @@ def build_model(out_dir: Path, tokenizer):
     tokenizer.save_pretrained(out_dir)
 
 
-def speech_like(text: str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Voiced syllables whose pitch and length follow the words, with pauses: enough structure to learn."""
+# The demo's speech: a few voices saying a few phrases, every voice and phrase pair in both splits, each take at
+# its own loudness (and a few at another rate or in stereo). What the model learns on train then carries over to
+# validation, and the report of the default run shows a model learning. Takes differ in loudness only: the tiny
+# random codec gives other codes for the slightest other noise or pitch, which would leave nothing to carry over.
+SPEAKERS = {"ava": 0.8, "ben": 1.0, "cyd": 1.25}  # voice -> pitch factor
+PHRASES = ("the quick brown fox jumps", "seven bright stars hum softly", "small birds sing every morning",
+           "quiet rivers and old green hills")
+
+
+def speech_like(text: str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE, pitch: float = 1.0) -> np.ndarray:
+    """Voiced syllables whose pitch and length follow the words (and the voice's ``pitch``), with pauses."""
     pieces = []
-    for word in text.split():
+    for word in text.lower().strip(".").split():
         seed = sum(map(ord, word))
-        f0 = 110 + (seed % 13) * 10
+        f0 = (110 + (seed % 13) * 10) * pitch
         dur = 0.12 + (len(word) % 4) * 0.04
         t = np.arange(int(dur * sample_rate)) / sample_rate
         glide = f0 * (1 + 0.1 * np.sin(2 * np.pi * (seed % 5 + 1) * t))
@@ -99,22 +115,25 @@ def speech_like(text: str, rng: np.random.Generator, sample_rate: int = SAMPLE_R
 
 
 def build_data(out_dir: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """Audio files and JSONL manifests; a few files use another rate or stereo so the real audio path runs."""
+    """Audio files and JSONL manifests: every voice and phrase pair in turn, each take at its own loudness; a few
+    files use another rate or stereo so the real audio path runs."""
     rng = np.random.default_rng(seed)
-    pick = random.Random(seed)
+    pairs = [(speaker, phrase) for phrase in PHRASES for speaker in SPEAKERS]
     (out_dir / "wav").mkdir(parents=True, exist_ok=True)
     manifests = {}
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n, offset in (("train", n_train, 0), ("val", n_val, 5)):
         lines = []
         for i in range(n):
-            text = " ".join(pick.choice(WORDS) for _ in range(pick.randint(3, 6))).capitalize() + "."
+            speaker, phrase = pairs[(i * 7 + offset) % len(pairs)]
+            text = phrase.capitalize() + "."
             name = f"wav/{split}-{i:03d}.wav"
             sr = 16000 if i % 5 == 3 else SAMPLE_RATE
-            wave = speech_like(text, rng, sr)
+            voice = np.random.default_rng([seed, pairs.index((speaker, phrase))])  # the pair's own noise
+            wave = rng.uniform(0.8, 1.2) * speech_like(text, voice, sr, SPEAKERS[speaker])
             if i % 7 == 5:
                 wave = np.stack([wave, 0.8 * wave], axis=1)
             sf.write(out_dir / name, wave, sr)
-            lines.append(json.dumps({"audio": name, "text": text, "speaker": "tiny"}))
+            lines.append(json.dumps({"audio": name, "text": text, "speaker": speaker}))
         manifests[split] = out_dir / f"{split}.jsonl"
         manifests[split].write_text("\n".join(lines) + "\n")
     return manifests["train"], manifests["val"]
@@ -136,8 +155,13 @@ def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
 
 
 def apply_tiny_preset(cfg, root: Path) -> None:
-    """Point the config's model, codec and data at the tiny assets, where the user has not set them."""
+    """Point the config's model, codec and data at the tiny assets, where the user has not set them. The preset's
+    validation set goes only with its own training set: with the user's data, ``data.val_manifest`` or
+    ``data.val_fraction`` of that data is the validation set (or there is none)."""
+    own_data = bool(cfg.data.train_manifest)
     for key, value in ensure_tiny_assets(root).items():
         section, name = key.split(".")
+        if own_data and key == "data.val_manifest":
+            continue
         if not getattr(getattr(cfg, section), name):
             setattr(getattr(cfg, section), name, value)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from higgs_accel.config import load_config
 from higgs_accel.tiny import ensure_tiny_assets
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +43,23 @@ def train_run(run_dir: Path, tiny: dict, codes_cache: Path, **overrides) -> list
 
     train(make_config(run_dir, tiny, codes_cache, **overrides))
     return events_of(run_dir)
+
+
+def kill_when_encoded(args: list[str], codes: Path, entries: int) -> list[Path]:
+    """Start ``args`` from the repository root, SIGKILL it as soon as ``codes`` holds ``entries`` code entries (or
+    after 2 min); return the entries there after the kill."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(codes.glob("*/*.npy"))) < entries:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return list(codes.glob("*/*.npy"))
+
+
+def encoded_now(prepare_stderr: str) -> int:
+    """The count on prepare's last line: 'codes cache: DIR (N encoded by this process now)'."""
+    return int(prepare_stderr.split("(")[-1].split(" encoded")[0])
 
 
 def events_of(run_dir: Path) -> list[dict]:

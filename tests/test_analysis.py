@@ -117,7 +117,10 @@ def test_load_real_run(real_run):
     assert fm["first_mismatch"].dropna().between(0, fm["window"].max() - 1).all()
     assert run.config["train"]["max_steps"] == 8 and run.start["trainable_params"] > 0
     assert run.data_summary["train"]["kept"] > 0
-    assert run.nothing_like_this.empty  # an absent family is an empty frame, not an error
+    assert run.run_resume.empty  # a documented family the run has none of is an empty frame
+    with pytest.raises(AttributeError, match=r"'trian_step'; did you mean 'train_step'\? tables: .*eval_audio"):
+        run.trian_step  # noqa: B018 - a typo is an error, not an empty frame
+    assert {"train_step", "eval", "pred_slice", "run_resume"} <= set(dir(run))
     assert run.train_step.seq.is_monotonic_increasing
 
 
@@ -267,7 +270,7 @@ def test_real_crash_and_resume(tmp_path, tiny, codes_cache, monkeypatch):
     for family in runs[0].tables:
         assert runs[0].frame(family).seq.tolist() == runs[1].frame(family).seq.tolist(), family
     md = write_report(run_dir, formats=("md",))[0].read_text()
-    assert "| status | finished |" in md and "| resumed | yes |" in md and "### Step 6" in md
+    assert "| status | finished |" in md and "| resumed | yes |" in md and "**train step 6: " in md
 
 
 def test_one_step_run(real_run, tmp_path):
@@ -330,7 +333,7 @@ def test_report_real_run(real_run, tmp_path):
     sources = re.findall(r'src="([^"]+)"', page)  # one file: every image and sound inlined
     assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
     assert "<|eot_id|>" in md and "&lt;|eot_id|&gt;" in page  # text slices decoded; escaped in HTML
-    assert "### Step 2" in md and "### Step 8" in md
+    assert all(f"**train step {s}: " in md for s in (2, 4, 6, 8)) and page.count("<details open>") == 3
     run = analysis.load_run(real_run)
     assert_header(run, md, page)
     assert_best_final(run.metrics("eval"), md_table(md, "## Eval: best and final"))
@@ -356,7 +359,7 @@ def assert_header(run, md: str, page: str) -> None:
     assert "torch" in run_rows["versions"] and run_rows["world size"] == "1"
     assert run_rows["hardware"] == ", ".join(f"{k} {v}" for k, v in start["hardware"].items())
     assert run_rows["trainable parameters"].startswith(f"{start['trainable_params']:,} (")
-    assert "<td class=l>world size</td><td>1</td>" in page
+    assert "<td class=l>world size</td><td class=l>1</td>" in page
     data = {r[0]: r[1:] for r in md_table(md, "# Run", "| data |")}
     assert data == {split: [str(s["kept"]), str(s["skipped"])] for split, s in run.data_summary.items()}
     assert set(data) == {"train", "val"} and "<th>kept</th><th>skipped</th>" in page
@@ -374,26 +377,33 @@ def assert_best_final(df: pd.DataFrame, rows: list[list[str]]) -> None:
 
 
 def expected_marks(row) -> int:
-    """Wrong predictions in the windows a slice grid shows: the first, and the last unless it repeats it."""
-    first = sum(p != lab for p, lab in zip(row["first_pred"], row["first_label"], strict=True))
-    if set(row["last_pos"]) <= set(row["first_pos"]):
-        return first
-    return first + sum(p != lab for p, lab in zip(row["last_pred"], row["last_label"], strict=True))
+    """Wrong predictions at the positions a slice grid shows: those of its first and last window, each once."""
+    wrong = {}
+    for part in ("first", "last"):
+        for pos, p, lab in zip(row[f"{part}_pos"], row[f"{part}_pred"], row[f"{part}_label"], strict=True):
+            wrong[pos] = p != lab
+    return sum(wrong.values())
 
 
 def assert_mismatches_marked(run, md: str, page: str) -> None:
-    """Each step-8 train slice marks exactly its wrong predictions: ^ in Markdown, red cells in HTML."""
+    """Each step-8 train slice marks exactly its wrong predictions: in the sample's compact grid (text: the pred
+    row, ^ in Markdown; audio: the codebook's row, pred/label in Markdown), red cells in HTML."""
     counts = []
     for _, row in run.slices_at(8).iterrows():
-        what = "text" if row["modality"] == "text" else f"audio cb{int(row['codebook'])}"
-        caption = f"train step 8 · sample {row['sample']} · {what} · "
-        grid = md.split(f"**{caption}", 1)[1].split("```\n", 1)[1].split("```", 1)[0].splitlines()
-        i = next(k for k, line in enumerate(grid) if line.startswith("pred "))
-        marks = grid[i + 1].count("^") if not grid[i + 1].startswith("label") else 0
-        table = page.split(f'<div class="cap">{caption}', 1)[1].split("</table>", 1)[0]
-        pred_row = table.split("<tr><th>pred</th>", 1)[1].split("</tr>", 1)[0]
+        caption = f"train step 8 · sample {row['sample']} · "
+        text_grid, audio_grid = (g.splitlines() for g in re.findall(r"```\n(.*?)```", md.split(f"**{caption}", 1)[1],
+                                                                  re.S)[:2])
+        tables = page.split(f'<div class="cap">{caption}', 1)[1].split('<table class="grid">')
         counts.append(expected_marks(row))
-        assert marks == counts[-1] and pred_row.count("class=bad") == counts[-1], caption
+        if row["modality"] == "text":
+            i = next(k for k, line in enumerate(text_grid) if line.startswith("pred "))
+            marks = text_grid[i + 1].count("^") if not text_grid[i + 1].startswith("label") else 0
+            html_row = tables[1].split("<tr><th>pred</th>", 1)[1].split("</tr>", 1)[0]
+        else:
+            name = f"cb{int(row['codebook'])}"
+            marks = next(line for line in audio_grid if line.startswith(name + " ")).count("/")
+            html_row = tables[2].split(f"<tr><th>{name}</th>", 1)[1].split("</tr>", 1)[0]
+        assert marks == counts[-1] and html_row.count("class=bad") == counts[-1], (caption, row["codebook"])
     assert 0 in counts and max(counts) > 0  # some slices right, some wrong: both ways are checked
 
 
@@ -455,7 +465,7 @@ def test_cli_report_formats_and_steps(real_run, tmp_path, capsys):
     assert main(["report", str(real_run), "--out", str(tmp_path), "--format", "md", "--steps", "2,5"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
     md = (tmp_path / "report.md").read_text()
-    assert "step 5 has no slices; showing step 4" in md and "### Step 4" in md and "### Step 8" not in md
+    assert "step 5 has no slices; showing step 4" in md and "**train step 4: " in md and "**train step 8: " not in md
     assert not (tmp_path / "report.html").exists()
     assert main(["report", str(tmp_path / "missing")]) == 2
 
@@ -524,21 +534,23 @@ def test_diff_changed_run(real_run, tmp_path, capsys):
 
 
 def assert_slice_difference_marked(real_run: Path, out: Path) -> None:
-    """The diff shows A's and B's predictions of the changed slice and marks only the first one, where they part."""
-    old = next(e for e in events_of(real_run) if _is_cb0_slice(e))["first_pred"][0]
+    """The diff shows A's and B's predictions of the changed slice, each marked where it is wrong against the label
+    (never where it merely differs from the other run)."""
+    event = next(e for e in events_of(real_run) if _is_cb0_slice(e))
+    old, label = event["first_pred"][0], event["first_label"][0]
     new = (old + 1) % 1026
     md, page = (out / "diff.md").read_text(), (out / "diff.html").read_text()
-    assert "## Predictions at step 8, side by side" in md and "<h2>Predictions at step 8, side by side</h2>" in page
+    assert "## Predictions side by side" in md and "<summary>train step 8</summary>" in page
     grid = re.search(r"\*\*train step 8 · sample 0 · audio cb0 · [^*]+\*\*\n\n```\n(.*?)```", md, re.S).group(1)
     lines = grid.splitlines()
     pred_a = next(line for line in lines if line.startswith("pred A"))
-    i = lines.index(next(line for line in lines if line.startswith("pred B")))
-    pred_b, marks = lines[i], lines[i + 1]
+    pred_b = next(line for line in lines if line.startswith("pred B"))
     assert pred_a.split()[2] == str(old) and pred_b.split()[2] == str(new)
-    assert marks.count("^") == 1 and marks.index("^") == pred_b.index(str(new), 6) + len(str(new)) - 1
-    section = page.split("sample 0 · audio cb0 · A")[1].split("</table>")[0]
-    assert re.search(rf"<tr><th>pred A</th><td( class=bad)?>{old}</td>", section)
-    assert re.search(rf"<tr><th>pred B</th><td class=bad>{new}</td>(<td>[^<]*</td>)+</tr>", section)
+    section = page.split("train step 8 · sample 0 · audio cb0 · A")[1].split("</table>")[0]
+    bad_a, bad_b = (' class=bad' if v != label else '' for v in (old, new))
+    assert re.search(rf"<tr><th>pred A</th><td{bad_a}>{old}</td>", section)
+    assert re.search(rf"<tr><th>pred B</th><td{bad_b}>{new}</td>", section)
+    assert re.search(rf"<tr><th>label</th><td>{label}</td>", section)
 
 
 def test_gate_fails_when_b_lacks_the_metric(real_run, tmp_path):
@@ -643,9 +655,9 @@ def test_report_audio_players(real_run, tmp_path):
                             section)
             assert row and row.groups() == (_b64(folder / f"label-{i}.wav"), _b64(folder / f"pred-{i}.wav"))
         assert _b64(folder / "gen-0.wav") in section and "The quick brown fox" in section
-        assert re.search(r"<td>(at EOS|length limit \(no EOS\))</td>", section)
+        assert re.search(r"<td class=l>(at EOS|length limit \(no EOS\))</td>", section)
         acc = next(r["acc"] for r in run.audio_at(step)["eval"] if r["sample"] == 0)
-        assert f"<td>{acc:.3f}</td>" in section
+        assert f"<td class=l>{acc:.3f}</td>" in section
     links = MD_WAV.findall(md)
     assert len(links) == 10 and all((tmp_path / "rep" / unquote(link)).resolve().is_file() for _, link in links)
     assert all(Path(unquote(link)).name == name for name, link in links)
@@ -751,7 +763,8 @@ def test_diff_audio_side_by_side(real_run, tmp_path, capsys):
         assert titles == ["label-0.wav", "pred-0.wav", "label-0.wav", "pred-0.wav"]
         folder = f"step-{step:08d}"
         assert _b64(real_run / "samples" / folder / "pred-0.wav") in row
-        assert re.search(r"<td>(at EOS|length limit \(no EOS\))</td>.*<td>(at EOS|length limit \(no EOS\))</td>",
+        assert re.search(r"<td class=l>(at EOS|length limit \(no EOS\))</td>.*<td class=l>(at EOS|length limit "
+                         r"\(no EOS\))</td>",
                          section)
     assert "| 0.500 |" in md.split("### Audio at step 8")[1]
     a_links = [link for _, link in MD_WAV.findall(md) if "b/samples" not in link]

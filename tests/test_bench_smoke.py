@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "throughput": ["throughput.py", "--quick", "--rounds", "1", "--plain"],
     "memory": ["memory.py", "--quick"],
+    "memory_per_layer": ["memory.py", "--per-layer", "--quick"],
     "gpu": ["gpu_real_size.py"],
 }
 
@@ -63,6 +64,33 @@ def test_memory_quick_prints_the_ratio_and_masked_heads_use_less(launched):
     assert m, lines[-1]
     # Not the target, only the direction: the masked step never builds the (tokens x 128,256) logits.
     assert 0 < float(m[1]) < 1
+
+
+PREDICTED = re.compile(r"  (\d+) layer\(s\): measured \+ *(\d+) MiB, memory model *(\d+) MiB \(([+-]\d+\.\d)%\)")
+
+
+def test_memory_per_layer_quick_prints_the_slope_next_to_the_floor_and_the_prediction(launched):
+    lines = finished(launched, "memory_per_layer")
+    m = re.fullmatch(r"per decoder layer per 256 tokens: (\d+) MiB measured \(slope between 1 and 2 layers\), "
+                     r"analytic floor (\d+) MiB \([\d,]+ values per token in fp32\); measured / floor: "
+                     r"(\d+\.\d+)x \(target <= 1\.3\)", lines[-1])
+    assert m, lines[-1]
+    assert [int(p[1]) for p in map(PREDICTED.match, lines) if p] == [1, 2], lines
+
+
+@pytest.mark.slow
+def test_memory_model_predicts_the_measured_step_within_10_percent():
+    """A bf16 model of hidden 512 (big enough that allocator noise is small next to the step), 1 and 2 layers,
+    1024 tokens, each measured in a fresh process by bench/memory.py."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--per-layer", "--hidden", "512",
+                           "--seq", "1024", "--dtype", "bf16", "--layer-pair", "1,2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [m for m in map(PREDICTED.match, done.stdout.splitlines()) if m]
+    assert [int(m[1]) for m in rows] == [1, 2], done.stdout
+    for m in rows:
+        measured, predicted = int(m[2]), int(m[3])
+        assert abs(predicted - measured) <= 0.1 * measured, m[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

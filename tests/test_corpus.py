@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,9 +25,8 @@ from higgs_accel.config import ConfigError, DataConfig, ModelConfig, load_config
 from higgs_accel.data import EpochSampler, LengthGroupedBatches, read_source
 from higgs_accel.loading import load_codec
 from higgs_accel.tiny import speech_like
-from tests.conftest import of, train_run
+from tests.conftest import REPO, encoded_now, kill_when_encoded, of, train_run
 
-REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 
 
@@ -279,21 +276,14 @@ def test_killed_prepare_leaves_no_corrupt_entry_and_resumes(tiny, tmp_path):
     args = [sys.executable, "-m", "higgs_accel", "prepare", f"model.base={tiny['model.base']}",
             f"model.audio_tokenizer={tiny['model.audio_tokenizer']}", f"data.train_manifest={manifest}",
             f"data.codes_cache={tmp_path / 'codes'}", f"train.output_dir={tmp_path / 'run'}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "codes").glob("*/*.npy"))) < 5:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = list((tmp_path / "codes").glob("*/*.npy"))
+    done = kill_when_encoded(args, tmp_path / "codes", 5)
     assert 5 <= len(done) < 60
     for entry in done:
         assert np.load(entry).shape[0] == 8
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data train: 60 kept, 0 skipped" in r.stderr
-    encoded = int(r.stderr.split("(")[-1].split(" encoded")[0])
-    assert encoded == 60 - len(done)
+    assert encoded_now(r.stderr) == 60 - len(done)
 
 
 def test_length_grouping_wastes_less_padding_and_covers_every_sample_once():

@@ -10,10 +10,13 @@ from analysis.schema import CODEBOOK_METRIC
 from . import COMMON_FIELDS
 
 
-def summary_line(split: str, kept: int, by_reason: dict[str, int]) -> str:
-    """The one line users see per split: kept, skipped, and skipped by reason."""
+def summary_line(split: str, kept: int, by_reason: dict[str, int], duplicates: int = 0) -> str:
+    """The one line users see per split: kept, skipped, and skipped by reason; repeated lines as a warning."""
     by = ", ".join(f"{k}: {v}" for k, v in Counter(by_reason).most_common()) or "none"
-    return f"data {split}: {kept} kept, {sum(by_reason.values())} skipped ({by})"
+    line = f"data {split}: {kept} kept, {sum(by_reason.values())} skipped ({by})"
+    if duplicates:
+        line += f"; warning: {duplicates} line(s) repeat an earlier line's audio and text (data.drop_duplicates)"
+    return line
 
 
 class ConsoleSink:
@@ -50,7 +53,7 @@ class ConsoleSink:
 
     def _on_data_summary(self, e):
         if self.level <= 20:
-            self._print(summary_line(e["split"], e["kept"], e["skipped_by_reason"]))
+            self._print(summary_line(e["split"], e["kept"], e["skipped_by_reason"], e.get("duplicates") or 0))
 
     def _on_train_step(self, e):
         from tqdm import tqdm
