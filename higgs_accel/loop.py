@@ -103,8 +103,8 @@ def train(cfg: RunConfig) -> RunEnded:
             step += 1
             log.bind(step=step, epoch=epoch, phase="train")
             now = time.perf_counter()
-            counts, stop = log_train_step(state, stats, grad_norm, now - tick, data_wait, out, batch, step,
-                                          signals.requested, guard, skipped)
+            counts, stop = log_train_step(state, stats, grad_norm, skipped, guard, signals.requested, now - tick,
+                                          data_wait, out, batch, step)
             totals.update(counts)
             stats.zero_()
             if guard.diverged:  # no eval, no save: the last checkpoint holds the last good weights
@@ -205,8 +205,8 @@ def timed(batches):
         yield batch, time.perf_counter() - start
 
 
-def log_train_step(state: TrainState, stats, grad_norm, step_time: float, data_wait: float, out, batch, step: int,
-                   stop: bool, guard: NonFiniteGuard, skipped: bool) -> tuple[dict, bool]:
+def log_train_step(state: TrainState, stats, grad_norm, skipped: bool, guard: NonFiniteGuard, stop: bool,
+                   step_time: float, data_wait: float, out, batch, step: int) -> tuple[dict, bool]:
     """One device-to-host read for all metrics of the step, then one event (plus slices on log steps); returns the
     step's counts for the run's totals, and whether any process was asked to stop (folded into the same reduce,
     so every process stops at the same step)."""
