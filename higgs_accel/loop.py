@@ -410,7 +410,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],
-                 checkpoint_seq=ckpt.checkpoint_seq(run_dir, start["step"]))
+                 checkpoint_seq=ckpt.checkpoint_seq(run_dir, start["step"]), start_seq=log.first_seq)
     return TrainState(cfg, run_dir, accelerator, log, model, tokenizer, optimizer, scheduler, train_loader,
                       val_loader, total_steps, start, codec, ids, weights, generation, lock)
 
