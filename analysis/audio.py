@@ -49,7 +49,7 @@ def choose(sizes: dict[int, int], budget: int) -> list[int]:
     return spread(steps, 3)
 
 
-class _Budget:
+class Budget:
     """Bytes left to inline; files are inlined in the order the page shows them, until the cap."""
 
     def __init__(self, limit: int):
@@ -67,7 +67,7 @@ class _Budget:
         return Audio(Path(recorded).name, file, inline)
 
 
-def _num(v, fmt: str = ".3f") -> str:
+def fmt_num(v, fmt: str = ".3f") -> str:
     return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
 
 
@@ -76,14 +76,14 @@ def _int(v) -> str:
 
 
 def _acc_cb(values) -> str:
-    return " ".join(_num(v, ".2f") for v in values) if isinstance(values, list) and values else "-"
+    return " ".join(fmt_num(v, ".2f") for v in values) if isinstance(values, list) and values else "-"
 
 
 def _seconds(row: dict) -> str:
     label, pred = row.get("label_seconds"), row.get("pred_seconds")
     if isinstance(label, (int, float)) and isinstance(pred, (int, float)) and abs(label - pred) > 1e-6:
         return f"{label:.2f} / {pred:.2f}"
-    return _num(label if isinstance(label, (int, float)) else pred, ".2f")
+    return fmt_num(label if isinstance(label, (int, float)) else pred, ".2f")
 
 
 def _stopped(row: dict) -> str:
@@ -91,7 +91,7 @@ def _stopped(row: dict) -> str:
     return STOPPED.get(stopped, str(stopped)) if stopped else "-"
 
 
-def _eval_cells(row: dict | None, budget: _Budget) -> list:
+def _eval_cells(row: dict | None, budget: Budget) -> list:
     """label, prediction, acc of one eval_audio event (or dashes when the run lacks that sample)."""
     if row is None:
         return ["-", "-", "-"]
@@ -99,20 +99,20 @@ def _eval_cells(row: dict | None, budget: _Budget) -> list:
     pred = budget.cell(row.get("pred_path"), row.get("pred_file"))
     reason = row.get("reason")
     return [label if label is not None else (f"no file: {reason}" if reason else "-"),
-            pred if pred is not None else "-", _num(row.get("acc"))]
+            pred if pred is not None else "-", fmt_num(row.get("acc"))]
 
 
-def _generate_cells(row: dict | None, budget: _Budget) -> list:
+def _generate_cells(row: dict | None, budget: Budget) -> list:
     """audio, stopped, seconds of one generate_audio event."""
     if row is None:
         return ["-", "-", "-"]
     audio = budget.cell(row.get("path"), row.get("file"))
     error = row.get("error")
     return [audio if audio is not None else (f"error: {error}" if error else "-"), _stopped(row),
-            _num(row.get("seconds"), ".2f")]
+            fmt_num(row.get("seconds"), ".2f")]
 
 
-def _left_out(steps: list[int], shown: list[int], total: int, audio_mb: float, budget: _Budget) -> list[str]:
+def _left_out(steps: list[int], shown: list[int], total: int, audio_mb: float, budget: Budget) -> list[str]:
     notes = []
     left = sorted(set(steps) - set(shown))
     if left:
@@ -125,7 +125,7 @@ def _left_out(steps: list[int], shown: list[int], total: int, audio_mb: float, b
     return notes
 
 
-def _mel(panels: list[tuple[str, Path | None]], out: Path | None, name: str) -> Picture | str:
+def mel_cell(panels: list[tuple[str, Path | None]], out: Path | None, name: str) -> Picture | str:
     """A table cell with the mel spectrograms of these files side by side (written under ``out``/mel), or "-"."""
     if out is None:
         return "-"
@@ -145,15 +145,15 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | N
     at = {s: run.audio_at(s) for s in steps}
     sizes = {s: step_bytes(at[s]) for s in steps}
     shown = choose(sizes, int(audio_mb * 1e6))
-    budget = _Budget(int(audio_mb * 1e6))
+    budget = Budget(int(audio_mb * 1e6))
     tables = []
     for step in shown:
         ev = [[r.get("sample"), *_eval_cells(r, budget),
-               _mel([("label", r.get("label_file")), ("prediction", r.get("pred_file"))], out,
+               mel_cell([("label", r.get("label_file")), ("prediction", r.get("pred_file"))], out,
                     f"{step_dir_name(step)}-sample-{r.get('sample')}"),
                _acc_cb(r.get("acc_cb")), _seconds(r), _int(r.get("n_frames"))] for r in at[step]["eval"]]
         gen = [[r.get("prompt"), r.get("text") or "-", *_generate_cells(r, budget),
-                _mel([("generated", r.get("file"))], out, f"{step_dir_name(step)}-prompt-{r.get('prompt')}"),
+                mel_cell([("generated", r.get("file"))], out, f"{step_dir_name(step)}-prompt-{r.get('prompt')}"),
                 _int(r.get("new_tokens"))] for r in at[step]["generate"]]
         tables.append((step, ev, gen))
     doc.bullets(_left_out(steps, shown, sum(sizes.values()), audio_mb, budget))
@@ -231,13 +231,13 @@ def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), 
     at = {s: (a.audio_at(s), b.audio_at(s)) for s in common}
     sizes = {s: step_bytes(at[s][0]) + step_bytes(at[s][1]) for s in common}
     shown = choose(sizes, int(audio_mb * 1e6))
-    budget = _Budget(int(audio_mb * 1e6))
+    budget = Budget(int(audio_mb * 1e6))
     tables = []
     for step in shown:
         xa, xb = at[step]
         ea, eb = _by(xa["eval"], "sample"), _by(xb["eval"], "sample")
         ev = [[k, *_eval_cells(ea.get(k), budget), *_eval_cells(eb.get(k), budget),
-               _mel([("label", (ea.get(k) or eb.get(k) or {}).get("label_file")),
+               mel_cell([("label", (ea.get(k) or eb.get(k) or {}).get("label_file")),
                      (f"{na} prediction", (ea.get(k) or {}).get("pred_file")),
                      (f"{nb} prediction", (eb.get(k) or {}).get("pred_file"))], out,
                     f"{step_dir_name(step)}-sample-{k}")]
@@ -245,7 +245,7 @@ def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), 
         ga, gb = _by(xa["generate"], "prompt"), _by(xb["generate"], "prompt")
         gen = [[k, _text(ga.get(k), gb.get(k), names), *_generate_cells(ga.get(k), budget),
                 *_generate_cells(gb.get(k), budget),
-                _mel([(na, (ga.get(k) or {}).get("file")), (nb, (gb.get(k) or {}).get("file"))], out,
+                mel_cell([(na, (ga.get(k) or {}).get("file")), (nb, (gb.get(k) or {}).get("file"))], out,
                      f"{step_dir_name(step)}-prompt-{k}")] for k in _keys(ga, gb)]
         tables.append((step, ev, gen))
     doc.bullets(notes + _left_out(common, shown, sum(sizes.values()), audio_mb, budget))

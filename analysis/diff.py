@@ -14,7 +14,7 @@ import pandas as pd
 from . import plots
 from .audio import AUDIO_MB, audio_diff, diff_section
 from .document import Doc
-from .run import Run, better, load_run, ranges, spread
+from .run import METRIC_FAMILIES, Run, better, load_run, ranges, spread
 from .schema import flatten
 from .slices import same_sample, side_by_side
 
@@ -92,7 +92,7 @@ def _best(df: pd.DataFrame, col: str) -> tuple[float | None, int | None]:
 
 def metric_diff(a: Run, b: Run) -> dict:
     out = {}
-    for phase in ("train", "eval"):
+    for phase in METRIC_FAMILIES:
         ma, mb = a.metrics(phase), b.metrics(phase)
         if ma.empty and mb.empty:
             continue
@@ -131,14 +131,16 @@ def first_difference(a: Run, b: Run) -> dict | None:
 def parse_gate(text: str) -> tuple[str, str, float]:
     metric, sep, tol = text.rpartition(":")
     phase, dot, col = metric.partition(".")
-    if not sep or not dot or phase not in ("train", "eval") or not col:
-        raise ValueError(f"--fail-if-worse {text!r}: expected PHASE.METRIC:TOLERANCE like eval.loss:0.05")
+    if not sep or not dot or phase not in METRIC_FAMILIES or not col:
+        raise ValueError(f"--fail-if-worse {text!r}: expected PHASE.METRIC:TOLERANCE like eval.loss:0.05 "
+                         f"(PHASE: {', '.join(METRIC_FAMILIES)})")
     try:
         tolerance = float(tol)
     except ValueError:
         raise ValueError(f"--fail-if-worse {text!r}: tolerance {tol!r} is not a number") from None
     if better(col) is None:
-        raise ValueError(f"--fail-if-worse {text!r}: {col} has no better direction (use a loss or acc)")
+        raise ValueError(f"--fail-if-worse {text!r}: {col} has no better direction (use a loss or acc, or "
+                         "quality.wer, quality.cer, quality.similarity)")
     return phase, col, tolerance
 
 
@@ -183,6 +185,13 @@ def check_gate(a: Run, b: Run, text: str) -> dict:
     neither run has is bad input (ValueError)."""
     phase, col, tol = parse_gate(text)
     ma, mb = a.metrics(phase), b.metrics(phase)
+    if phase == "quality":
+        # Scoring is optional: a run without it is a wrong pair of runs for this gate, not a worse one.
+        for name, run, m in (("A", a, ma), ("B", b, mb)):
+            if _gate_final(m, col)[1] is None:
+                what = "no scored generation rounds (quality_summary events; set eval.asr_model and/or " \
+                    "eval.speaker_model)" if m.empty else f"no {col} in its scored rounds (no scorer for it)"
+                raise ValueError(f"--fail-if-worse {text!r}: run {name} ({run.path}) has {what}")
     if col not in ma and col not in mb:
         raise ValueError(f"--fail-if-worse {text!r}: neither run has {phase}.{col}")
     va = _final(ma, col)[0]

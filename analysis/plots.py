@@ -77,6 +77,31 @@ def losses(run: Run, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def quality(run: Run, path: Path) -> Path | None:
+    """Is the voice getting better: the loss, WER and CER, and speaker similarity of the generations over steps,
+    side by side; the base model's round is the step-0 point (a star). None without scored rounds."""
+    curve = run.quality_curve()
+    if curve.empty:
+        return None
+    train, ev = run.metrics("train"), run.metrics("eval")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    _line(axes[0], _series(train, "loss"), "train", lw=1)
+    _line(axes[0], _series(ev, "loss"), "eval", marker="o", ms=4)
+    _finish(axes[0], "loss")
+    base = curve[curve["baseline"]] if "baseline" in curve else curve.iloc[:0]
+    for ax, cols, title in ((axes[1], ("wer", "cer"), "error rate of the transcript (lower is better)"),
+                            (axes[2], ("similarity",), "speaker similarity (higher is better)")):
+        for col in cols:
+            s = _series(curve, col)
+            _line(ax, s, col.upper() if col != "similarity" else col, marker="o", ms=4)
+            b = _series(base, col)
+            if b is not None and b.notna().any():
+                ax.plot(b.index, b.values, "*", color="gray", ms=10,
+                        label="base model" if col == cols[0] else "_nolegend_")
+        _finish(ax, title)
+    return _save(fig, path)
+
+
 def codebooks(run: Run, path: Path) -> Path | None:
     """Each codebook's loss and accuracy, train (lines) and eval (dashed with points)."""
     cbs = run.codebooks()

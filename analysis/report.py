@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import checks, plots
+from . import checks, plots, quality
 from .audio import AUDIO_MB, report_section
 from .document import Doc
 from .run import Run, better, load_run, spread
@@ -51,11 +51,13 @@ def build(run: Run, out: Path, steps: list[int] | None = None, audio_mb: float =
     metric_tables(doc, run)
     doc.heading("Curves")
     doc.image(plots.losses(run, out / "loss.png"), "total, text and audio loss")
+    doc.image(plots.quality(run, out / "quality.png"), "loss, WER/CER and speaker similarity of generations")
     doc.image(plots.codebooks(run, out / "codebooks.png"), "loss and accuracy per codebook")
     doc.image(plots.optimizer(run, out / "optimizer.png"), "learning rate and gradient norm")
     doc.image(plots.throughput(run, out / "throughput.png"), "throughput and memory")
     codebook_health(doc, run, out)
     slices_section(doc, run, steps)
+    quality.report_section(doc, run, audio_mb, out)
     report_section(doc, run, audio_mb, out)
     files_section(doc, run)
     return doc
@@ -86,6 +88,11 @@ def summary(run: Run, found: list[str]) -> list[str]:
     for col, name in (("loss", "eval loss"), ("audio_acc", "eval audio accuracy"), ("text_acc", "eval text accuracy")):
         if col in ev:
             out.append(f"{name} {_change(ev[col])}")
+    curve = run.quality_curve()
+    for col, name in (("wer", "WER of generations"), ("similarity", "speaker similarity of generations")):
+        change = _change(curve[col]) if col in curve else "-"
+        if change != "-":
+            out.append(f"{name} {change}")
     out.append(f"{len(found)} thing(s) worth a look, below" if found else "nothing worth a look found")
     return out
 

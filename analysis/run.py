@@ -18,6 +18,8 @@ from .load import parse_ts, read_events, run_status
 from .schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, step_dir_name
 
 LOSS_FIELDS = ("loss", "text_loss", "audio_loss")
+# The event family behind each phase of ``Run.metrics``: what --fail-if-worse PHASE.METRIC names.
+METRIC_FAMILIES = {"train": "train_step", "eval": "eval", "quality": "quality_summary"}
 _CB = re.compile(r"audio_(acc|loss)_cb(\d+)$")
 _MISMATCH_COLUMNS = ("step", "modality", "codebook", "sample", "first_pos", "first_pred", "first_label")
 
@@ -25,7 +27,8 @@ _MISMATCH_COLUMNS = ("step", "modality", "codebook", "sample", "first_pos", "fir
 # The event families the trainer writes (docs/events.md, one section each): a run without events of one of them
 # still answers ``run.<family>`` with an empty frame; any other name is a typo and raises AttributeError.
 EVENT_FAMILIES = ("run_start", "data_skip", "data_summary", "train_step", "eval", "pred_slice", "eval_audio",
-                  "generate_audio", "checkpoint", "adapter_saved", "run_resume", "log_error", "library_log", "run_end")
+                  "generate_audio", "quality", "quality_summary", "checkpoint", "adapter_saved", "run_resume",
+                  "log_error", "library_log", "run_end")
 
 
 def load_run(path: str | Path) -> Run:
@@ -158,11 +161,43 @@ class Run:
     # ------------------------------------------------------------ metrics
 
     def metrics(self, phase: str = "train") -> pd.DataFrame:
-        """train_step (phase "train") or eval (phase "eval") metrics, indexed by optimizer step, one row each."""
-        df = self.frame("train_step" if phase == "train" else "eval")
+        """train_step (phase "train"), eval (phase "eval") or scored generation rounds of the fine-tuned model
+        (phase "quality": ``quality_summary`` events that are not the baseline) metrics, indexed by optimizer
+        step, one row each."""
+        df = self.frame(METRIC_FAMILIES[phase])
+        if phase == "quality" and not df.empty:
+            df = df[~_is_baseline(df)]
         if df.empty or "step" not in df:
             return pd.DataFrame(index=pd.Index([], name="step", dtype="int64"))
         return df.drop_duplicates("step", keep="last").set_index("step").sort_index()
+
+    def quality_curve(self) -> pd.DataFrame:
+        """WER, CER and similarity of each scored generation round by step (``metrics("quality")``), with the base
+        model's round (``baseline`` true, the last one) as the step-0 row, where the fine-tune starts from. A
+        ``baseline`` column says which row that is. Empty without ``quality_summary`` events."""
+        rounds = self.metrics("quality").assign(baseline=False)
+        summaries = self.frame("quality_summary")
+        base = summaries[_is_baseline(summaries)] if not summaries.empty else summaries
+        if not base.empty:
+            row = base.iloc[[-1]].assign(step=0, baseline=True).set_index("step")
+            rounds = pd.concat([row, rounds.drop(index=0, errors="ignore")])
+        return rounds[[c for c in ("wer", "cer", "similarity", "baseline") if c in rounds]]
+
+    def quality_round(self) -> tuple[int | None, bool, list[dict]]:
+        """(step, baseline, the ``quality`` events) of the last scored round of the fine-tuned model, else of the
+        base model's round; each event also holds ``file``, the scored WAV on this machine (``sample_file``) or
+        None. (None, False, []) without ``quality`` events."""
+        rows = [e for e in self._events("quality") if isinstance(e.get("step"), int)]
+        tuned = [e for e in rows if not e.get("baseline")]
+        rows = tuned or rows
+        if not rows:
+            return None, False, []
+        step = max(e["step"] for e in rows)
+        last = {}
+        for e in rows:
+            if e["step"] == step:
+                last[e.get("prompt")] = e  # a repeated event (a resumed round): the last one counts
+        return step, not tuned, [{**e, "file": self.sample_file(e.get("path"), step)} for e in last.values()]
 
     @property
     def steps(self) -> list[int]:
@@ -311,6 +346,13 @@ class Run:
         return self._mismatch[phase].copy()
 
 
+def _is_baseline(df: pd.DataFrame) -> pd.Series:
+    """Which ``quality`` / ``quality_summary`` rows score the base model (``baseline`` true)."""
+    if "baseline" not in df:
+        return pd.Series(False, index=df.index)
+    return df["baseline"].map(lambda v: v is True or v == 1).astype(bool)
+
+
 def _rows_where(table: pa.Table, mask) -> pa.Table:
     """``table.filter(mask)``, without the copy when the mask keeps every row (a run without eval slices) or none."""
     kept = pc.sum(pc.fill_null(mask, False)).as_py() or 0
@@ -397,11 +439,11 @@ def ranges(steps: list[int]) -> str:
 
 
 def better(metric: str) -> str | None:
-    """Which direction is better for a metric name: "lower" (losses, time, memory), "higher" (accuracy,
-    throughput) or None (lr, counts)."""
+    """Which direction is better for a metric name: "lower" (losses, error rates, time, memory), "higher"
+    (accuracy, speaker similarity, throughput) or None (lr, counts)."""
     name = metric.rsplit(".", 1)[-1]
-    if "loss" in name or name in ("grad_norm", "step_time_s", "peak_mem_mb"):
+    if "loss" in name or name in ("grad_norm", "step_time_s", "peak_mem_mb", "wer", "cer"):
         return "lower"
-    if "acc" in name or name in ("samples_per_s", "tokens_per_s"):
+    if "acc" in name or name in ("samples_per_s", "tokens_per_s", "similarity"):
         return "higher"
     return None

@@ -69,7 +69,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "config": STR, "run_dir": STR, "versions": STR, "git_commit": STR, "device": STR, "hardware": STR,
     "world_size": INT, "mixed_precision": STR, "trainable_params": INT, "total_params": INT, "total_steps": INT,
     "steps_per_epoch": INT, "train_samples": INT, "val_samples": INT, "resumed": BOOL, "checkpoints": STR,
-    "memory": STR,
+    "memory": STR, "engine": STR,
     # data_skip, data_summary
     "split": STR, "source": STR, "line": INT, "reason": STR, "detail": STR, "kept": INT, "skipped": INT,
     "skipped_by_reason": STR, "codec_encodes": INT, "longest_tokens": INT, "duplicates": INT, "encode_speed": FLOAT,
@@ -87,7 +87,12 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     # eval_audio, generate_audio
     "pred_path": STR, "label_path": STR, "n_frames": INT, "pred_seconds": FLOAT, "label_seconds": FLOAT,
     "sample_rate": INT, "acc": FLOAT, "acc_cb": FLOATS, "prompt": INT, "text": STR, "path": STR,
-    "seconds": FLOAT, "new_tokens": INT, "stopped": STR, "error": STR,
+    "seconds": FLOAT, "new_tokens": INT, "stopped": STR, "error": STR, "do_sample": BOOL, "temperature": FLOAT,
+    "top_k": INT, "top_p": FLOAT, "ras_win_len": INT, "ras_win_max_num_repeat": INT,
+    # quality, quality_summary
+    "transcript": STR, "wer": FLOAT, "cer": FLOAT, "similarity": FLOAT, "rtf": FLOAT, "baseline": BOOL,
+    "utterances": INT, "no_audio": INT, "asr_model": STR, "speaker_model": STR, "reference": STR,
+    "score_s": FLOAT,
     # checkpoint, adapter_saved, run_resume, log_error, library_log, run_end
     "adapter": STR, "checkpoint": STR, "from_step": INT, "sink": STR, "error_type": STR, "fragment": STR,
     "logger": STR, "message": STR, "status": STR, "elapsed_s": FLOAT, "completed_steps": INT, "checkpoint_seq": INT,

@@ -91,18 +91,24 @@ def audio_placeholders(n_frames: int, ids: SpecialIds) -> list[int]:
 
 
 def lay_out(segments: list[tuple[str, bool]], audios: list[tuple[np.ndarray, bool]], tokenizer, ids: SpecialIds,
-            train_audio_eos: bool) -> tuple[list[int], list[int], list[np.ndarray], list[np.ndarray]]:
+            train_audio_eos: bool, train_audio_out_bos: bool = True
+            ) -> tuple[list[int], list[int], list[np.ndarray], list[np.ndarray]]:
     """Token ids, text labels, delayed frames and frame labels of ``segments`` (text, whether its tokens are
     targets), each ``<|AUDIO_OUT|>`` in them taking the next of ``audios`` (codes, whether a target).
 
     Text is tokenized piece by piece between audio placeholders, which equals tokenizing the expanded string since
-    special tokens always split; audio placeholders and ``<|audio_out_bos|>`` (given at inference) are no targets."""
+    special tokens always split. Audio placeholders are never text targets; the ``<|audio_out_bos|>`` opening a
+    target audio in a target segment is one with ``train_audio_out_bos`` (the authors' ``prepare_chatml_sample``
+    labels it; transformers' processor masks it, as generation always gives it in the prompt)."""
     audio_iter = iter(audios)
+    next_audio_is_target = [is_target for _, is_target in audios] + [False]
+    n_audio = 0
     input_ids, labels, frames, frame_labels = [], [], [], []
     for text, text_is_target in segments:
         for i, piece in enumerate(text.split(AUDIO_PLACEHOLDER)):
             if i > 0:
                 seg_codes, is_target = next(audio_iter)
+                n_audio += 1
                 inp, lab = audio_streams(seg_codes, ids, is_target, train_audio_eos)
                 frames.append(inp)
                 frame_labels.append(lab)
@@ -110,7 +116,9 @@ def lay_out(segments: list[tuple[str, bool]], audios: list[tuple[np.ndarray, boo
                 labels += [IGNORE] * len(inp)
             tokens = _tokens(tokenizer, piece)
             input_ids += tokens
-            labels += [t if text_is_target and t != ids.audio_bos else IGNORE for t in tokens]
+            # <|audio_out_bos|> opening the target audio, not a reference's (even with train_on_prompt)
+            bos_is_target = train_audio_out_bos and next_audio_is_target[n_audio]
+            labels += [t if text_is_target and (t != ids.audio_bos or bos_is_target) else IGNORE for t in tokens]
     return input_ids, labels, frames, frame_labels
 
 
@@ -121,14 +129,17 @@ def sample_prompt(sample, system_prompt: str) -> str:
 
 
 def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, tokenizer, ids: SpecialIds,
-                  system_prompt: str, train_on_prompt: bool, train_audio_eos: bool) -> dict[str, torch.Tensor]:
+                  system_prompt: str, train_on_prompt: bool, train_audio_eos: bool,
+                  train_audio_out_bos: bool = True) -> dict[str, torch.Tensor]:
     """Token ids, text labels, delayed audio frames and audio labels of one sample.
 
-    Text targets sit in the assistant turn holding the target audio (after its audio: ``<|audio_eos|>`` and
-    ``<|eot_id|>``), plus the system and user turns with ``train_on_prompt``."""
+    Text targets sit in the assistant turn holding the target audio (``<|audio_out_bos|>`` before its audio with
+    ``train_audio_out_bos``, the authors' convention and ``data.train_audio_out_bos``'s default; ``<|audio_eos|>``
+    and ``<|eot_id|>`` after it), plus the system and user turns with ``train_on_prompt``."""
     segments = [(sample_prompt(sample, system_prompt), train_on_prompt), (TARGET, True)]
     audios = ([(ref_codes, False)] if sample.ref_audio is not None else []) + [(codes, True)]
-    input_ids, labels, frames, frame_labels = lay_out(segments, audios, tokenizer, ids, train_audio_eos)
+    input_ids, labels, frames, frame_labels = lay_out(segments, audios, tokenizer, ids, train_audio_eos,
+                                                      train_audio_out_bos)
     return {
         "input_ids": torch.tensor(input_ids),
         "labels": torch.tensor(labels),

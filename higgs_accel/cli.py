@@ -9,7 +9,7 @@ import dataclasses
 import sys
 import warnings
 
-from . import convert, export, generate
+from . import convert, export, generate, quality
 from .config import SECTIONS, ConfigError, all_keys, load_config, parse_override, type_name, unknown_key
 
 TRAIN_EPILOG = """\
@@ -18,6 +18,7 @@ Examples:
   higgs-accel train --preset tiny --output-dir runs/demo
   higgs-accel train --config run.yaml train.lr=1e-4 lora.r=32
   accelerate launch --config_file accelerate_config.yaml -m higgs_accel train --config run.yaml
+  torchrun --nproc_per_node 8 -m higgs_accel train --config run.yaml   (engines: docs/distributed.md)
 """
 
 
@@ -38,6 +39,7 @@ def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -
     p.add_argument("--log-level", choices=["debug", "info", "warning"], help="same as --log.level")
     p.add_argument("--no-report", action="store_true", help="skip writing RUN_DIR/report at the end")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    _add_original_flags(p)
     keys = all_keys()
     for section in SECTIONS:
         group = p.add_argument_group(f"{section} options")
@@ -51,8 +53,20 @@ def _train_parser(sub, name: str = "train", help: str = "fine-tune with LoRA") -
     return p
 
 
+# The original Higgs Audio trainer's flags, so its command lines (`torchrun ... trainer.py --train_manifest ...`)
+# keep working; each sets the matching config key.
+ORIGINAL_FLAGS = {"--train_manifest": "data.train_manifest", "--output_dir": "train.output_dir",
+                  "--log_steps": "log.log_steps"}
+
+
+def _add_original_flags(p: argparse.ArgumentParser) -> None:
+    for flag, key in ORIGINAL_FLAGS.items():
+        p.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar=_metavar(key),
+                       help=f"same as --{key} (the original Higgs Audio trainer's flag)")
+
+
 def _metavar(key: str) -> str:
-    name = type_name(key)
+    name = type_name(key).removesuffix(" or null")
     if name.startswith("a list"):
         return "A,B,..."
     return {"true or false": "BOOL", "an integer": "INT", "a number": "FLOAT"}.get(name, "STR")
@@ -173,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.register(sub)
     export.register(sub)
     convert.register(sub)
+    quality.register(sub)
     rep = sub.add_parser("report", help="write a report of a run (same as python -m analysis report)",
                          add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import tempfile
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class DataConfig:
     system_prompt: str = _opt("Generate audio following instruction.", "system turn of every sample")
     train_on_prompt: bool = _opt(False, "also put text targets on the system and user turns")
     train_audio_eos: bool = _opt(True, "make each codebook's stream-EOS code a target, so the model learns to stop")
+    train_audio_out_bos: bool = _opt(True, "make <|audio_out_bos|> of the trained assistant turn a text target, as "
+                                     "the authors' training does (transformers' processor masks it)")
     min_seconds: float = _opt(0.0, "skip audio shorter than this")
     max_seconds: float = _opt(30.0, "skip audio longer than this")
     max_tokens: int = _opt(0, "skip a sample whose sequence (text + reference + target audio frames) is longer, as "
@@ -94,6 +97,8 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear warmup steps")
     scheduler: str = _opt("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
+    allow_engine_fallback: bool = _opt(False, "train with the engine accelerate runs even when it is not the one the "
+                                       "launcher asked for (FSDP or DeepSpeed dropped to DDP); off: stop with an error")
     mixed_precision: str = _opt("", "autocast precision; empty: what `accelerate launch` / its config file says",
                                 choices=("", "no", "bf16", "fp16"))
     text_weight: float = _opt(1.0, "weight of the text loss in the total loss")
@@ -122,7 +127,8 @@ class LogConfig:
     slice_codebooks: list[int] = _opt([0, 1, 2, 3, 4, 5, 6, 7], "codebooks shown in audio slices")
     parquet_flush_events: int = _opt(500, "write a Parquet part at least every N events")
     parquet_flush_seconds: float = _opt(30.0, "... or at least every N seconds")
-    log_with: list[str] = _opt([], "accelerate trackers fed from the same events (tensorboard, wandb, ...)")
+    log_with: list[str] = _opt([], "accelerate trackers fed from the same events: scalars to each; eval and "
+                               "generated audio and prediction slices too to tensorboard and wandb (docs/trackers.md)")
     eval_audio_samples: int = _opt(2, "eval samples decoded to WAV (teacher-forced prediction + label) at each eval; "
                                     "taken from the first eval batch, so at most train.batch_size")
     generate_every: int = _opt(0, "speak log.generate_prompts to WAV every N evals and at the last one (0: never)")
@@ -131,10 +137,35 @@ class LogConfig:
     generate_max_new_tokens: int = _opt(300, "generation steps per prompt: 25 per second of audio, plus 8")
     generate_ref_audio: str = _opt("", "reference audio file: speak the prompts in its voice (empty: no cloning)")
     generate_ref_text: str = _opt("", "transcript of log.generate_ref_audio")
-    generate_do_sample: bool = _opt(False, "sample instead of greedy decoding (seeded: a resumed run sounds the same)")
-    generate_temperature: float = _opt(1.0, "sampling temperature (with log.generate_do_sample)")
-    generate_top_k: int = _opt(0, "sample from the K most likely codes only (0: no limit)")
-    generate_top_p: float = _opt(1.0, "sample from the smallest set of codes with this probability mass")
+    # Generation starts from the checkpoint's generation_config.json; each key below left null keeps its value.
+    generate_do_sample: bool | None = _opt(None, "true: sample (seeded: a resumed run sounds the same); false: greedy "
+                                          "argmax, without repetition-aware resampling unless "
+                                          "log.generate_ras_win_len is set; null: the checkpoint's choice")
+    generate_temperature: float | None = _opt(None, "sampling temperature (null: the checkpoint's)")
+    generate_top_k: int | None = _opt(None, "sample from the K most likely codes only (0: no limit; null: the "
+                                      "checkpoint's, else transformers' 50)")
+    generate_top_p: float | None = _opt(None, "sample from the smallest set of codes with this probability mass "
+                                        "(1: no limit; null: the checkpoint's)")
+    generate_ras_win_len: int | None = _opt(None, "repetition-aware sampling: a code seen "
+                                            "log.generate_ras_win_max_num_repeat times in the last N frames of its "
+                                            "codebook is redrawn from the untempered distribution (0: off; null: the "
+                                            "checkpoint's)")
+    generate_ras_win_max_num_repeat: int | None = _opt(None, "repeats within the window that trigger the redraw "
+                                                       "(null: the checkpoint's, else 2)")
+
+
+@dataclass
+class EvalConfig:
+    asr_model: str = _opt("", "ASR model that transcribes generated speech for WER/CER: anything transformers' "
+                          "automatic-speech-recognition pipeline loads (e.g. openai/whisper-large-v3), hub id or "
+                          "local dir (empty: no WER/CER)")
+    speaker_model: str = _opt("", "speaker-verification x-vector model (AutoModelForAudioXVector, e.g. "
+                              "microsoft/wavlm-base-plus-sv) for speaker similarity, hub id or local dir (empty: none)")
+    asr_language: str = _opt("", "language a Whisper ASR model transcribes in, e.g. english (empty: it detects it)")
+    spell_numbers: bool = _opt(True, "before WER/CER, spell digits out as English words (false: keep them as tokens, "
+                               "for other languages); docs/quality.md")
+    batch_size: int = _opt(8, "utterances per ASR pipeline batch")
+    baseline: bool = _opt(True, "also score the base model (adapter off) once at step 0, on the same prompts")
 
 
 @dataclass
@@ -146,12 +177,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "lora", "data", "train", "log")
+SECTIONS = ("model", "lora", "data", "train", "log", "eval")
 
 # What `--preset tiny` changes; the model, codec and data paths are filled in when the assets are built.
 TINY_PRESET = {
@@ -185,8 +217,20 @@ def all_keys() -> dict[str, tuple[dataclasses.Field, object]]:
     return keys
 
 
+def optional_of(tp):
+    """``X`` of a ``X | None`` hint (a key whose null means "not set here"), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _coerce(key: str, value, where: str):
     f, tp = all_keys()[key]
+    if (inner := optional_of(tp)) is not None:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+            return None
+        tp = inner
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is list:
@@ -236,6 +280,8 @@ def _scalar(tp, value):
 
 
 def _type_name(tp) -> str:
+    if (inner := optional_of(tp)) is not None:
+        return f"{_type_name(inner)} or null"
     if typing.get_origin(tp) is list:
         return f"a list of {typing.get_args(tp)[0].__name__}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -329,7 +375,7 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
             line = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, train, log)")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
         for k, v in _flatten(tree, path).items():
             values[k] = (v, path)
     for key, value, where in overrides:
@@ -355,11 +401,30 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     for key, (_, tp) in all_keys().items():
         v = getattr(getattr(cfg, key.split(".")[0]) if "." in key else cfg, key.split(".")[-1])
+        if optional_of(tp) is float and v is not None:
+            tp = float
         if tp is float and not math.isfinite(v):
             raise ConfigError(f"'{key}' must be a finite number, got {v}")
     _check_ranges(cfg)
     _check_signals(t.stop_signals)
+    _check_trackers(cfg.log.log_with)
     check_output_dir(t.output_dir)
+
+
+def _check_trackers(names: list[str]) -> None:
+    """Each of ``log.log_with`` is a tracker accelerate knows and is installed, before the model loads."""
+    if not names:
+        return
+    import accelerate.utils.imports as available
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"'log.log_with': unknown tracker {name!r}; accelerate has {', '.join(known)}")
+        if name != "all" and not getattr(available, f"is_{name}_available")():
+            extra = f"'higgs-accel[{name}]'" if name in ("tensorboard", "wandb") else name
+            raise ConfigError(f"'log.log_with': {name} is not installed (pip install {extra})")
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -367,7 +432,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     positive = {"train.max_nonfinite_steps": t.max_nonfinite_steps, "lora.alpha": cfg.lora.alpha,
                 "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "lora.r": cfg.lora.r,
                 "log.log_steps": cfg.log.log_steps, "log.slice_k": cfg.log.slice_k,
-                "log.parquet_flush_events": cfg.log.parquet_flush_events}
+                "log.parquet_flush_events": cfg.log.parquet_flush_events, "eval.batch_size": cfg.eval.batch_size}
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {v}")
@@ -380,8 +445,9 @@ def _check_ranges(cfg: RunConfig) -> None:
                    "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch, "data.max_tokens": cfg.data.max_tokens,
                    "data.encode_batch_seconds": cfg.data.encode_batch_seconds,
                    "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
-                   "log.generate_top_k": cfg.log.generate_top_k}.items():
-        if v < 0:
+                   "log.generate_top_k": cfg.log.generate_top_k,
+                   "log.generate_ras_win_len": cfg.log.generate_ras_win_len}.items():
+        if v is not None and v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
     if t.lr <= 0:
         raise ConfigError(f"'train.lr' must be greater than 0, got {t.lr}")
@@ -403,10 +469,13 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     if bad := [c for c in cfg.log.slice_codebooks if c < 0]:
         raise ConfigError(f"'log.slice_codebooks' holds negative codebooks: {bad}")
-    if cfg.log.generate_temperature <= 0:
+    if cfg.log.generate_temperature is not None and cfg.log.generate_temperature <= 0:
         raise ConfigError(f"'log.generate_temperature' must be greater than 0, got {cfg.log.generate_temperature}")
-    if not 0 < cfg.log.generate_top_p <= 1:
+    if cfg.log.generate_top_p is not None and not 0 < cfg.log.generate_top_p <= 1:
         raise ConfigError(f"'log.generate_top_p' must be in (0, 1], got {cfg.log.generate_top_p}")
+    if cfg.log.generate_ras_win_max_num_repeat is not None and cfg.log.generate_ras_win_max_num_repeat < 1:
+        raise ConfigError("'log.generate_ras_win_max_num_repeat' must be at least 1, got "
+                          f"{cfg.log.generate_ras_win_max_num_repeat}")
     if cfg.log.generate_ref_audio and not Path(cfg.log.generate_ref_audio).is_file():
         raise ConfigError(f"'log.generate_ref_audio': file not found: {cfg.log.generate_ref_audio}")
     if cfg.log.generate_max_new_tokens < 2:
@@ -423,8 +492,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         path = getattr(cfg.data, key.split(".")[1])
         if path and not Path(path).exists():
             raise ConfigError(f"'{key}': file not found: {path}")
-    for key in ("model.base", "model.audio_tokenizer"):
-        if ref := getattr(cfg.model, key.split(".")[1]):
+    for key in ("model.base", "model.audio_tokenizer", "eval.asr_model", "eval.speaker_model"):
+        section, name = key.split(".")
+        if ref := getattr(getattr(cfg, section), name):
             check_model_ref(f"'{key}'", ref)
 
 

@@ -100,11 +100,16 @@ class Skip:
 def decode_audio(data: bytes, sample_rate: int) -> np.ndarray:
     """Any soundfile-readable bytes as mono float32 at ``sample_rate``."""
     wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    wave = wave.mean(axis=1)
-    if sr != sample_rate and len(wave):
+    return resample(wave.mean(axis=1), sr, sample_rate)
+
+
+def resample(wave: np.ndarray, sample_rate: int, target_rate: int) -> np.ndarray:
+    """A mono wave at ``sample_rate`` as contiguous float32 at ``target_rate``."""
+    wave = np.asarray(wave, np.float32).reshape(-1)
+    if sample_rate != target_rate and len(wave):
         import torchaudio
 
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, sample_rate).numpy()
+        wave = torchaudio.functional.resample(torch.from_numpy(wave), sample_rate, target_rate).numpy()
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
@@ -406,7 +411,7 @@ class HiggsDataset(torch.utils.data.Dataset):
             return problem
         try:
             example = build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg.system_prompt,
-                                    self.cfg.train_on_prompt, self.cfg.train_audio_eos)
+                                    self.cfg.train_on_prompt, self.cfg.train_audio_eos, self.cfg.train_audio_out_bos)
         except Exception as e:  # noqa: BLE001 - StopIteration included: see the class doc
             return Skip(s.source, s.line, "build_failed", f"{type(e).__name__}: {e}")
         limit = token_limit(self.cfg, 0)

@@ -3,7 +3,9 @@
 The prompt is laid out exactly like the inputs of a training sample (``chat.build_example``) up to and including
 ``<|audio_out_bos|>``, so the model continues where training taught it to: with the delayed audio frames of the
 answer. Generation itself is transformers' ``HiggsAudioV2ForConditionalGeneration.generate``, whose logits
-processor enforces the delay pattern and which stops once every codebook has emitted the stream EOS.
+processor enforces the delay pattern and which stops once every codebook has emitted the stream EOS. It starts from
+the checkpoint's own generation config (``generation_config.json``: sampling, temperature, top-k/top-p and
+repetition-aware sampling, as the authors tune it); every knob of ``SAMPLING_KEYS`` given explicitly overrides it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpo
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
 DEFAULT_MAX_NEW_TOKENS = 750  # 30 s at the codec's 25 frames/s, plus the delay-pattern frames
+
+# The generation-config keys a caller may set (None: keep the checkpoint's). ras_win_len / ras_win_max_num_repeat
+# are the repetition-aware sampling of transformers' HiggsAudioV2 ``_sample``: a code already seen
+# ras_win_max_num_repeat times in the last ras_win_len frames of its codebook is redrawn from the untempered
+# distribution (this happens in greedy decoding too).
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "ras_win_len", "ras_win_max_num_repeat")
+RAS_KEYS = ("ras_win_len", "ras_win_max_num_repeat")
+DEFAULT_RAS_MAX_REPEAT = 2  # transformers' converter and the authors' examples, for a window set without one
 
 
 # ---------------------------------------------------------------- prompt
@@ -66,8 +76,13 @@ def generated_codes(frames: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     """The generated delayed frames (F, K) -> codec codes (K, T).
 
     Frame 0 is the all-BOS frame the delay-pattern processor forces; the stream ends at the first all-EOS frame
-    (or wherever the length limit cut it). A codebook's stream EOS ends the audio too, and a stray stream BOS
-    or EOS code is clipped into the codebook, like ``HiggsAudioV2Processor.batch_decode`` does."""
+    (or wherever the length limit cut it), then the delay pattern is reverted, as in
+    ``HiggsAudioV2Processor.batch_decode``. Unlike it, the audio also ends at the first frame holding a stream
+    EOS in any codebook: once one codebook ends, transformers' ``_sample`` forces the others to end within
+    ``num_codebooks`` steps, and the processor would decode those last frames with the EOS clipped to code 1023, a
+    code the model never meant. A model that ends every codebook at its own delayed position (as training with
+    ``data.train_audio_eos`` teaches) gives the same codes both ways. A stray stream BOS code is clipped into the
+    codebook, as the processor does."""
     all_eos = (frames == ids.stream_eos).all(-1).nonzero()
     end = int(all_eos[0]) if len(all_eos) else len(frames)
     codes = revert_delay_pattern(frames[1:end])
@@ -98,21 +113,55 @@ def generator_of(model):
     return model
 
 
+def sampling_kwargs(lm, sampling: dict | None) -> dict:
+    """``generate`` keyword arguments for the knobs of ``sampling`` (keys of ``SAMPLING_KEYS``) that are set; the
+    others keep the checkpoint's generation config.
+
+    ``ras_win_len`` 0 turns repetition-aware sampling off, and so does ``do_sample`` False without a
+    ``ras_win_len``: greedy means argmax. A window set on a checkpoint that has no ``ras_win_max_num_repeat``
+    gets ``DEFAULT_RAS_MAX_REPEAT``."""
+    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
+    if unknown := set(sampling) - set(SAMPLING_KEYS):
+        raise ValueError(f"unknown sampling options: {sorted(unknown)}")
+    config = lm.generation_config
+    for key in RAS_KEYS:
+        # generate() accepts a key only if the model's generation config has it; None there means "no RAS" too
+        if not hasattr(config, key):
+            setattr(config, key, None)
+    if sampling.get("ras_win_len") == 0 or (sampling.get("do_sample") is False and "ras_win_len" not in sampling):
+        sampling["ras_win_len"] = None
+    elif "ras_win_len" in sampling and config.ras_win_max_num_repeat is None:
+        sampling.setdefault("ras_win_max_num_repeat", DEFAULT_RAS_MAX_REPEAT)
+    return sampling
+
+
+def effective_sampling(lm, kwargs: dict) -> dict:
+    """The values of ``SAMPLING_KEYS`` a generation with ``kwargs`` (``sampling_kwargs``) runs with; repetition-aware
+    sampling off shows as ``ras_win_len`` None."""
+    config = lm.generation_config
+    defaults = config._get_default_generation_params()  # what generate() fills in where the checkpoint is silent
+    out = {key: kwargs.get(key, getattr(config, key, None)) for key in SAMPLING_KEYS}
+    out = {key: defaults.get(key) if value is None and key not in kwargs else value for key, value in out.items()}
+    if out["ras_win_len"] is None or out["ras_win_max_num_repeat"] is None:
+        out["ras_win_len"] = out["ras_win_max_num_repeat"] = None
+    return out
+
+
 def generate_speech(model, tokenizer, codec, ids: SpecialIds, text: str, ref_audio: str | Path | None = None,
                     ref_text: str = "", scene: str = "", system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    ref_codes: np.ndarray | None = None) -> dict:
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: dict | None = None,
+                    seed: int | None = None, ref_codes: np.ndarray | None = None) -> dict:
     """Speak ``text`` (optionally in the voice of ``ref_audio`` / precomputed ``ref_codes``, whose transcript is
-    ``ref_text``). Never raises for a failed generation: the result's ``error`` says what went wrong.
+    ``ref_text``), decoding as the checkpoint's generation config says except for the knobs set in ``sampling``
+    (``sampling_kwargs``). Never raises for a failed generation: the result's ``error`` says what went wrong.
 
     Returns ``wave`` (float32, possibly empty), ``sample_rate``, ``n_frames`` (codec frames), ``seconds``,
     ``new_tokens`` (generation steps), ``stopped`` ("eos": the model ended the audio; "max_length": the limit
-    cut it; None on error) and ``error`` (None or one line). The global RNG is left as it was, so a trainer
-    calling this keeps its exact-resume guarantees."""
+    cut it; None on error), ``sampling`` (``effective_sampling``) and ``error`` (None or one line). The global
+    RNG is left as it was, so a trainer calling this keeps its exact-resume guarantees."""
     sample_rate = codec.config.sample_rate
     result = {"wave": np.zeros(0, np.float32), "sample_rate": sample_rate, "n_frames": 0, "seconds": 0.0,
-              "new_tokens": 0, "stopped": None, "error": None}
+              "new_tokens": 0, "stopped": None, "sampling": None, "error": None}
     lm = generator_of(model)
     was_training = lm.training
     lm.eval()
@@ -120,10 +169,12 @@ def generate_speech(model, tokenizer, codec, ids: SpecialIds, text: str, ref_aud
         if ref_audio is not None and ref_codes is None:
             ref_codes = encode_reference(codec, ref_audio)
         prompt = build_prompt(tokenizer, ids, text, ref_codes, ref_text, scene, system_prompt)
+        kwargs = sampling_kwargs(lm, sampling)
+        result["sampling"] = effective_sampling(lm, kwargs)
         with torch.random.fork_rng(devices=_cuda_devices(lm)):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = _generate(lm, prompt, max_new_tokens, do_sample, temperature, top_k, top_p)
+            out = _generate(lm, prompt, max_new_tokens, kwargs)
         n_ref = 0 if prompt["audio_input_ids"] is None else len(prompt["audio_input_ids"])
         frames = out.audio_sequences[0, n_ref:].cpu()
         result["new_tokens"] = len(frames)
@@ -144,7 +195,18 @@ def generate_speech(model, tokenizer, codec, ids: SpecialIds, text: str, ref_aud
     return result
 
 
-def _generate(lm, prompt: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_k, top_p):
+def describe_sampling(sampling: dict) -> str:
+    """One line for ``effective_sampling``'s values."""
+    if sampling["do_sample"]:
+        how = f"sampled: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p {sampling['top_p']}"
+    else:
+        how = "greedy"
+    if sampling["ras_win_len"] is not None:
+        return f"{how}, repetition-aware: {sampling['ras_win_max_num_repeat']} in {sampling['ras_win_len']} frames"
+    return how
+
+
+def _generate(lm, prompt: dict, max_new_tokens: int, sampling: dict):
     device = _device(lm)
     input_ids = prompt["input_ids"][None].to(device)
     kwargs = {}
@@ -152,12 +214,13 @@ def _generate(lm, prompt: dict, max_new_tokens: int, do_sample: bool, temperatur
         frames = prompt["audio_input_ids"][None].to(device)
         kwargs = {"audio_input_ids": frames,
                   "audio_input_ids_mask": torch.ones(frames.shape[:2], dtype=torch.bool, device=device)}
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
     # eos_token_id is what _sample emits once every codebook has ended: stop there, whatever generation_config says.
+    # synced_gpus=False: one process generates alone (during training: the main one, with the full parameters
+    # gathered by engine.full_parameters); under FSDP or ZeRO-3 transformers would wait for the others every token.
     return lm.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs,
-                       max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling,
+                       max_new_tokens=max_new_tokens, **sampling,
                        eos_token_id=lm.config.eos_token_id, pad_token_id=lm.config.pad_token_id,
-                       return_dict_in_generate=True)
+                       return_dict_in_generate=True, synced_gpus=False)
 
 
 def _device(module) -> torch.device:
@@ -182,8 +245,9 @@ def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
 # ---------------------------------------------------------------- where the model comes from (shared with export)
 
 
-def run_sources(run_dir: str) -> dict:
-    """base, audio_tokenizer, text_tokenizer, adapter, system_prompt and dtype of a finished run."""
+def run_sources(run_dir: str, need_adapter: bool = True) -> dict:
+    """base, audio_tokenizer, text_tokenizer, adapter, system_prompt and dtype of a run; the adapter is its finished
+    one, required unless ``need_adapter`` is off (another adapter or none is used), and then None when absent."""
     import yaml
 
     run = Path(run_dir)
@@ -198,11 +262,13 @@ def run_sources(run_dir: str) -> dict:
 
         tiny = ensure_tiny_assets(run / "tiny")
         base, codec = base or tiny["model.base"], codec or tiny["model.audio_tokenizer"]
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    finished = (run / "adapter" / "adapter_config.json").is_file()
+    if need_adapter and not finished:
         raise ConfigError(f"--run: {run_dir} has no finished adapter ({run / 'adapter'}); pass --adapter "
                           "RUN_DIR/checkpoints/step-N/adapter for a checkpoint")
     return {"base": base, "audio_tokenizer": codec, "text_tokenizer": model.get("text_tokenizer") or base,
-            "adapter": str(run / "adapter"), "system_prompt": data.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
+            "adapter": str(run / "adapter") if finished else None,
+            "system_prompt": data.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
             "dtype": model.get("dtype") or "fp32", "attn_implementation": model.get("attn_implementation") or "sdpa"}
 
 
@@ -252,11 +318,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                      help="generation steps, one delayed audio frame each: 25 per second of audio at 25 "
                           f"frames/s, plus 8 for the delay pattern; default: {DEFAULT_MAX_NEW_TOKENS}")
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    gen.add_argument("--top-k", type=int, help="keep the K most likely codes per codebook (with --do-sample)")
-    gen.add_argument("--top-p", type=float, help="nucleus sampling mass (with --do-sample)")
-    gen.add_argument("--seed", type=int, help="seed for sampling")
+    gen.add_argument("--seed", type=int, help="seed for sampling (and for repetition-aware redraws)")
+    knobs = p.add_argument_group(
+        "sampling", "Unset options keep the checkpoint's generation_config.json (the authors' tuning: sampling, "
+                    "temperature, top-k/top-p, repetition-aware sampling); each one given overrides it.")
+    mode = knobs.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_const", const=True,
+                      help="sample from the (tempered, top-k/top-p filtered) distribution")
+    mode.add_argument("--greedy", dest="do_sample", action="store_const", const=False,
+                      help="argmax decoding, without repetition-aware redraws unless --ras-win-len is given")
+    knobs.add_argument("--temperature", type=float, help="sampling temperature")
+    knobs.add_argument("--top-k", type=int, help="keep the K most likely codes per codebook (0: no limit)")
+    knobs.add_argument("--top-p", type=float, help="nucleus sampling mass (1: no limit)")
+    knobs.add_argument("--ras-win-len", type=int,
+                       help="repetition-aware sampling: redraw a code seen --ras-win-max-num-repeat times in the last "
+                            "N frames of its codebook from the untempered distribution (0: off)")
+    knobs.add_argument("--ras-win-max-num-repeat", type=int,
+                       help=f"repeats in the window that trigger a redraw (default: the checkpoint's, else "
+                            f"{DEFAULT_RAS_MAX_REPEAT})")
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -270,12 +349,15 @@ def check_args(args) -> None:
         raise ConfigError(f"--ref-audio: file not found: {args.ref_audio}")
     if args.ref_audio and not args.ref_text:
         raise ConfigError("--ref-audio needs --ref-text (the reference's transcript)")
-    if args.temperature <= 0:
+    if args.temperature is not None and args.temperature <= 0:
         raise ConfigError(f"--temperature must be positive, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    for flag, value in (("--top-k", args.top_k), ("--ras-win-len", args.ras_win_len)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} must not be negative, got {value}")
+    if args.ras_win_max_num_repeat is not None and args.ras_win_max_num_repeat < 1:
+        raise ConfigError(f"--ras-win-max-num-repeat must be at least 1, got {args.ras_win_max_num_repeat}")
 
 
 def cmd_generate(args) -> int:
@@ -295,12 +377,12 @@ def cmd_generate(args) -> int:
     result = generate_speech(model, tokenizer, codec, ids, args.text, ref_audio=args.ref_audio,
                              ref_text=args.ref_text, scene=args.scene,
                              system_prompt=args.system or src["system_prompt"], max_new_tokens=args.max_new_tokens,
-                             do_sample=args.do_sample,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                             sampling={key: getattr(args, key) for key in SAMPLING_KEYS}, seed=args.seed)
     if result["error"]:
         print(f"higgs-accel: generation failed: {result['error']}", file=sys.stderr)
         return 1
     path = write_wav(args.out, result["wave"], result["sample_rate"])
     how = "end of audio" if result["stopped"] == "eos" else f"length limit of {args.max_new_tokens} steps"
-    print(f"wrote {path}: {result['seconds']:.2f}s, {result['n_frames']} frames (stopped at {how})", file=sys.stderr)
+    print(f"wrote {path}: {result['seconds']:.2f}s, {result['n_frames']} frames (stopped at {how}; "
+          f"{describe_sampling(result['sampling'])})", file=sys.stderr)
     return 0

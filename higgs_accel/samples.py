@@ -15,7 +15,7 @@ from analysis.schema import SAMPLES_DIR, step_dir_name
 
 from .chat import SpecialIds
 from .config import ConfigError, LogConfig
-from .generate import decode_codes, encode_reference, generate_speech, write_wav
+from .generate import SAMPLING_KEYS, decode_codes, encode_reference, generate_speech, write_wav
 from .losses import LossOutput
 
 
@@ -81,8 +81,9 @@ def write_generated(model, tokenizer, codec, ids: SpecialIds, prompts: list[str]
                     system_prompt: str, max_new_tokens: int, seed: int = 0, **gen_kwargs) -> list[dict]:
     """Generate each prompt to ``out_dir/gen-<i>.wav``; one dict (a ``generate_audio`` event's fields) per prompt.
 
-    Greedy by default and seeded when sampling, so the same step of a resumed run sounds the same; failures are
-    reported in ``error`` (and leave no file), never raised."""
+    Decoded as the checkpoint's generation config says, but for the knobs ``gen_kwargs["sampling"]`` sets; seeded
+    per prompt, so the same step of a resumed run sounds the same; failures are reported in ``error`` (and leave
+    no file), never raised."""
     rows = []
     for i, text in enumerate(prompts):
         r = generate_speech(model, tokenizer, codec, ids, text, system_prompt=system_prompt,
@@ -92,15 +93,15 @@ def write_generated(model, tokenizer, codec, ids: SpecialIds, prompts: list[str]
             path = str(write_wav(Path(out_dir) / f"gen-{i}.wav", r["wave"], r["sample_rate"]))
         rows.append({"prompt": i, "text": text, "path": path, "seconds": r["seconds"], "n_frames": r["n_frames"],
                      "new_tokens": r["new_tokens"], "stopped": r["stopped"], "sample_rate": r["sample_rate"],
-                     "error": r["error"]})
+                     **(r["sampling"] or dict.fromkeys(SAMPLING_KEYS)), "error": r["error"]})
     return rows
 
 
 def generation_options(lc: LogConfig, codec) -> dict:
-    """``write_generated`` keyword arguments from the log config; the reference voice is encoded once, here, so a
+    """``write_generated`` keyword arguments from the log config: ``sampling`` holds ``log.generate_<knob>`` for each
+    of ``generate.SAMPLING_KEYS`` (null: the checkpoint's value). The reference voice is encoded once, here, so a
     bad file stops the run before training instead of failing at every generate eval."""
-    opts = {"do_sample": lc.generate_do_sample, "temperature": lc.generate_temperature,
-            "top_k": lc.generate_top_k or None, "top_p": lc.generate_top_p if lc.generate_top_p < 1 else None}
+    opts = {"sampling": {key: getattr(lc, f"generate_{key}") for key in SAMPLING_KEYS}}
     if lc.generate_every and lc.generate_ref_audio:
         try:
             opts["ref_codes"] = encode_reference(codec, lc.generate_ref_audio)

@@ -88,6 +88,101 @@ def build_model(out_dir: Path, tokenizer):
     tokenizer.save_pretrained(out_dir)
 
 
+SCORER_RATE = 16000
+_TINY_WAV2VEC2 = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                      num_conv_pos_embedding_groups=2, do_stable_layer_norm=False)
+
+
+def _scorer_features(return_attention_mask: bool):
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SCORER_RATE, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=return_attention_mask)
+
+
+def build_asr(out_dir: Path, says: str = "a"):
+    """A tiny CTC speech recognizer (``Wav2Vec2ForCTC`` + character tokenizer + feature extractor) whose output
+    layer is rigged to emit the character ``says`` on every frame: CTC collapses the repeats, so it transcribes
+    any audio as exactly ``says``: a known transcript through the real pipeline."""
+    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC, Wav2Vec2Processor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(out_dir / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                                     word_delimiter_token="|")
+    Wav2Vec2Processor(feature_extractor=_scorer_features(False), tokenizer=tokenizer).save_pretrained(out_dir)
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(**_TINY_WAV2VEC2, vocab_size=len(vocab), pad_token_id=0))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[vocab[says]] = 10.0
+    model.save_pretrained(out_dir)
+    return model
+
+
+def build_whisper_asr(out_dir: Path):
+    """A tiny Whisper (byte-level BPE tokenizer with Whisper's special tokens, 80-mel feature extractor, generation
+    config with languages and tasks) rigged to end every transcript at once: it transcribes any audio as ``""``,
+    through the real seq2seq pipeline, language and task prompts included."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([" ".join(WORDS)] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.model.save(str(out_dir))
+    end = "<|endoftext|>"
+    tokenizer = WhisperTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), unk_token=end,
+                                 bos_token=end, eos_token=end, pad_token=end)
+    special = ["<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80, sampling_rate=SCORER_RATE),
+                     tokenizer=tokenizer).save_pretrained(out_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in [end, *special]}
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=1500, max_target_positions=64, pad_token_id=ids[end], bos_token_id=ids[end],
+        eos_token_id=ids[end], decoder_start_token_id=ids["<|startoftranscript|>"]))
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids[end], pad_token_id=ids[end],
+        bos_token_id=ids[end], no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=True,
+        lang_to_id={"<|en|>": ids["<|en|>"], "<|de|>": ids["<|de|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}, max_length=32,
+        begin_suppress_tokens=[], suppress_tokens=[])
+    with torch.no_grad():  # the output layer (tied to the token embeddings) sees one constant vector: end-of-text's
+        # (the padding row, zero until now: Whisper pads with end-of-text), far longer than any other embedding
+        norm = model.model.decoder.layer_norm
+        model.model.decoder.embed_tokens.weight[ids[end]] = torch.ones(16)
+        norm.weight.zero_()
+        norm.bias.fill_(1.0)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def build_speaker(out_dir: Path):
+    """A tiny random speaker-verification model (``WavLMForXVector``) with its feature extractor."""
+    from transformers import WavLMConfig, WavLMForXVector
+
+    cfg = WavLMConfig(**_TINY_WAV2VEC2, num_buckets=16, max_bucket_distance=64, tdnn_dim=(16, 16),
+                      tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8)
+    model = WavLMForXVector(cfg).eval()
+    model.save_pretrained(out_dir)
+    _scorer_features(True).save_pretrained(out_dir)
+    return model
+
+
 # The demo's speech: a few voices saying a few phrases, every voice and phrase pair in both splits, each take at
 # its own loudness (and a few at another rate or in stereo). What the model learns on train then carries over to
 # validation, and the report of the default run shows a model learning. Takes differ in loudness only: the tiny

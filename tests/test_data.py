@@ -30,10 +30,11 @@ def parts(tiny, codes_cache):
     return tok, CodeCache(codes_cache, codec), ids, processor, samples
 
 
-def _ours(parts, sample, train_on_prompt=True, train_eos=False):
+def _ours(parts, sample, train_on_prompt=True, train_eos=False, train_bos=True):
     tok, cache, ids, _, _ = parts
     ref = cache.codes(sample.ref_audio) if sample.ref_audio else None
-    return build_example(sample, cache.codes(sample.audio), ref, tok, ids, SYSTEM, train_on_prompt, train_eos)
+    return build_example(sample, cache.codes(sample.audio), ref, tok, ids, SYSTEM, train_on_prompt, train_eos,
+                         train_bos)
 
 
 def _theirs(parts, sample):
@@ -49,10 +50,11 @@ def _with_reference(sample: Sample, other: Sample) -> Sample:
 
 
 def test_matches_transformers_processor(parts):
-    """Same text ids, delayed audio frames, frame mask and (where conventions agree) labels."""
+    """Same text ids, delayed audio frames, frame mask and (in the processor's convention: no <|audio_out_bos|>
+    text target, no stream EOS target) labels."""
     _, _, ids, _, samples = parts
     for sample in (samples[0], samples[3], _with_reference(samples[1], samples[2])):
-        ours, theirs = _ours(parts, sample), _theirs(parts, sample)
+        ours, theirs = _ours(parts, sample, train_bos=False), _theirs(parts, sample)
         assert torch.equal(ours["input_ids"], theirs["input_ids"][0])
         assert torch.equal(ours["audio_input_ids"], theirs["audio_input_ids"][0])
         assert theirs["audio_input_ids_mask"][0].all() and len(theirs["audio_input_ids_mask"][0]) == len(
@@ -166,17 +168,39 @@ def test_audio_labels_follow_the_original_collator(parts):
 
 
 def test_text_targets_only_in_the_target_assistant_turn(parts):
+    """The authors' convention (the default): <|audio_out_bos|> opening the target audio, then <|audio_eos|> and
+    <|eot_id|> after it; never the reference turn's <|audio_out_bos|>, not even with train_on_prompt."""
     tok, _, ids, _, samples = parts
     sample = _with_reference(samples[1], samples[2])
     ex = _ours(parts, sample, train_on_prompt=False)
-    targets = tok.convert_ids_to_tokens(ex["labels"][ex["labels"] != IGNORE].tolist())
-    assert targets == ["<|audio_eos|>", "<|eot_id|>"]
-    # the two target tokens follow the last (target) audio, not the reference turn
-    last_audio = (ex["input_ids"] == ids.delay).nonzero().max()
-    assert ((ex["labels"] != IGNORE).nonzero().min() > last_audio)
+    where = (ex["labels"] != IGNORE).nonzero()[:, 0]
+    targets = tok.convert_ids_to_tokens(ex["labels"][where].tolist())
+    assert targets == ["<|audio_out_bos|>", "<|audio_eos|>", "<|eot_id|>"]
+    # <|audio_out_bos|> is the one right before the target audio; the other two follow it
+    bos = (ex["input_ids"] == ids.audio_bos).nonzero()[:, 0]
+    placeholders = torch.isin(ex["input_ids"], torch.tensor([ids.audio, ids.delay])).nonzero()[:, 0]
+    assert len(bos) == 2 and where[0] == bos[1] and ex["input_ids"][bos[1] + 1] == ids.audio
+    assert (where[1:] > placeholders.max()).all()
     with_prompt = _ours(parts, sample, train_on_prompt=True)
     assert (with_prompt["labels"] != IGNORE).sum() > 10
-    assert not torch.isin(with_prompt["labels"], torch.tensor([ids.audio, ids.delay, ids.audio_bos])).any()
+    assert with_prompt["labels"][bos[0]] == IGNORE and with_prompt["labels"][bos[1]] == ids.audio_bos
+    assert not torch.isin(with_prompt["labels"], torch.tensor([ids.audio, ids.delay])).any()
+
+
+def test_train_audio_out_bos_adds_exactly_that_one_text_target(parts):
+    """Against transformers' processor, which masks <|audio_out_bos|>: with the option on (the authors'
+    convention) the labels differ in exactly one position per target turn, that token; off, they are equal."""
+    _, _, ids, _, samples = parts
+    for sample in (samples[0], _with_reference(samples[1], samples[2])):
+        theirs = _theirs(parts, sample)["labels"][0].clone()
+        theirs[theirs == ids.delay] = IGNORE  # transformers leaves delay placeholders as text labels; we never do
+        for train_on_prompt in (False, True):
+            on = _ours(parts, sample, train_on_prompt=train_on_prompt)["labels"]
+            off = _ours(parts, sample, train_on_prompt=train_on_prompt, train_bos=False)["labels"]
+            diff = (on != off).nonzero()[:, 0]
+            assert len(diff) == 1 and on[diff[0]] == ids.audio_bos and off[diff[0]] == IGNORE
+        assert torch.equal(off, theirs)
+        assert torch.equal((on != theirs).nonzero()[:, 0], diff)
 
 
 def test_collate_pads_right_and_masks(parts):

@@ -81,6 +81,27 @@ def test_generated_frames_revert_to_the_codes(parts):
     assert torch.equal(gen.generated_codes(frames[:12], ids), codes[:, :4])
 
 
+def test_stop_rule_against_transformers_decode(parts):
+    """Where every codebook ends at its own delayed position, our codes decode exactly like
+    HiggsAudioV2Processor.decode; where only codebook 0 ended and transformers forced the others one step later,
+    the processor keeps one more frame (codebook 0's EOS clipped to code 1023) and we do not."""
+    from transformers import DacFeatureExtractor, HiggsAudioV2Processor
+
+    tok, codec, _, ids = parts
+    processor = HiggsAudioV2Processor(DacFeatureExtractor(sampling_rate=24000, hop_length=960), tok, codec)
+    codes = torch.as_tensor(random_codes(6, 4).astype(np.int64))
+    frames = torch.as_tensor(np.asarray(delay_pattern(codes, ids.stream_bos, ids.stream_eos, ids.stream_bos,
+                                                      ids.stream_eos)))
+    ours = gen.decode_codes(codec, gen.generated_codes(frames, ids))
+    assert np.allclose(ours, processor.decode(frames[None]).numpy(), atol=1e-6)
+    # codebook c >= 1 still emits a code at frame T (row T + c) and ends one frame later
+    forced = torch.cat([frames, frames[-1:]])
+    for c in range(1, ids.num_codebooks):
+        forced[6 + 1 + c, c] = 5
+    assert len(processor.decode(forced[None])) == 7 * codec.config.hop_length
+    assert torch.equal(gen.generated_codes(forced, ids), codes)
+
+
 # ---------------------------------------------------------------- teacher-forced eval audio
 
 
@@ -174,6 +195,53 @@ def test_generation_stops_at_the_end_of_audio(parts):
     assert len(r["wave"]) == 4 * codec.config.hop_length
 
 
+def test_generation_starts_from_the_checkpoints_generation_config(tiny, tmp_path, monkeypatch):
+    """A checkpoint whose generation_config.json sets sampling and repetition-aware sampling: transformers' _sample
+    sees exactly those values unless an option overrides one; --greedy means argmax without RAS redraws."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny["model.base"], base)
+    config = json.loads((base / "generation_config.json").read_text())
+    config.pop("_from_model_config", None)  # with it, transformers keeps only the keys it knows (RAS is not one)
+    tuned = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "ras_win_len": 7,
+             "ras_win_max_num_repeat": 2}
+    (base / "generation_config.json").write_text(json.dumps({**config, **tuned}))
+    tok, codec = loading.load_tokenizer(str(base)), loading.load_codec_dir(tiny["model.audio_tokenizer"])
+    model = loading.load_model(str(base), None)
+    ids = SpecialIds.from_parts(tok, model.config)
+    seen = []
+    real = type(model)._sample
+
+    def spy(self, *args, generation_config, **kwargs):
+        seen.append({key: getattr(generation_config, key, None) for key in gen.SAMPLING_KEYS})
+        return real(self, *args, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(type(model), "_sample", spy)
+    runs = [None, {"do_sample": False}, {"do_sample": False, "ras_win_len": 3}, {"temperature": 1.3, "top_k": 0},
+            {"ras_win_len": 0}]
+    results = [gen.generate_speech(model, tok, codec, ids, "Hi.", max_new_tokens=12, sampling=s, seed=0)
+               for s in runs]
+    assert all(r["error"] is None for r in results)
+    expected = [tuned, {**tuned, "do_sample": False, "ras_win_len": None},
+                {**tuned, "do_sample": False, "ras_win_len": 3}, {**tuned, "temperature": 1.3, "top_k": 0},
+                {**tuned, "ras_win_len": None}]
+    assert seen == expected
+    # what the result reports is what ran (RAS off shows as no window and no repeat count)
+    assert [r["sampling"] for r in results] == [{**e, "ras_win_max_num_repeat": None} if e["ras_win_len"] is None
+                                                else e for e in expected]
+    assert gen.describe_sampling(results[0]["sampling"]) == ("sampled: temperature 0.7, top-k 20, top-p 0.9, "
+                                                             "repetition-aware: 2 in 7 frames")
+
+    # A checkpoint that sets none of it decodes as transformers' defaults (greedy); a window set here gets 2 repeats.
+    plain = loading.load_model(tiny["model.base"], None)
+    seen.clear()
+    r = gen.generate_speech(plain, tok, codec, ids, "Hi.", max_new_tokens=12, sampling={"ras_win_len": 4})
+    assert r["error"] is None and seen[0]["do_sample"] in (False, None)
+    assert (seen[0]["ras_win_len"], seen[0]["ras_win_max_num_repeat"]) == (4, 2)
+
+
 def test_generation_reports_failures_instead_of_raising(parts):
     tok, codec, model, ids = parts
     r = gen.generate_speech(model, tok, codec, ids, "Hi.", max_new_tokens=3)
@@ -187,7 +255,8 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(parts, tmp_path):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    rows = [write_generated(model, tok, codec, ids, ["One.", "Two."], tmp_path / d, "Sys.", 16, do_sample=True)
+    rows = [write_generated(model, tok, codec, ids, ["One.", "Two."], tmp_path / d, "Sys.", 16,
+                            sampling={"do_sample": True})
             for d in ("a", "b")]
     assert torch.equal(torch.rand(1), before)
     assert [r["path"] is not None for r in rows[0]] == [True, True]
@@ -249,6 +318,24 @@ def test_generate_cli_writes_a_wav(run_dir, tmp_path, tiny):
     assert not (tmp_path / "c.wav").exists()
 
 
+def test_sampling_options_are_unset_unless_given():
+    """Each knob left out is None (the checkpoint's value); --greedy and --do-sample exclude each other. The log keys
+    are the same: null unless set, and set ones are what generation gets."""
+    from higgs_accel.config import load_config
+    from higgs_accel.samples import generation_options
+
+    base = ["generate", "--base", "B", "--text", "x", "--out", "o.wav"]
+    args = parse_args(base)
+    assert {key: getattr(args, key) for key in gen.SAMPLING_KEYS} == dict.fromkeys(gen.SAMPLING_KEYS)
+    assert parse_args([*base, "--greedy"]).do_sample is False and parse_args([*base, "--do-sample"]).do_sample
+    assert parse_args([*base, "--ras-win-len", "0"]).ras_win_len == 0
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--greedy", "--do-sample"])
+    cfg = load_config(None, [("preset", "tiny", "x"), ("log.generate_do_sample", "false", "x"),
+                             ("log.generate_top_p", "null", "x")])
+    assert generation_options(cfg.log, None)["sampling"] == {**dict.fromkeys(gen.SAMPLING_KEYS), "do_sample": False}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--base", "/nope/model", "--audio-tokenizer", "/nope", "--text", "x", "--out", "o.wav"],
      "--base: model dir not found: /nope/model"),
@@ -283,6 +370,8 @@ def test_training_generates_every_n_evals_in_the_reference_voice(tmp_path, tiny,
     assert [(e["step"], e["prompt"]) for e in generated] == [(2, 0), (2, 1), (4, 0), (4, 1)]
     for e in generated:
         assert e["error"] is None and sf.info(e["path"]).frames > 0
+        # the log keys set override the tiny checkpoint's config (silent on sampling: transformers' defaults)
+        assert (e["do_sample"], e["top_k"], e["temperature"], e["ras_win_len"]) == (True, 50, 1.0, None)
 
 
 def test_a_bad_reference_voice_stops_the_run_before_training(tmp_path, tiny, codes_cache):

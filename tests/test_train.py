@@ -78,7 +78,9 @@ def test_events_and_run_files(finished):
     assert {(e["phase"], e["step"]) for e in slices} == {("train", 2), ("train", 4), ("train", 6), ("eval", 3),
                                                          ("eval", 6)}
     text = [e for e in slices if e["modality"] == "text"][0]
-    assert text["first_label_text"][0] == "<|audio_eos|>" and len(text["first_pos"]) == len(text["first_pred"])
+    # data.train_audio_out_bos (the authors' convention): the audio opener, then what follows the audio
+    assert text["first_label_text"][:2] == ["<|audio_out_bos|>", "<|audio_eos|>"]
+    assert len(text["first_pos"]) == len(text["first_pred"])
     assert {e["codebook"] for e in slices if e["modality"] == "audio"} == set(range(8))
     for e in (e for e in slices if e["modality"] == "audio"):
         # codes 1..n then the stream EOS at n + 1, whatever the codebook's delay

@@ -86,16 +86,11 @@ class ConsoleSink:
                 f" | logits {e['logits_shape']} labels {e['labels_shape']}")
         lines = [head]
         for part in ("first", "last"):
-            preds, labels = e[f"{part}_pred"], e[f"{part}_label"]
-            if e["modality"] == "text":
-                preds, labels = e[f"{part}_pred_text"], e[f"{part}_label_text"]
-            cells = [(repr(p) if isinstance(p, str) else str(p), repr(lab) if isinstance(lab, str) else str(lab))
-                     for p, lab in zip(preds, labels)]
-            width = [max(len(a), len(b)) for a, b in cells]
-            mark = ["" if p == lab else "*" for p, lab in zip(e[f"{part}_pred"], e[f"{part}_label"])]
-            lines.append(f"  {part:5} pred  " + " ".join(f"{a:>{w}}" for (a, _), w in zip(cells, width)))
-            lines.append(f"  {'':5} label " + " ".join(f"{b:>{w}}" for (_, b), w in zip(cells, width))
-                         + ("   * mismatch" if any(mark) else ""))
+            cells = slice_cells(e, part)
+            width = [max(len(a), len(b)) for a, b, _ in cells]
+            lines.append(f"  {part:5} pred  " + " ".join(f"{a:>{w}}" for (a, _, _), w in zip(cells, width)))
+            lines.append(f"  {'':5} label " + " ".join(f"{b:>{w}}" for (_, b, _), w in zip(cells, width))
+                         + ("   * mismatch" if not all(same for _, _, same in cells) else ""))
         self._print("\n".join(lines))
 
     def _on_eval_audio(self, e):
@@ -141,6 +136,17 @@ class ConsoleSink:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def slice_cells(e: dict, part: str) -> list[tuple[str, str, bool]]:
+    """(prediction, label, equal) per target of a ``pred_slice`` event's ``first`` or ``last`` part, as shown to a
+    person: decoded tokens (quoted) on text rows, code numbers on audio rows."""
+    preds, labels = e[f"{part}_pred"], e[f"{part}_label"]
+    shown_preds, shown_labels = preds, labels
+    if e["modality"] == "text":
+        shown_preds, shown_labels = e[f"{part}_pred_text"], e[f"{part}_label_text"]
+    return [(repr(a) if isinstance(a, str) else str(a), repr(b) if isinstance(b, str) else str(b), p == lab)
+            for a, b, p, lab in zip(shown_preds, shown_labels, preds, labels)]
 
 
 def _fmt(v, digits: int = 4) -> str:
