@@ -147,3 +147,26 @@ def test_two_processes_give_the_gradient_and_the_loss_of_one_batch(tmp_path, tin
     step = [e for e in steps if e["event"] == "train_step"][0]
     assert step["samples"] == 8
     assert step["loss"] == pytest.approx(of(events, "train_step")[0]["loss"], rel=1e-6)
+
+
+def test_batches_that_vanish_mid_run_are_left_out_of_the_step(tmp_path, monkeypatch, tiny, codes_cache):
+    """Samples whose codes vanish from the cache mid-run are reported and left out: a step whose first micro-batch
+    vanished trains on its second; a step whose micro-batches all vanished is no step (one process)."""
+    from higgs_accel.data import HiggsDataset, Skip
+
+    getitem, calls = HiggsDataset.__getitem__, []
+
+    def vanishing(self, i):
+        calls.append(i)
+        if 5 <= len(calls) <= 6 or 9 <= len(calls) <= 12:  # step 2: its first micro-batch; step 3: all
+            return Skip("test", i, "missing_codes", "deleted mid-run")
+        return getitem(self, i)
+
+    monkeypatch.setattr(HiggsDataset, "__getitem__", vanishing)
+    events = train_run(tmp_path, tiny, codes_cache, train__max_steps=3, train__batch_size=2, train__grad_accum=2,
+                       train__eval_every=0, train__save_every=0, data__val_manifest="", log__eval_audio_samples=0,
+                       log__generate_every=0)
+    steps = of(events, "train_step")
+    assert [e["samples"] for e in steps] == [4, 2, 4] and all(e["loss"] > 0 for e in steps)
+    assert len([e for e in of(events, "data_skip") if e["split"] == "train"]) == 6
+    assert of(events, "run_end")[0]["status"] == "finished"
