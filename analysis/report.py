@@ -110,7 +110,7 @@ def header(doc: Doc, run: Run) -> None:
         and params[1] else ""
     hw = s.get("hardware") or {}
     rows = [
-        ["status", run.status + (f" ({end['error']})" if end.get("error") else "")],
+        ["status", run.status + "".join(f" ({end[k]})" for k in ("error", "message") if end.get(k))],
         ["last event", last.strftime("%Y-%m-%d %H:%M:%S UTC") if last else "-"],
         ["run dir", str(run.path)],
         ["steps", f"{max(steps) if steps else 0} of {_fmt_int(s.get('total_steps'))} "

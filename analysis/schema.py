@@ -77,7 +77,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "loss": FLOAT, "text_loss": FLOAT, "audio_loss": FLOAT, "text_acc": FLOAT, "audio_acc": FLOAT,
     "text_targets": INT, "audio_targets": INT, "tokens": INT, "audio_frames": INT, "samples": INT,
     "lr": FLOAT, "grad_norm": FLOAT, "step_time_s": FLOAT, "samples_per_s": FLOAT, "tokens_per_s": FLOAT,
-    "padding_frac": FLOAT, "data_wait_s": FLOAT, "peak_mem_mb": FLOAT,
+    "padding_frac": FLOAT, "data_wait_s": FLOAT, "peak_mem_mb": FLOAT, "step_skipped": BOOL, "nonfinite_steps": INT,
     # pred_slice
     "modality": STR, "sample": INT, "codebook": INT, "first_pos": INTS, "last_pos": INTS, "first_frame": INTS,
     "last_frame": INTS, "first_pred": INTS, "last_pred": INTS, "first_label": INTS, "last_label": INTS,
@@ -96,7 +96,10 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "score_s": FLOAT,
     # checkpoint, adapter_saved, run_resume, log_error, library_log, run_end
     "adapter": STR, "checkpoint": STR, "from_step": INT, "sink": STR, "error_type": STR, "fragment": STR,
-    "logger": STR, "message": STR, "status": STR, "elapsed_s": FLOAT, "completed_steps": INT,
+    "logger": STR, "message": STR, "status": STR, "elapsed_s": FLOAT, "completed_steps": INT, "checkpoint_seq": INT,
+    "start_seq": INT,
+    # run_lock_taken_over (checkpoint_skipped: path, reason)
+    "holder_host": STR, "holder_pid": INT, "holder_started": STR, "holder_run_id": STR, "heartbeat_age_s": FLOAT,
 }
 CODEBOOK_METRIC = re.compile(r"audio_(loss|acc)_cb\d+")
 # An undeclared field is typed by the first of these that holds all its values (strings hold anything).
@@ -379,34 +382,45 @@ def _read_tail(path: Path, after_seq: int, skipped: list[Skipped],
 
 
 class Superseded:
-    """The rule of docs/events.md: an event is superseded when a later ``run_resume`` (higher seq) resumed from a
-    step below the event's step, so the resumed run redid that step. The writer marks it (``mark``: a boolean
+    """The rule of docs/events.md: an event is superseded when a later start resumed (``run_resume``; the event
+    logged before that start, seq below its ``start_seq``) from a step below the event's step, or from the event's
+    own step with the event logged after that step's checkpoint (seq above the resume's ``checkpoint_seq``: the final
+    eval, ``adapter_saved``, ``run_end``), so the resumed run redid it. The writer marks it (``mark``: a boolean
     column, so pandas, polars and DuckDB users filter with ``NOT superseded``); a reader drops those rows
     (``drop``)."""
 
     COLUMN = "superseded"
 
-    def __init__(self, resumes: list[tuple[int, int]]):
-        self.resumes = [(seq, from_step) for seq, from_step in resumes
-                        if type(seq) is int and type(from_step) is int]
+    def __init__(self, resumes: list[tuple]):
+        """``resumes``: (seq, from_step, checkpoint_seq, start_seq) of each ``run_resume``; the last two may be None
+        (logs written before they existed): then the resume's own seq stands for its start."""
+        self.resumes = [(start if type(start) is int else seq, from_step, ckpt if type(ckpt) is int else None)
+                        for seq, from_step, ckpt, start in resumes if type(seq) is int and type(from_step) is int]
+
+    FIELDS = ("seq", "from_step", "checkpoint_seq", "start_seq")
 
     @classmethod
     def of_rows(cls, rows: list[dict]) -> Superseded:
-        return cls([(r.get("seq"), r.get("from_step")) for r in rows if r.get("event") == "run_resume"])
+        return cls([tuple(r.get(k) for k in cls.FIELDS) for r in rows if r.get("event") == "run_resume"])
 
     @classmethod
     def of_table(cls, table: pa.Table | None) -> Superseded:
         if table is None or not {"seq", "from_step"} <= set(table.column_names):
             return cls([])
-        return cls(list(zip(table.column("seq").to_pylist(), table.column("from_step").to_pylist(), strict=True)))
+        columns = [table.column(k).to_pylist() if k in table.column_names else [None] * table.num_rows
+                   for k in cls.FIELDS]
+        return cls(list(zip(*columns, strict=True)))
 
     def flags(self, table: pa.Table) -> pa.Array:
         """True on each row of ``table`` that a resume redid."""
         flag = pa.array([False] * table.num_rows, BOOL)
         if {"step", "seq"} <= set(table.column_names):
             step, seq = table.column("step"), table.column("seq")
-            for resume_seq, from_step in self.resumes:
-                redone = pc.and_(pc.greater(step, from_step), pc.less(seq, resume_seq))
+            for start_seq, from_step, ckpt_seq in self.resumes:
+                after = pc.greater(step, from_step)
+                if ckpt_seq is not None:
+                    after = pc.or_(after, pc.and_(pc.equal(step, from_step), pc.greater(seq, ckpt_seq)))
+                redone = pc.and_(after, pc.less(seq, start_seq))
                 flag = pc.or_(flag, pc.fill_null(redone, False))
         return flag
 

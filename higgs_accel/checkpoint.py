@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.schema import step_dir_name
+from analysis.schema import EVENTS_FILE, read_jsonl, step_dir_name
 
 from .config import ConfigError
 
@@ -244,6 +244,21 @@ def has_saved_work(run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` saved a step (a checkpoint or the final adapter). A plain rerun replaces a run
     dir only when this is false; otherwise --resume latest can continue it."""
     return newest_complete(run_dir) is not None or (Path(run_dir) / ADAPTER).is_dir()
+
+
+def run_id_of(run_dir: Path) -> str | None:
+    """The run id of the run whose log is in ``run_dir`` (its last event's), or None for a dir without one."""
+    events = read_jsonl(Path(run_dir) / EVENTS_FILE)
+    run_id = events[-1].get("run_id") if events else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def checkpoint_seq(run_dir: Path, step: int) -> int | None:
+    """The seq of the last ``checkpoint`` event of ``step`` in the log of ``run_dir`` (None: not logged, e.g. a kill
+    between the save and its event): what a resume redoes at that step is what was logged after it."""
+    seqs = [e["seq"] for e in read_jsonl(Path(run_dir) / EVENTS_FILE)
+            if e.get("event") == "checkpoint" and e.get("step") == step]
+    return seqs[-1] if seqs else None
 
 
 def find_checkpoint(run_dir: Path, resume: str, run_id: str | None = None, any_run: bool = False) -> Found:

@@ -88,15 +88,15 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, _run_overrides(args))
     from .loop import train
 
-    run_dir = train(cfg)
+    ended = train(cfg)
     if not args.no_report and _is_main():
-        write_run_report(run_dir)
-    return 0
+        write_run_report(ended.run_dir)
+    return ended.exit_code  # stopping.EXIT_CODES: a requeue wrapper tells preempted (75) from failed
 
 
 def write_run_report(run_dir) -> None:
     """The report at the end of a run. It can never change how the run ended: a failure is one warning line and a
-    ``log_error`` event (sink ``report``) appended to the run's log, and the exit status stays 0."""
+    ``log_error`` event (sink ``report``) appended to the run's log; the exit status stays the run's."""
     from analysis.report import write_report
 
     try:
@@ -236,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"higgs-accel: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (or not in train.stop_signals): no traceback
+        from .stopping import EXIT_CODES
+
+        print("higgs-accel: interrupted", file=sys.stderr)
+        return EXIT_CODES["interrupted"]
 
 
 if __name__ == "__main__":

@@ -198,6 +198,7 @@ class EventLog:
             torn = cut_torn_tail(path)
             first_seq = read_last_seq(path) + 1
             self._file = JsonLines(path)
+        self.first_seq = first_seq  # of this start: a resume names it, so what came before is told apart
         self._log = structlog.wrap_logger(
             _Output(self._file, self.sinks, self._sink_failed),
             processors=[

@@ -176,3 +176,23 @@ def _in_use(run_dir: Path, holder: Holder | None, extra: str = "") -> ConfigErro
     who = holder.describe() if holder else "a process that has not written its record yet"
     return ConfigError(f"'train.output_dir': {run_dir} is in use by another run ({who}{extra}); wait for it to end, "
                        "stop it, or pick another --output-dir")
+
+
+def acquire_for_run(accelerator, run_dir: Path, run_id: str, stale_s: float) -> RunLock | None:
+    """The main process takes the lock (the others hold none: they live and die with it under one launcher); when
+    it cannot, every process raises the same one-line ConfigError, so all exit 2 with the same line."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire(run_dir, run_id, stale_s)
+        except ConfigError as e:
+            error = str(e)
+        except OSError as e:  # an output dir that cannot take the lock file
+            error = f"'train.output_dir': cannot lock {run_dir} ({e.strerror or e})"
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ConfigError(error)
+    return lock

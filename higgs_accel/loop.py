@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import shutil
+import sys
 import time
 import uuid
 from collections import Counter
@@ -26,12 +28,14 @@ from .config import ConfigError, RunConfig, validate_for_model
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .events import EventLog, capture_library_logs
 from .loading import load_base_model, load_codec, load_text_tokenizer, resolve_checkpoints
+from .lock import RunLock, acquire_for_run
 from .losses import LossWeights, n_stats, summarize
 from .memory import plan as plan_memory
 from .model import DualLossModel, add_lora, count_parameters
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
+from .stopping import NonFiniteGuard, RunEnded, StopSignals, stopped_line
 from .tiny import apply_tiny_preset
 
 if TYPE_CHECKING:
@@ -63,80 +67,130 @@ class TrainState:
     ids: SpecialIds
     weights: LossWeights
     generation: dict  # keyword arguments of samples.write_generated
+    lock: RunLock | None  # held by the main process until the run ends
+    last_batch: dict | None = None  # the last batch trained on: redone at weight 0 when a step's batches vanish
 
 
-def train(cfg: RunConfig) -> Path:
-    """Run (or resume) one fine-tuning run; return its run dir. Every event goes through ``state.log.emit``."""
+def train(cfg: RunConfig) -> RunEnded:
+    """Run (or resume) one fine-tuning run; return its run dir and how it ended. Every event goes through
+    ``state.log.emit``."""
     state = setup(cfg)
     accelerator, log, t = state.accelerator, state.log, cfg.train
-    step, epoch, consumed = state.start["step"], state.start["epoch"], state.start["batches_in_epoch"]
+    step = saved_at = state.start["step"]
     params = [p for p in state.model.parameters() if p.requires_grad]
     stats = torch.zeros(n_stats(state.ids.num_codebooks), device=accelerator.device)
-    started, tick, data_wait = time.time(), time.perf_counter(), 0.0
-    status, error, totals, last = "crashed", None, Counter(dict.fromkeys(TOTALS, 0)), None
+    signals, guard = StopSignals(t.stop_signals), NonFiniteGuard(t.on_nonfinite, t.max_nonfinite_steps)
+    steps = step_batches(state, state.start["epoch"], state.start["batches_in_epoch"])
+    started, tick, ended, message = time.time(), time.perf_counter(), None, None
+    status, error, totals = "crashed", None, Counter(dict.fromkeys(TOTALS, 0))
     try:
         state.model.train()
-        while step < state.total_steps:
-            # Set on the prepared loader: with 2+ processes the set_epoch of accelerate's skip loader (used on
-            # resume) does not reach our sampler, and the skip loader takes its epoch from this one.
-            state.train_loader.set_epoch(epoch)
-            batches = state.train_loader
-            if consumed:
-                batches = accelerator.skip_first_batches(batches, consumed)
-            for batch, waited in timed(batches):
-                consumed += 1
-                data_wait += waited
-                for skip in batch["skipped"]:
-                    emit_skip(log, "train", skip)
-                weight = 1.0
-                if "input_ids" not in batch:  # every sample of this batch vanished from the cache mid-run
-                    if accelerator.num_processes == 1 or last is None:
-                        continue
-                    # Redo the last batch at weight 0: every process must run the same forwards and backwards,
-                    # or DDP's gradient all-reduce waits forever for the one that skipped.
-                    batch, weight = last, 0.0
-                last = batch
-                with accelerator.accumulate(state.model):
-                    out = state.model(batch)
-                    accelerator.backward(out.loss * weight)
-                    stats += out.stats * weight
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf)
-                    state.optimizer.step()
-                    state.optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                state.scheduler.step()
-                step += 1
-                log.bind(step=step, epoch=epoch, phase="train")
-                now = time.perf_counter()
-                totals.update(log_train_step(state, stats, grad_norm, now - tick, data_wait, out, batch, step))
-                stats.zero_()
-                data_wait = 0.0
-                if t.eval_every and step % t.eval_every == 0 and step < state.total_steps:
-                    evaluate(state, step)
-                if t.save_every and step % t.save_every == 0:
-                    save(state, step, epoch, consumed)
-                tick = time.perf_counter()
-                if step >= state.total_steps:
-                    break
-            else:
-                epoch, consumed = epoch + 1, 0
-        evaluate(state, step)
-        adapter = ckpt.save_adapter(accelerator, state.model, state.run_dir)
-        log.emit("adapter_saved", path=str(adapter))
-        status = "finished"
-    except KeyboardInterrupt:
+        while step < state.total_steps and ended is None:
+            epoch, consumed, batches, data_wait = next(steps)
+            for skip in (s for b in batches for s in b["skipped"]):
+                emit_skip(log, "train", skip)
+            out, batch = backward(state, batches, stats)
+            if out is None:  # every sample of the step vanished from the cache mid-run (one process): no step
+                continue
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+            # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same
+            # norm, so all skip (or stop) the same step. A skipped step still advances the schedule and the data.
+            skipped = guard.bad(grad_norm.item())
+            if not skipped:
+                state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scheduler.step()
+            step += 1
+            log.bind(step=step, epoch=epoch, phase="train")
+            now = time.perf_counter()
+            counts, stop = log_train_step(state, stats, grad_norm, skipped, guard, signals.requested, now - tick,
+                                          data_wait, out, batch, step)
+            totals.update(counts)
+            stats.zero_()
+            if guard.diverged:  # no eval, no save: the last checkpoint holds the last good weights
+                ended, message = "diverged", guard.diverged_line(step, ckpt.newest_complete(state.run_dir))
+                break
+            if t.eval_every and step % t.eval_every == 0 and step < state.total_steps:
+                evaluate(state, step)
+            if (t.save_every and step % t.save_every == 0) or (stop and saved_at != step):
+                save(state, step, epoch, consumed)
+                saved_at = step
+            if stop:  # every process got the same answer from the step's reduce: all stop at this step
+                ended, message = signals.status, stopped_line(signals, step, ckpt.checkpoint_dir(state.run_dir, step))
+            tick = time.perf_counter()
+        if ended is None:
+            evaluate(state, step)
+            adapter = ckpt.save_adapter(accelerator, state.model, state.run_dir)
+            log.emit("adapter_saved", path=str(adapter))
+        status = ended or "finished"
+    except KeyboardInterrupt:  # Ctrl-C when SIGINT is not one of train.stop_signals
         status, error = "interrupted", "KeyboardInterrupt"
         raise
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
+        signals.restore()
         log.emit("run_end", level="info" if status == "finished" else "error", status=status, error=error,
-                 elapsed_s=time.time() - started, total_steps=state.total_steps, completed_steps=step, **totals)
+                 message=message, elapsed_s=time.time() - started, total_steps=state.total_steps,
+                 completed_steps=step, nonfinite_steps=guard.total, **totals)
         log.close()
-    return state.run_dir
+        if state.lock:
+            state.lock.release()
+    return RunEnded(state.run_dir, status)
+
+
+def step_batches(state: TrainState, epoch: int, consumed: int):
+    """Yield (epoch, batches consumed in it, the step's micro-batches, seconds waited for them) per optimizer step,
+    forever: ``grad_accum`` micro-batches, fewer at the end of an epoch. A step's batches are read before its
+    first backward, so its targets can be counted first (``backward``)."""
+    accelerator, size = state.accelerator, state.cfg.train.grad_accum
+    while True:
+        # Set on the prepared loader: with 2+ processes the set_epoch of accelerate's skip loader (used on resume)
+        # does not reach our sampler, and the skip loader takes its epoch from this one.
+        state.train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(state.train_loader, consumed) if consumed else state.train_loader
+        group, waited = [], 0.0
+        for batch, wait in timed(loader):
+            group.append(batch)
+            waited, consumed = waited + wait, consumed + 1
+            if len(group) == size:
+                yield epoch, consumed, group, waited
+                group, waited = [], 0.0
+        if group:
+            yield epoch, consumed, group, waited
+        epoch, consumed = epoch + 1, 0
+
+
+def backward(state: TrainState, batches: list[dict], stats: torch.Tensor):
+    """Forward and backward of one optimizer step's micro-batches; returns the last (output, batch), or (None,
+    None) when there is nothing to train on.
+
+    The step's loss is that of one big batch: each micro-batch's summed losses are divided by the target counts of
+    the whole step (all its micro-batches on all processes, one all-reduce), so splitting a batch by accumulation
+    or processes changes neither the gradient nor the logged loss. Accumulation is ours, not accelerate's
+    ``accumulate`` (the Accelerator has gradient_accumulation_steps=1, so ``backward`` does not divide): only the
+    last backward syncs, the others run under ``no_sync``. DDP averages the processes' gradients, where the step
+    needs their sum: hence the loss times the number of processes."""
+    accelerator, model = state.accelerator, state.model
+    unwrapped = accelerator.unwrap_model(model)
+    todo = [(b, 1.0) for b in batches if "input_ids" in b]
+    if not todo:
+        # Every sample of the step vanished from the cache. With 2+ processes, redo the last batch at weight 0:
+        # every process must run the synced backward, or DDP's gradient all-reduce waits forever for this one.
+        if accelerator.num_processes == 1 or state.last_batch is None:
+            return None, None
+        todo = [(state.last_batch, 0.0)]
+    state.last_batch = todo[-1][0]
+    counts = sum(unwrapped.count_targets(b) * w for b, w in todo)
+    counts = accelerator.reduce(counts, "sum").tolist()
+    scale = accelerator.num_processes
+    for i, (batch, weight) in enumerate(todo):
+        with accelerator.no_sync(model) if i < len(todo) - 1 else contextlib.nullcontext():
+            out = model(batch, counts)
+            accelerator.backward(out.loss * (weight * scale))
+        stats += out.stats * weight
+    return out, batch
 
 
 def timed(batches):
@@ -151,21 +205,24 @@ def timed(batches):
         yield batch, time.perf_counter() - start
 
 
-def log_train_step(state: TrainState, stats, grad_norm, step_time: float, data_wait: float, out, batch,
-                   step: int) -> dict:
+def log_train_step(state: TrainState, stats, grad_norm, skipped: bool, guard: NonFiniteGuard, stop: bool,
+                   step_time: float, data_wait: float, out, batch, step: int) -> tuple[dict, bool]:
     """One device-to-host read for all metrics of the step, then one event (plus slices on log steps); returns the
-    step's counts for the run's totals."""
+    step's counts for the run's totals, and whether any process was asked to stop (folded into the same reduce,
+    so every process stops at the same step)."""
     cfg, accelerator = state.cfg, state.accelerator
     grad_share = grad_norm.detach().float().reshape(1) / accelerator.num_processes
-    values = accelerator.reduce(torch.cat([stats, grad_share]), "sum").tolist()
-    metrics = summarize(values[:-1], state.weights)
-    state.log.emit("train_step", **metrics, lr=state.scheduler.get_last_lr()[0], grad_norm=values[-1],
-                   step_time_s=step_time, data_wait_s=data_wait,
+    flag = grad_share.new_tensor([float(stop)])
+    values = accelerator.reduce(torch.cat([stats, grad_share, flag]), "sum").tolist()
+    metrics = summarize(values[:-2], state.weights)
+    level = "warning" if skipped or guard.stalled else "info"
+    state.log.emit("train_step", level=level, **metrics, lr=state.scheduler.get_last_lr()[0], grad_norm=values[-2],
+                   step_skipped=skipped, nonfinite_steps=guard.total, step_time_s=step_time, data_wait_s=data_wait,
                    samples_per_s=metrics["samples"] / max(step_time, 1e-9),
                    tokens_per_s=metrics["tokens"] / max(step_time, 1e-9), peak_mem_mb=peak_memory_mb())
     if step % cfg.log.log_steps == 0 and accelerator.is_main_process:
         emit_slices(state, out, batch)
-    return {k: metrics[k] for k in TOTALS}
+    return {k: metrics[k] for k in TOTALS}, values[-1] > 0
 
 
 def emit_slices(state: TrainState, out, batch) -> None:
@@ -225,11 +282,12 @@ def emit_audio(state: TrainState, first, step: int) -> None:
         state.log.report_error("eval_audio", e)
 
 
-def save(state: TrainState, step: int, epoch: int, consumed: int) -> None:
+def save(state: TrainState, step: int, epoch: int, consumed: int) -> Path:
     progress = {"step": step, "epoch": epoch, "batches_in_epoch": consumed, "run_id": state.start["run_id"]}
     path = ckpt.save_checkpoint(state.accelerator, state.model, state.scheduler, state.run_dir, progress)
     state.log.emit("checkpoint", path=str(path), adapter=str(path / ckpt.ADAPTER))
     state.log.flush()
+    return path
 
 
 def peak_memory_mb() -> float:
@@ -244,24 +302,37 @@ def peak_memory_mb() -> float:
 
 
 def setup(cfg: RunConfig) -> TrainState:
-    """The accelerator, the run dir and the event log first, so that whatever fails after them is an event; then
-    model, data and optimizer (torchtune's ``setup`` -> ``_setup_*``), and the run_start event."""
+    """The accelerator, the run-dir lock, the run dir and the event log first, so that whatever fails after them is
+    an event; then model, data and optimizer (torchtune's ``setup`` -> ``_setup_*``), and the run_start event."""
     from accelerate.utils import broadcast_object_list
 
     accelerator = _setup_accelerator(cfg)
     run_dir = Path(cfg.train.output_dir)
-    resume_from = prepare_run_dir(cfg, run_dir, accelerator)
-    start = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": uuid.uuid4().hex[:12]}
-    if resume_from:
-        start = ckpt.read_state(resume_from)
-    start["run_id"] = broadcast_object_list([start["run_id"]])[0]
-    log = _setup_log(cfg, accelerator, run_dir, start)
+    existing = ckpt.run_id_of(run_dir)
+    run_id = existing if cfg.resume and existing else uuid.uuid4().hex[:12]
+    # Before anything in the dir is read for resuming, deleted or written: a second run stops here.
+    lock = acquire_for_run(accelerator, run_dir, run_id, cfg.train.lock_stale_s)
     try:
-        return _setup_training(cfg, accelerator, run_dir, log, start, resume_from)
+        found = prepare_run_dir(cfg, run_dir, accelerator, existing)
+        start = found.state if found else {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": run_id}
+        start["run_id"] = broadcast_object_list([start["run_id"]])[0]
+        log = _setup_log(cfg, accelerator, run_dir, start)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    try:
+        if lock and lock.taken_over:
+            log.emit("run_lock_taken_over", level="warning", **lock.taken_over.as_event())
+        for path, reason in found.skipped if found else ():
+            log.emit("checkpoint_skipped", level="warning", path=str(path), reason=reason)
+        return _setup_training(cfg, accelerator, run_dir, log, start, found.path if found else None, lock)
     except BaseException as e:
         log.emit("run_end", level="error", status="failed", error=f"{type(e).__name__}: {e}", elapsed_s=0.0,
                  total_steps=0, completed_steps=start["step"])
         log.close()
+        if lock:
+            lock.release()
         raise
 
 
@@ -269,7 +340,8 @@ def _setup_accelerator(cfg: RunConfig) -> Accelerator:
     from accelerate import Accelerator
 
     t = cfg.train
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, mixed_precision=t.mixed_precision or None,
+    # gradient_accumulation_steps=1: the loop accumulates itself (``backward``), with the step's own loss scale.
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=t.mixed_precision or None,
                               log_with=cfg.log.log_with or None, project_dir=str(Path(t.output_dir)))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -298,7 +370,7 @@ def _setup_log(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, start: d
 
 
 def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log: EventLog, start: dict,
-                    resume_from: Path | None) -> TrainState:
+                    resume_from: Path | None, lock: RunLock | None) -> TrainState:
     """Model, data, optimizer and schedule, prepared by accelerate; then the run_start event."""
     from accelerate.utils import set_seed
 
@@ -337,9 +409,10 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              memory=memory_plan)
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
-        log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"])
+        log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],
+                 checkpoint_seq=ckpt.checkpoint_seq(run_dir, start["step"]), start_seq=log.first_seq)
     return TrainState(cfg, run_dir, accelerator, log, model, tokenizer, optimizer, scheduler, train_loader,
-                      val_loader, total_steps, start, codec, ids, weights, generation)
+                      val_loader, total_steps, start, codec, ids, weights, generation, lock)
 
 
 def _setup_model(cfg: RunConfig, accelerator: Accelerator):
@@ -415,30 +488,28 @@ def _setup_scheduler(cfg: RunConfig, accelerator: Accelerator, optimizer, total_
     return scheduler
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator) -> Path | None:
-    """Refuse to mix two runs in one dir; return the checkpoint to resume from, if any."""
-    resume_from = ckpt.find_checkpoint(run_dir, cfg.resume).path if cfg.resume else None
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator, run_id: str | None) -> ckpt.Found | None:
+    """Refuse to mix two runs in one dir; return the checkpoint to resume from, if any (``run_id``: that of the run
+    already in the dir, whose checkpoints alone are resumed unless train.resume_any_run)."""
+    found = None
+    if cfg.resume:
+        found = ckpt.find_checkpoint(run_dir, cfg.resume, run_id=run_id, any_run=cfg.train.resume_any_run)
+        if (line := found.skip_line()) and accelerator.is_main_process:
+            print(line, file=sys.stderr)
     if accelerator.is_main_process:
-        if not resume_from and (run_dir / EVENTS_FILE).exists():
-            if not cfg.train.overwrite and got_to_training(run_dir):
-                raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; pass --resume latest to "
-                                  f"continue it, train.overwrite=true to replace it, or another --output-dir")
+        if not found and (run_dir / EVENTS_FILE).exists():
+            if not cfg.train.overwrite and ckpt.has_saved_work(run_dir):
+                how = ("pass --resume latest to continue it, " if ckpt.newest_complete(run_dir)
+                       else "it saved its final adapter and no checkpoint; ")
+                raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; {how}train.overwrite=true to "
+                                  "replace it, or another --output-dir")
             for name in (EVENTS_FILE, EVENTS_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report", SAMPLES_DIR):
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     accelerator.wait_for_everyone()
-    return resume_from
-
-
-def got_to_training(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` reached an optimizer step. One that failed while starting (a bad model dir,
-    strict data checks) did not, and is replaced without asking: there is nothing in it to lose."""
-    if (run_dir / ckpt.CHECKPOINTS).is_dir() or (run_dir / ckpt.ADAPTER).is_dir():
-        return True
-    with open(run_dir / EVENTS_FILE, encoding="utf-8", errors="replace") as f:
-        return any('"train_step"' in line for line in f)
+    return found
 
 
 def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int, data: PreparedData,

@@ -54,6 +54,17 @@ class LossWeights:
         parts = [w * x for w, x in ((self.text, text), (self.audio, audio)) if x is not None]
         return sum(parts) if parts else None
 
+    def losses(self, text_ce, cb_ce, text_n: float, cb_n: list[float]):
+        """(loss, text_loss, audio_loss) from summed cross-entropies (text, and each codebook's) and the target
+        counts to divide them by. The one formula of the loss: with a step's summed statistics it gives the logged
+        figures; with one micro-batch's sums and the whole step's counts (all micro-batches, all processes) it
+        gives that micro-batch's share, and the shares add up to the logged loss, so the optimized and the logged
+        loss are one quantity (``mean`` counts the codebooks with targets in the whole step)."""
+        text = text_ce / text_n if text_n else None
+        per_codebook = [ce / n for ce, n in zip(cb_ce, cb_n) if n]
+        audio = self.audio_loss(sum(per_codebook), len(per_codebook)) if per_codebook else None
+        return self.combine(text, audio), text, audio
+
 
 @dataclass
 class LossOutput:
@@ -88,15 +99,24 @@ def _shifted(hidden: torch.Tensor, labels: torch.Tensor):
     return h[valid], y[valid], where
 
 
-def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos,
-              weights: LossWeights = LossWeights()) -> LossOutput:
-    """Losses, accuracies and argmax predictions from the backbone's last hidden states (B, L, H)."""
+def target_counts(labels, audio_labels_pos) -> torch.Tensor:
+    """(1 + K,) targets of a batch: text, then each codebook's, after the causal shift; from the labels alone (no
+    forward), so a step's counts are known before its first backward."""
+    return torch.cat([(labels[:, 1:] != IGNORE).sum().reshape(1),
+                      (audio_labels_pos[:, 1:] != IGNORE).sum((0, 1))]).float()
+
+
+def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos, weights: LossWeights = LossWeights(),
+              counts: list[float] | None = None) -> LossOutput:
+    """Losses, accuracies and argmax predictions from the backbone's last hidden states (B, L, H).
+
+    ``counts`` ([text, codebook 0, ...] targets, see ``target_counts``) are those of the whole optimizer step, so
+    ``loss`` is this micro-batch's share of the step's loss; None: this batch's own (a loss of the batch alone)."""
     h_text, y_text, text_where = _shifted(hidden, labels)
     text_logits = text_head(h_text).float()
     text_ce = F.cross_entropy(text_logits, y_text, reduction="sum")
     text_pred = text_logits.argmax(-1)
     n_text = y_text.numel()
-    text_loss = text_ce / max(n_text, 1)
 
     h_audio, y_audio, audio_where = _shifted(hidden, audio_labels_pos)
     k = y_audio.shape[-1]
@@ -106,15 +126,18 @@ def dual_loss(hidden, text_head, audio_head, labels, audio_labels_pos,
     has = y_audio != IGNORE
     audio_pred = audio_logits.argmax(-1)
     cb_ce, cb_n = ce.sum(0), has.sum(0)
-    cb_loss = cb_ce / cb_n.clamp(min=1)
-    audio_loss = weights.audio_loss(cb_loss.sum(), (cb_n > 0).sum().clamp(min=1))
+    if counts is None:
+        counts = [n_text, *cb_n.tolist()]
+    loss, text_loss, audio_loss = weights.losses(text_ce, cb_ce, counts[0], counts[1:])
+    if loss is None:  # a step without targets still runs a backward, so that every process joins the all-reduce
+        loss = (text_ce + cb_ce.sum()) * 0.0
 
     with torch.no_grad():
         head = torch.stack([text_ce.detach(), text_ce.new_tensor(n_text), (text_pred == y_text).sum().float()])
         stats = torch.cat([head, head.new_zeros(4), cb_ce.detach(), cb_n.float(),
                            ((audio_pred == y_audio) & has).sum(0).float()])
     return LossOutput(
-        loss=weights.combine(text_loss, audio_loss), text_loss=text_loss, audio_loss=audio_loss,
+        loss=loss, text_loss=text_loss, audio_loss=audio_loss,
         stats=stats, text_pred=text_pred, text_label=y_text, text_where=text_where, audio_pred=audio_pred,
         audio_label=y_audio, audio_where=audio_where, text_logits_shape=list(text_logits.shape),
         audio_logits_shape=list(audio_logits.shape),
@@ -126,12 +149,10 @@ def summarize(stats: list[float], weights: LossWeights) -> dict:
     cb_ce, cb_n, cb_ok = _per_codebook(stats)
     cb_loss = [ce / n if n else None for ce, n in zip(cb_ce, cb_n)]
     cb_acc = [ok / n if n else None for ok, n in zip(cb_ok, cb_n)]
-    present = [x for x in cb_loss if x is not None]
     # A part without targets is None, not 0.0: a step or eval that saw no targets must not read as a perfect loss.
-    audio = weights.audio_loss(sum(present), len(present)) if present else None
-    text = stats[TEXT_CE] / stats[TEXT_N] if stats[TEXT_N] else None
+    loss, text, audio = weights.losses(stats[TEXT_CE], cb_ce, stats[TEXT_N], cb_n)
     out = {
-        "loss": weights.combine(text, audio),
+        "loss": loss,
         "text_loss": text,
         "audio_loss": audio,
         "text_acc": stats[TEXT_OK] / stats[TEXT_N] if stats[TEXT_N] else None,

@@ -7,7 +7,17 @@ from torch import nn
 
 from .chat import SpecialIds
 from .config import ConfigError, LoraConfig
-from .losses import FRAMES, PADDED, SAMPLES, TOKENS, LossOutput, LossWeights, audio_labels_by_position, dual_loss
+from .losses import (
+    FRAMES,
+    PADDED,
+    SAMPLES,
+    TOKENS,
+    LossOutput,
+    LossWeights,
+    audio_labels_by_position,
+    dual_loss,
+    target_counts,
+)
 
 
 def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | str = False):
@@ -52,14 +62,23 @@ class DualLossModel(nn.Module):
         """The underlying HiggsAudioV2ForConditionalGeneration (with LoRA layers injected)."""
         return self.peft.get_base_model()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def audio_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return audio_labels_by_position(batch["input_ids"], batch["audio_labels"], batch["audio_input_ids_mask"],
+                                        self.audio_token_ids)
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(1 + K,) text and per-codebook targets of ``batch``, from its labels alone (no forward)."""
+        return target_counts(batch["labels"], self.audio_labels(batch))
+
+    def forward(self, batch: dict[str, torch.Tensor], counts: list[float] | None = None) -> LossOutput:
+        """``counts``: the optimizer step's target counts (``count_targets`` summed over its micro-batches and
+        processes), which makes ``loss`` this micro-batch's share of the step's loss; None: the batch's own."""
         lm = self.lm
         hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           audio_input_ids=batch["audio_input_ids"],
                           audio_input_ids_mask=batch["audio_input_ids_mask"]).last_hidden_state
-        audio_pos = audio_labels_by_position(batch["input_ids"], batch["audio_labels"], batch["audio_input_ids_mask"],
-                                             self.audio_token_ids)
-        out = dual_loss(hidden, lm.text_lm_head, lm.audio_lm_head, batch["labels"], audio_pos, self.weights)
+        out = dual_loss(hidden, lm.text_lm_head, lm.audio_lm_head, batch["labels"], self.audio_labels(batch),
+                        self.weights, counts)
         out.stats[TOKENS] = batch["attention_mask"].sum()
         out.stats[FRAMES] = batch["audio_input_ids_mask"].sum()
         out.stats[SAMPLES] = len(batch["input_ids"])

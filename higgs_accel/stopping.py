@@ -10,6 +10,7 @@ import math
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 # How a run ended -> the process exit status (0 and 2 are also the CLI's: finished, bad input).
 EXIT_CODES = {"finished": 0, "diverged": 3, "preempted": 75, "interrupted": 130}
@@ -43,21 +44,14 @@ class StopSignals:
         """``interrupted`` for Ctrl-C, ``preempted`` for anything a scheduler sends."""
         return "interrupted" if self.signum == signal.SIGINT else "preempted"
 
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-
-def agreed_stop(accelerator, signals: StopSignals) -> bool:
-    """Whether any process got a stop signal; every process gets the same answer (one small all-reduce, so the
-    loop folds it into the step's metrics reduce where it can)."""
-    if accelerator.num_processes == 1:
-        return signals.signum is not None
-    import torch
-
-    flag = torch.tensor([float(signals.signum is not None)], device=accelerator.device)
-    return accelerator.reduce(flag, "sum").item() > 0
 
 
 @dataclass
@@ -69,11 +63,13 @@ class NonFiniteGuard:
     limit: int
     total: int = 0
     in_a_row: int = 0
+    zero_in_a_row: int = 0  # steps in a row whose gradient norm is exactly 0: finite, but nothing learns
 
     def bad(self, *values: float) -> bool:
         """Record one optimizer step; True when it must be skipped. The loop passes the clipped-gradient norm before
         ``optimizer.step``: a non-finite loss makes it non-finite too, and after the gradient all-reduce it is the
         same on every process, so all skip (and stop) together."""
+        self.zero_in_a_row = self.zero_in_a_row + 1 if values and all(v == 0 for v in values) else 0
         if all(math.isfinite(v) for v in values):
             self.in_a_row = 0
             return False
@@ -84,3 +80,30 @@ class NonFiniteGuard:
     @property
     def diverged(self) -> bool:
         return self.policy == "stop" and self.in_a_row >= self.limit
+
+    @property
+    def stalled(self) -> bool:
+        """``limit`` or more steps in a row with a gradient norm of exactly 0 (after a spike, a dead adapter)."""
+        return self.zero_in_a_row >= self.limit
+
+    def diverged_line(self, step: int, last_good: Path | None) -> str:
+        kept = f"last good checkpoint {last_good.name}" if last_good else "no checkpoint was saved before"
+        return (f"diverged: {self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1}-{step}); "
+                f"{kept}; no adapter saved")
+
+
+def stopped_line(signals: StopSignals, step: int, checkpoint: Path) -> str:
+    return (f"stopped by {signals.name} at step {step}: checkpoint {checkpoint.name} saved; "
+            "continue with --resume latest")
+
+
+@dataclass
+class RunEnded:
+    """What ``loop.train`` returns: the run dir and how the run ended (a ``run_end`` status)."""
+
+    run_dir: Path
+    status: str
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]

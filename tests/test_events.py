@@ -499,8 +499,10 @@ def test_every_event_and_field_of_a_real_run_is_documented_and_back(full_run):
     for e in events_of(full_run):
         emitted.setdefault(e["event"], []).append(e)
     assert set(emitted) <= set(documented), set(emitted) - set(documented)
-    # run_resume is met by the resume test; the quality events (a run with scorers) by tests/test_quality.py
-    assert set(documented) - set(emitted) == {"run_resume", "quality", "quality_summary"}
+    # run_resume is met by the resume test; the quality events (a run with scorers) by tests/test_quality.py; the
+    # lock takeover and skipped checkpoints by tests/test_run_control.py
+    assert set(documented) - set(emitted) == {"run_resume", "quality", "quality_summary", "checkpoint_skipped",
+                                              "run_lock_taken_over"}
     for name, events in emitted.items():
         fields = documented[name]
         seen = set().union(*events) - common

@@ -127,7 +127,7 @@ class ConsoleSink:
             self.bar = None
         if self.level <= 30:
             self._print(f"run {e['status']} after {e['step']} steps in {e['elapsed_s']:.1f}s"
-                        + (f": {e['error']}" if e.get("error") else ""))
+                        + "".join(f": {e[k]}" for k in ("error", "message") if e.get(k)))
 
     def flush(self) -> None:
         pass
