@@ -24,6 +24,7 @@ from pathlib import Path
 
 from analysis.schema import EVENTS_FILE, read_jsonl, step_dir_name
 
+from . import engine
 from .config import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -36,6 +37,7 @@ RNG_FILE = re.compile(r"random_states_(\d+)\.pkl")
 # Every name a checkpoint may hold (besides the manifest): what accelerate's save_state writes for one model and
 # one optimizer, our JSON files, and the adapter dir.
 LAYOUT = re.compile(r"(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt|"
+                    r"(pytorch_model_fsdp|optimizer)_\d+/(\.metadata|__\d+_\d+\.distcp)|"
                     rf"{re.escape(STATE_FILE)}|{re.escape(SCHEDULER_FILE)}|{ADAPTER}/[\w.-]+)")
 RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
 
@@ -64,6 +66,8 @@ def keep_trainable_only(accelerator) -> None:
     """LoRA runs must not copy the frozen base model into every checkpoint: save only what trains."""
 
     def hook(models, weights, _output_dir):
+        if not weights:  # FSDP and DeepSpeed save their (sharded) models themselves
+            return
         for i, model in enumerate(models):
             trainable = {n for n, p in model.named_parameters() if p.requires_grad}
             weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
@@ -110,8 +114,9 @@ def save_checkpoint(accelerator, module, scheduler, run_dir: Path, state: dict) 
     error = None
     try:
         accelerator.save_state(str(tmp))
+        # Every process: under sharded engines the adapter's weights are gathered first (engine.py).
+        engine.save_adapter(accelerator, accelerator.unwrap_model(module).peft, tmp / ADAPTER)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(module).peft.save_pretrained(tmp / ADAPTER)
             _write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
             _write_json(tmp / STATE_FILE, state)
     except OSError as e:
@@ -137,35 +142,32 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False))
 
 
-def nonfinite_tensors(module) -> list[str]:
-    """Names of trainable tensors holding NaN or inf (one device-to-host read for all of them)."""
-    import torch
-
+def nonfinite_tensors(accelerator, module) -> list[str]:
+    """Names of trainable tensors holding NaN or inf, the same on every process (sharded ones checked shard by
+    shard: every process must call it)."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
-    return [n for (n, _), ok in zip(named, finite) if not ok]
+    flags = engine.nonfinite_flags(accelerator, [p for _, p in named])
+    return [n for (n, _), bad in zip(named, flags) if bad]
 
 
 def save_adapter(accelerator, module, run_dir: Path) -> Path:
     """The final adapter in standard PEFT format (``PeftModel.from_pretrained(base, RUN_DIR/adapter)``); never one
     with non-finite weights."""
     final = Path(run_dir) / ADAPTER
-    if bad := nonfinite_tensors(accelerator.unwrap_model(module)):
+    if bad := nonfinite_tensors(accelerator, accelerator.unwrap_model(module)):
         raise CheckpointError(f"adapter not saved: {len(bad)} trainable tensor(s) are not finite (first: {bad[0]}); "
                               "the last checkpoint holds the last good weights")
     error = None
-    if accelerator.is_main_process:
-        tmp = final.with_name(ADAPTER + ".partial")
-        try:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            accelerator.unwrap_model(module).peft.save_pretrained(tmp)
+    tmp = final.with_name(ADAPTER + ".partial")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        engine.save_adapter(accelerator, accelerator.unwrap_model(module).peft, tmp)  # every process: a gather
+        if accelerator.is_main_process:
             _replace_dir(tmp, final)
-        except OSError as e:
-            error = e
-            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        error = e
+        shutil.rmtree(tmp, ignore_errors=True)
     if not _all_ok(accelerator, error is not None):
         raise _save_error(final, error, run_dir)
     return final

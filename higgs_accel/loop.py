@@ -22,6 +22,7 @@ import yaml
 from analysis.schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, flatten
 
 from . import checkpoint as ckpt
+from . import engine
 from .chat import SpecialIds
 from .codes import PreparedData, prepare_data
 from .config import ConfigError, RunConfig, validate_for_model
@@ -92,7 +93,8 @@ def train(cfg: RunConfig) -> RunEnded:
             out, batch = backward(state, batches, stats)
             if out is None:  # every sample of the step vanished from the cache mid-run (one process): no step
                 continue
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+            grad_norm = engine.grad_norm_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf),
+                                                accelerator.device)
             # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same
             # norm, so all skip (or stop) the same step. A skipped step still advances the schedule and the data.
             skipped = guard.bad(grad_norm.item())
@@ -242,23 +244,26 @@ def evaluate(state: TrainState, step: int) -> None:
         return
     accelerator = state.accelerator
     state.log.bind(phase="eval")
-    state.model.eval()
-    # Unwrapped: eval has no gradients to sync, and the processes may hold different numbers of val batches.
-    model = accelerator.unwrap_model(state.model)
-    stats = torch.zeros(n_stats(state.ids.num_codebooks), device=accelerator.device)
-    first = None
-    for batch in state.val_loader:
-        if "input_ids" not in batch:
-            continue
-        out = model(batch)
-        stats += out.stats
-        first = first or (out, batch)
-    state.model.train()
-    values = accelerator.reduce(stats, "sum").tolist()
-    state.log.emit("eval", **summarize(values, state.weights))
-    if first and accelerator.is_main_process:
-        emit_slices(state, *first)
-        emit_audio(state, first, step)
+    # Full parameters on every process (a no-op but under sharded engines): the processes may hold different
+    # numbers of val batches, and generation runs on the main process alone.
+    with engine.full_parameters(accelerator, state.model):
+        state.model.eval()
+        # Unwrapped: eval has no gradients to sync.
+        model = accelerator.unwrap_model(state.model)
+        stats = torch.zeros(n_stats(state.ids.num_codebooks), device=accelerator.device)
+        first = None
+        for batch in state.val_loader:
+            if "input_ids" not in batch:
+                continue
+            out = model(batch)
+            stats += out.stats
+            first = first or (out, batch)
+        state.model.train()
+        values = accelerator.reduce(stats, "sum").tolist()
+        state.log.emit("eval", **summarize(values, state.weights))
+        if first and accelerator.is_main_process:
+            emit_slices(state, *first)
+            emit_audio(state, first, step)
     state.log.flush()
     state.log.bind(phase="train")
 
@@ -337,12 +342,12 @@ def setup(cfg: RunConfig) -> TrainState:
 
 
 def _setup_accelerator(cfg: RunConfig) -> Accelerator:
-    from accelerate import Accelerator
-
     t = cfg.train
     # gradient_accumulation_steps=1: the loop accumulates itself (``backward``), with the step's own loss scale.
-    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=t.mixed_precision or None,
-                              log_with=cfg.log.log_with or None, project_dir=str(Path(t.output_dir)))
+    # The engine is the one the launcher asked for (DDP, FSDP2, DeepSpeed), or one line and exit 2 (engine.py).
+    accelerator = engine.build_accelerator(t.allow_engine_fallback, gradient_accumulation_steps=1,
+                                           mixed_precision=t.mixed_precision or None,
+                                           log_with=cfg.log.log_with or None, project_dir=str(Path(t.output_dir)))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise ConfigError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: each "
@@ -406,7 +411,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              mixed_precision=accelerator.mixed_precision, trainable_params=trainable, total_params=total,
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
              val_samples=len(data.val), resumed=bool(resume_from), checkpoints=checkpoints,
-             memory=memory_plan)
+             memory=memory_plan, engine=engine.describe(accelerator))
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],

@@ -163,8 +163,8 @@ def test_a_non_finite_adapter_is_never_saved(tmp_path):
     from types import SimpleNamespace
 
     module = torch.nn.Linear(2, 2)
-    acc = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True)
-    assert ckpt.nonfinite_tensors(module) == []
+    acc = SimpleNamespace(unwrap_model=lambda m: m, is_main_process=True, reduce=lambda t, _op: t)
+    assert ckpt.nonfinite_tensors(acc, module) == []
     with torch.no_grad():
         module.bias[0] = float("nan")
     with pytest.raises(ConfigError, match=r"adapter not saved: 1 trainable tensor\(s\) are not finite \(first: bias\)"):
