@@ -33,6 +33,7 @@ from .lock import RunLock, acquire_for_run
 from .losses import LossWeights, n_stats, summarize
 from .memory import plan as plan_memory
 from .model import DualLossModel, add_lora, count_parameters
+from .quality import QualityScorer, emit_round, score_round, training_reference
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
@@ -68,6 +69,8 @@ class TrainState:
     ids: SpecialIds
     weights: LossWeights
     generation: dict  # keyword arguments of samples.write_generated
+    scorer: QualityScorer | None  # eval.asr_model / eval.speaker_model on the main process, when generating
+    reference: tuple | None  # (voice the generations should speak in, its rate), for speaker similarity
     lock: RunLock | None  # held by the main process until the run ends
     last_batch: dict | None = None  # the last batch trained on: redone at weight 0 when a step's batches vanish
 
@@ -85,6 +88,7 @@ def train(cfg: RunConfig) -> RunEnded:
     started, tick, ended, message = time.time(), time.perf_counter(), None, None
     status, error, totals = "crashed", None, Counter(dict.fromkeys(TOTALS, 0))
     try:
+        score_baseline(state)
         state.model.train()
         while step < state.total_steps and ended is None:
             epoch, consumed, batches, data_wait = next(steps)
@@ -280,11 +284,42 @@ def emit_audio(state: TrainState, first, step: int) -> None:
                 state.log.emit("eval_audio", level="warning" if row["reason"] else "info", **row)
         if lc.generate_every and (nth_eval % lc.generate_every == 0 or step >= state.total_steps):
             model = state.accelerator.unwrap_model(state.model)
-            for row in write_generated(model, state.tokenizer, state.codec, state.ids, lc.generate_prompts, out_dir,
-                                       state.cfg.data.system_prompt, lc.generate_max_new_tokens, **state.generation):
-                state.log.emit("generate_audio", level="warning" if row["error"] else "info", **row)
+            generate_round(state, model, out_dir)
     except Exception as e:  # noqa: BLE001 - listening material never stops training
         state.log.report_error("eval_audio", e)
+
+
+def generate_round(state: TrainState, model, out_dir: Path, baseline: bool = False) -> None:
+    """Speak the fixed prompts into ``out_dir`` (``generate_audio`` events), then score them when scorers are set
+    (``quality`` events; their time is the summary's ``score_s``, apart from step time). ``baseline``: the base
+    model's round at step 0, scored only."""
+    lc = state.cfg.log
+    rows = write_generated(model, state.tokenizer, state.codec, state.ids, lc.generate_prompts, out_dir,
+                           state.cfg.data.system_prompt, lc.generate_max_new_tokens, **state.generation)
+    if not baseline:
+        for row in rows:
+            state.log.emit("generate_audio", level="warning" if row["error"] else "info", **row)
+    if state.scorer is not None:
+        emit_round(state.log, *score_round(state.scorer, rows, *state.reference, baseline=baseline))
+
+
+def score_baseline(state: TrainState) -> None:
+    """What the fine-tune must beat: the base model (adapter off) speaks and is scored once, at step 0 of a new
+    run, when scorers are set and ``eval.baseline`` is on. Every process calls it (sharded engines gather the full
+    parameters); the main process generates. Failures are reported, never raised."""
+    if not (state.cfg.log.generate_every and state.cfg.eval.baseline and state.start["step"] == 0):
+        return
+    if not (state.cfg.eval.asr_model or state.cfg.eval.speaker_model):
+        return
+    accelerator = state.accelerator
+    model = accelerator.unwrap_model(state.model)
+    with engine.full_parameters(accelerator, state.model):
+        if accelerator.is_main_process:
+            try:
+                with torch.no_grad(), model.peft.disable_adapter():
+                    generate_round(state, model, samples_dir(state.run_dir, 0) / "base", baseline=True)
+            except Exception as e:  # noqa: BLE001 - scoring never stops training
+                state.log.report_error("quality", e)
 
 
 def save(state: TrainState, step: int, epoch: int, consumed: int) -> Path:
@@ -416,8 +451,12 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],
                  checkpoint_seq=ckpt.checkpoint_seq(run_dir, start["step"]), start_seq=log.first_seq)
+    scorer = reference = None
+    if accelerator.is_main_process and cfg.log.generate_every:
+        scorer = QualityScorer.from_config(cfg.eval, accelerator.device)
+        reference = training_reference(cfg, data.val, codec.config.sample_rate) if scorer else None
     return TrainState(cfg, run_dir, accelerator, log, model, tokenizer, optimizer, scheduler, train_loader,
-                      val_loader, total_steps, start, codec, ids, weights, generation, lock)
+                      val_loader, total_steps, start, codec, ids, weights, generation, scorer, reference, lock)
 
 
 def _setup_model(cfg: RunConfig, accelerator: Accelerator):

@@ -351,6 +351,19 @@ def score_round(scorer: QualityScorer, generated: list[dict], reference: str | P
     return rows, summary
 
 
+def training_reference(cfg, val_samples: list, sample_rate: int) -> tuple[str | np.ndarray | None, int | None]:
+    """The voice a training run's generations should speak in: ``log.generate_ref_audio`` when set, else the first
+    validation sample's recording (decoded at ``sample_rate``), else none (no similarity). Returns (reference,
+    its rate: None for a file)."""
+    from .data import decode_audio
+
+    if cfg.log.generate_ref_audio:
+        return cfg.log.generate_ref_audio, None
+    if not val_samples:
+        return None, None
+    return decode_audio(val_samples[0].audio.read(), sample_rate), sample_rate
+
+
 def emit_round(log, rows: list[dict], summary: dict) -> None:
     """The events of one scored round into ``log`` (an ``EventLog``): a ``quality`` per utterance (level warning
     when its ``error`` is set), then the ``quality_summary``."""

@@ -354,3 +354,25 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     assert "has no finished adapter" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+
+
+def test_training_scores_each_generation_round_from_the_base_model_on(tmp_path, tiny, codes_cache, scorer_dirs):
+    """A run with scorers: the base model (adapter off) is scored at step 0, then every generation round; the
+    scores are events of their own, and a run without scorers writes none (the other tests' runs)."""
+    from tests.conftest import events_of, of, train_run
+
+    run_dir = tmp_path / "run"
+    train_run(run_dir, tiny, codes_cache, train__max_steps=2, train__eval_every=1, train__save_every=0,
+              log__generate_every=1, log__generate_max_new_tokens=12, log__generate_prompts=["A lazy dog."],
+              eval__asr_model=scorer_dirs["asr"], eval__speaker_model=scorer_dirs["speaker"])
+    events = events_of(run_dir)
+    rounds = of(events, "quality_summary")
+    assert [(r["step"], r["baseline"]) for r in rounds] == [(0, True), (1, False), (2, False)]
+    assert all(r["wer"] == pytest.approx(2 / 3) and r["score_s"] >= 0 for r in rounds)  # the tiny ASR says "a"
+    rows = of(events, "quality")
+    assert [(r["step"], r["prompt"], r["text"], r["transcript"]) for r in rows] == [
+        (s, 0, "A lazy dog.", "a") for s in (0, 1, 2)]
+    assert all(-1 <= r["similarity"] <= 1 and r["rtf"] > 0 for r in rows)
+    # the base model's speech is kept apart and is not a generate_audio event of the fine-tune
+    assert (run_dir / "samples" / "step-00000000" / "base" / "gen-0.wav").is_file()
+    assert [e["step"] for e in of(events, "generate_audio")] == [1, 2]
