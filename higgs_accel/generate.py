@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="generation steps, one delayed audio frame each: 25 per second of audio at 25 "
                           f"frames/s, plus 8 for the delay pattern; default: {DEFAULT_MAX_NEW_TOKENS}")
     gen.add_argument("--seed", type=int, help="seed for sampling (and for repetition-aware redraws)")
+    scoring = p.add_argument_group(
+        "scoring", "Score the speech (docs/quality.md): WER/CER against --text, speaker similarity to --ref-audio. "
+                   "Defaults: the run's eval.* keys; none set: no scoring.")
+    scoring.add_argument("--asr-model", help="ASR model for WER/CER (hub id or local dir)")
+    scoring.add_argument("--speaker-model", help="x-vector speaker model for similarity (hub id or local dir)")
+    scoring.add_argument("--asr-language", help="language a Whisper ASR model transcribes in")
     knobs = p.add_argument_group(
         "sampling", "Unset options keep the checkpoint's generation_config.json (the authors' tuning: sampling, "
                     "temperature, top-k/top-p, repetition-aware sampling); each one given overrides it.")
@@ -374,6 +381,8 @@ def cmd_generate(args) -> int:
     dtype = args.dtype or src["dtype"]
     model = load_model(model_cfg.base, src["adapter"], dtype, src["attn_implementation"]).to(device)
     ids = SpecialIds.from_parts(tokenizer, model.config)
+    scorer = load_scorer(args, device)  # before generating: a bad scorer dir is one line, not wasted work
+    start = time.perf_counter()
     result = generate_speech(model, tokenizer, codec, ids, args.text, ref_audio=args.ref_audio,
                              ref_text=args.ref_text, scene=args.scene,
                              system_prompt=args.system or src["system_prompt"], max_new_tokens=args.max_new_tokens,
@@ -385,4 +394,27 @@ def cmd_generate(args) -> int:
     how = "end of audio" if result["stopped"] == "eos" else f"length limit of {args.max_new_tokens} steps"
     print(f"wrote {path}: {result['seconds']:.2f}s, {result['n_frames']} frames (stopped at {how}; "
           f"{describe_sampling(result['sampling'])})", file=sys.stderr)
+    if scorer is not None:
+        row = scorer.score(result["wave"], result["sample_rate"], args.text, reference_audio=args.ref_audio,
+                           gen_time_s=time.perf_counter() - start)
+        print(score_line(row), file=sys.stderr)
     return 0
+
+
+def load_scorer(args, device):
+    """The scorers the flags name, else the run's ``eval.*`` keys (with --run); None when there are none."""
+    from .config import EvalConfig
+    from .quality import QualityScorer, run_section
+
+    flags = {"asr_model": args.asr_model, "speaker_model": args.speaker_model, "asr_language": args.asr_language}
+    cfg = run_section(args.run, "eval", EvalConfig, **flags) if args.run else EvalConfig(
+        **{k: v for k, v in flags.items() if v})
+    return QualityScorer.from_config(cfg, device)
+
+
+def score_line(row: dict) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    return (f"scored: WER {fmt(row['wer'])}, CER {fmt(row['cer'])}, similarity {fmt(row['similarity'])}, "
+            f"transcript {row['transcript']!r}")

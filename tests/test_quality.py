@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,12 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     assert "has no usable sample" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="evaluate needs a scorer"):
         evaluate_run(run_dir, held_out, EvalConfig(), progress=False)
+    # generate scores its speech with the run's scorers (eval.asr_model) and a flag's
+    assert main(["generate", "--run", str(run_dir), "--text", "A lazy dog!", "--out", str(tmp_path / "g.wav"),
+                 "--max-new-tokens", "20", "--speaker-model", scorer_dirs["speaker"], "--ref-audio", rows[0]["audio"],
+                 "--ref-text", rows[0]["text"]]) == 0
+    assert re.fullmatch(r"scored: WER 0\.667, CER [0-9.]+, similarity -?[0-9.]+, transcript 'a'",
+                        capsys.readouterr().err.strip().splitlines()[-1])
     # a run without a finished adapter is scored from the adapter given (a checkpoint's, say)
     import shutil
 
