@@ -400,7 +400,9 @@ def _setup_log(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, start: d
         if cfg.log.log_with:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                       for k, v in flatten(cfg.to_dict()).items()}
-            accelerator.init_trackers(run_dir.name, config=config)
+            # wandb's local run folder goes into the run dir (unless WANDB_DIR says otherwise), not the cwd.
+            wandb = {"dir": os.environ.get("WANDB_DIR") or str(run_dir)}
+            accelerator.init_trackers(run_dir.name, config=config, init_kwargs={"wandb": wandb})
             sinks.append(TrackerSink(accelerator))
     log = EventLog(run_dir, start["run_id"], rank=accelerator.process_index, is_main=accelerator.is_main_process,
                    sinks=sinks)
