@@ -146,14 +146,17 @@ def time_loop(model, batches: list[dict], warmup: int, steps: int, model_forward
     for i in range(warmup + steps):
         # The loop's prepared DataLoader hands each batch over on the device, as Trainer's _prepare_inputs does.
         batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batches[i % len(batches)].items()}
-        with acc.accumulate(model):
-            out = model(**forward_kwargs(batch)) if model_forward else model(batch)
-            acc.backward(out.loss)
-            stats += out.loss.detach() if model_forward else out.stats
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if model_forward:
+            out = model(**forward_kwargs(batch))
+            stats += out.loss.detach()
+        else:  # loop.backward: the step's target counts first (one all-reduce), then the normalised loss
+            counts = acc.reduce(acc.unwrap_model(model).count_targets(batch), "sum").tolist()
+            out = model(batch, counts)
+            stats += out.stats
+        acc.backward(out.loss)
+        acc.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         stats.tolist()  # the loop's single device-to-host read per step
         stats.zero_()
         stamps.append(time.perf_counter())
