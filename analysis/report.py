@@ -101,6 +101,25 @@ def _fmt_int(v) -> str:
     return f"{v:,}" if isinstance(v, int) else "-" if v is None else str(v)
 
 
+def _engine(e: dict | None) -> str:
+    """The engine that ran (run_start.engine): name, accelerate's type, sharding, and the rank layout."""
+    if not e:
+        return "-"
+    parts = [f"{e.get('engine')} ({e.get('distributed_type')})"]
+    parts += [f"{k.replace('_', ' ')} {e[k]}" for k in ("sharding_strategy", "zero_stage", "num_machines",
+                                                          "local_world_size") if e.get(k) is not None]
+    return ", ".join(parts)
+
+
+def _memory(m: dict | None) -> str:
+    """The memory plan (run_start.memory): the prediction, and whether activations were recomputed and why."""
+    if not m:
+        return "-"
+    predicted = m.get("predicted_gib")
+    return (f"predicted {predicted:.1f} GiB" if isinstance(predicted, (int, float)) else "predicted -") + \
+        f"; gradient checkpointing {'on' if m.get('gradient_checkpointing') else 'off'} ({m.get('setting')})"
+
+
 def header(doc: Doc, run: Run) -> None:
     s, end = run.start, run.end or {}
     steps = run.steps
@@ -119,6 +138,11 @@ def header(doc: Doc, run: Run) -> None:
         ["resumed", "yes" if s.get("resumed") or not run.frame("run_resume").empty else "no"],
         ["world size", _fmt_int(s.get("world_size"))],
         ["device", f"{s.get('device', '-')}, mixed precision {s.get('mixed_precision', '-')}"],
+        ["engine", _engine(s.get("engine"))],
+        ["checkpoints", "; ".join(f"{k}: {v.get('layout')}" + (f", converted ({v['converted']}) to {v.get('path')}"
+                                                                if v.get("converted") else "")
+                                  for k, v in (s.get("checkpoints") or {}).items()) or "-"],
+        ["memory", _memory(s.get("memory"))],
         ["hardware", ", ".join(f"{k} {v}" for k, v in hw.items()) or "-"],
         ["trainable parameters", _fmt_int(params[0]) + share],
         ["versions", ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items()) or "-"],

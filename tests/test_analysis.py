@@ -333,6 +333,10 @@ def test_report_real_run(real_run, tmp_path):
     sources = re.findall(r'src="([^"]+)"', page)  # one file: every image and sound inlined
     assert sources and all(s.startswith(("data:image/png;base64,", "data:audio/wav;base64,")) for s in sources)
     assert "<|eot_id|>" in md and "&lt;|eot_id|&gt;" in page  # text slices decoded; escaped in HTML
+    # what ran: the engine, the checkpoints' layout, the memory plan (from run_start)
+    assert re.search(r"^\| engine \| single \(NO\)", md, re.M)
+    assert "| checkpoints | model.base: transformers; model.audio_tokenizer: transformers |" in md
+    assert re.search(r"^\| memory \| predicted [0-9.]+ GiB; gradient checkpointing off \(false\) \|$", md, re.M)
     assert all(f"**train step {s}: " in md for s in (2, 4, 6, 8)) and page.count("<details open>") == 3
     run = analysis.load_run(real_run)
     assert_header(run, md, page)
