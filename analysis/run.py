@@ -28,7 +28,7 @@ _MISMATCH_COLUMNS = ("step", "modality", "codebook", "sample", "first_pos", "fir
 # still answers ``run.<family>`` with an empty frame; any other name is a typo and raises AttributeError.
 EVENT_FAMILIES = ("run_start", "data_skip", "data_summary", "train_step", "eval", "pred_slice", "eval_audio",
                   "generate_audio", "quality", "quality_summary", "checkpoint", "adapter_saved", "run_resume",
-                  "log_error", "library_log", "run_end")
+                  "checkpoint_skipped", "run_lock_taken_over", "log_error", "library_log", "run_end")
 
 
 def load_run(path: str | Path) -> Run:
@@ -109,7 +109,7 @@ class Run:
             else:
                 if "seq" in table.column_names:
                     table = table.sort_by("seq")
-                self._frames[family] = table.to_pandas()
+                self._frames[family] = _pandas(table)
         return self._frames[family]
 
     # ------------------------------------------------------------ run level
@@ -359,6 +359,16 @@ def _rows_where(table: pa.Table, mask) -> pa.Table:
     if kept == table.num_rows:
         return table
     return table.slice(0, 0) if kept == 0 else table.filter(mask)
+
+
+def _pandas(table: pa.Table) -> pd.DataFrame:
+    """``table`` as pandas, an integer column that holds nulls (``codebook`` of text slices) as nullable ``Int64``
+    rather than float64."""
+    df = table.to_pandas()
+    for name, column in zip(table.column_names, table.columns):
+        if pa.types.is_integer(column.type) and column.null_count:
+            df[name] = df[name].astype("Int64")
+    return df
 
 
 def _mismatch_frame(table: pa.Table | None) -> pd.DataFrame:

@@ -122,6 +122,10 @@ def test_load_real_run(real_run):
         run.trian_step  # noqa: B018 - a typo is an error, not an empty frame
     assert {"train_step", "eval", "pred_slice", "run_resume"} <= set(dir(run))
     assert run.train_step.seq.is_monotonic_increasing
+    # pandas-native types: codebook an integer (null on text slices), ts a UTC datetime
+    assert str(run.pred_slice["codebook"].dtype) == "Int64" and run.pred_slice["codebook"].isna().any()
+    assert sorted(run.pred_slice["codebook"].dropna().unique()) == list(range(8))
+    assert str(run.train_step["ts"].dtype).startswith("datetime64") and str(run.train_step["ts"].dt.tz) == "UTC"
 
 
 def test_parquet_and_jsonl_agree(real_run, tmp_path):
