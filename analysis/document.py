@@ -93,9 +93,11 @@ class Table:
     align_right: bool = True
 
     def markdown(self, out_dir: Path) -> str:
+        # Text cells are escaped: config values and manifest strings must not become HTML where markdown renders.
         rows = [[_md_audio(c, out_dir) if isinstance(c, Audio) else
-                 f"[{c.alt}]({_link(c.path, out_dir)})" if isinstance(c, Picture) else c for c in r] for r in self.rows]
-        return _md_table(self.header, rows, self.align_right)
+                 f"[{c.alt}]({_link(c.path, out_dir)})" if isinstance(c, Picture) else html.escape(c, quote=False)
+                 for c in r] for r in self.rows]
+        return _md_table([html.escape(h, quote=False) for h in self.header], rows, self.align_right)
 
     def html(self, out_dir: Path | None) -> str:
         return _html_table(self.header, self.rows, out_dir, self.align_right)

@@ -248,3 +248,21 @@ def test_the_default_demo_shows_a_model_learning(tmp_path):
     assert ev["audio_acc"].iloc[-1] > ev["audio_acc"].iloc[0] + 0.1
     md = (out / "report" / "report.md").read_text()
     assert "Nothing: no NaN/inf" in md.split("## Worth a look", 1)[1].split("##", 1)[0]
+
+
+def test_report_md_escapes_html_from_configs_and_manifests(tmp_path):
+    """Config values and manifest strings are data: in report.md's tables they are escaped, as in report.html."""
+    path = tmp_path / "run"
+    log = Log(path)
+    hostile = "<script>alert(1)</script>|x.jsonl"
+    log.add("run_start", 0, config={"preset": "<b>tiny</b>", "train": {"max_steps": 1},
+                                    "data": {"train_manifest": hostile}},
+            run_dir=str(path), total_steps=1, steps_per_epoch=1, world_size=1, trainable_params=1, total_params=2)
+    log.add("train_step", 1, **metrics(1), lr=1e-3, grad_norm=1.0, step_time_s=0.1)
+    log.add("run_end", 1, status="finished", error=None, elapsed_s=1.0, total_steps=1, completed_steps=1)
+    md_path, html_path = write_report(log.write())
+    md = md_path.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;\\|x.jsonl" in md and "preset=&lt;b&gt;tiny&lt;/b&gt;" in md
+    prose = re.sub(r"```.*?```", "", md, flags=re.S)  # code blocks show text as it is, never as HTML
+    assert "<script>" not in prose and "<b>tiny" not in prose
+    assert "<script>alert" not in html_path.read_text()
