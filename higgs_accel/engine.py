@@ -58,6 +58,11 @@ def build_accelerator(allow_fallback: bool = False, **kwargs):
         acc.state.fsdp_plugin = plugin
         if acc.mixed_precision != "no":
             plugin.set_mixed_precision(acc.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:  # never allowed: the processes would each train alone into one run dir
+        raise ConfigError(f"launched as {launched} processes but accelerate sees {acc.num_processes}: each would "
+                          "train alone and write the same run dir. Without GPUs use `ACCELERATE_USE_CPU=1 accelerate "
+                          "launch --multi_gpu --num_processes N --num_machines 1 ...`")
     check(acc, want, allow_fallback)
     return acc
 

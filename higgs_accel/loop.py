@@ -380,15 +380,9 @@ def _setup_accelerator(cfg: RunConfig) -> Accelerator:
     t = cfg.train
     # gradient_accumulation_steps=1: the loop accumulates itself (``backward``), with the step's own loss scale.
     # The engine is the one the launcher asked for (DDP, FSDP2, DeepSpeed), or one line and exit 2 (engine.py).
-    accelerator = engine.build_accelerator(t.allow_engine_fallback, gradient_accumulation_steps=1,
-                                           mixed_precision=t.mixed_precision or None,
-                                           log_with=cfg.log.log_with or None, project_dir=str(Path(t.output_dir)))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise ConfigError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: each "
-                          "would train alone and write the same run dir. Without GPUs use `ACCELERATE_USE_CPU=1 "
-                          "accelerate launch --multi_gpu --num_processes N --num_machines 1 ...`")
-    return accelerator
+    return engine.build_accelerator(t.allow_engine_fallback, gradient_accumulation_steps=1,
+                                    mixed_precision=t.mixed_precision or None, log_with=cfg.log.log_with or None,
+                                    project_dir=str(Path(t.output_dir)))
 
 
 def _setup_log(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, start: dict) -> EventLog:
