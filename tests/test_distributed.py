@@ -182,3 +182,42 @@ def test_torchrun_with_the_original_trainers_flags_logs_each_step_once(tmp_path,
     assert [e["step"] for e in events if e["event"] == "pred_slice" and e["phase"] == "train"].count(2) >= 1
     assert {e["rank"] for e in events} == {0}
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_training_loop_under_fsdp2_checkpoints_resumes_exactly_and_writes_a_full_adapter(tmp_path, tiny,
+                                                                                               codes_cache):
+    """``higgs-accel train`` itself (loop, checkpoints, eval, final adapter) under the shipped fsdp2.yaml on 2 CPU
+    processes: run_start names the engine, a resume from the sharded step-2 checkpoint repeats steps 3-4 exactly,
+    and the final adapter holds full (gathered) tensors."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+
+    def train(*extra: str) -> None:
+        keys = {**tiny, "data.codes_cache": str(codes_cache), "train.max_steps": 4, "train.save_every": 2,
+                "train.eval_every": 2, "log.eval_audio_samples": 0}
+        r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                            str(CONFIGS / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                            "-m", "higgs_accel", "train", "--preset", "tiny", "--output-dir", str(run), "--no-report",
+                            *[f"{k}={v}" for k, v in keys.items()], *extra],
+                           capture_output=True, text=True, cwd=REPO, env=CPU_ENV, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def losses() -> dict[int, float]:
+        return {e["step"]: e["loss"] for e in events_of(run) if e["event"] == "train_step"}
+
+    train()
+    straight = losses()
+    [start] = [e for e in events_of(run) if e["event"] == "run_start"]
+    assert start["engine"]["engine"] == "fsdp2" and start["engine"]["world_size"] == 2
+    assert (run / "checkpoints" / "step-00000002" / "pytorch_model_fsdp_0").is_dir()
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    lora_a = [t for k, t in adapter.items() if "lora_A" in k]
+    assert lora_a and all(t.shape[0] == 16 for t in lora_a)  # rank 16: whole, not one process's shard
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    train("--resume", "latest")
+    assert losses() == straight  # the resumed steps 3 and 4 replace the first run's, value for value
+    assert [e["step"] for e in events_of(run) if e["event"] == "train_step"] == [1, 2, 3, 4, 3, 4]
