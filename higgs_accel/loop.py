@@ -262,12 +262,12 @@ def evaluate(state: TrainState, step: int) -> None:
             out = model(batch)
             stats += out.stats
             first = first or (out, batch)
-        state.model.train()
         values = accelerator.reduce(stats, "sum").tolist()
         state.log.emit("eval", **summarize(values, state.weights))
         if first and accelerator.is_main_process:
             emit_slices(state, *first)
-            emit_audio(state, first, step)
+            emit_audio(state, first, step)  # in eval mode too: generation sees no LoRA dropout
+        state.model.train()
     state.log.flush()
     state.log.bind(phase="train")
 
@@ -315,11 +315,13 @@ def score_baseline(state: TrainState) -> None:
     model = accelerator.unwrap_model(state.model)
     with engine.full_parameters(accelerator, state.model):
         if accelerator.is_main_process:
+            model.eval()
             try:
                 with torch.no_grad(), model.peft.disable_adapter():
                     generate_round(state, model, samples_dir(state.run_dir, 0) / "base", baseline=True)
             except Exception as e:  # noqa: BLE001 - scoring never stops training
                 state.log.report_error("quality", e)
+            model.train()
 
 
 def save(state: TrainState, step: int, epoch: int, consumed: int) -> Path:
