@@ -67,6 +67,17 @@ def build_accelerator(allow_fallback: bool = False, **kwargs):
     return acc
 
 
+def check_accumulation(acc, grad_accum: int) -> None:
+    """The loop accumulates micro-batches itself (``loop.backward``), but accelerate's DeepSpeed wrapper runs the
+    engine's optimizer step inside every ``backward``: with DeepSpeed, ``train.grad_accum`` above 1 would step on
+    each micro-batch. Refused with one line until that path is built and checked on a GPU."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
+        raise ConfigError(f"'train.grad_accum' {grad_accum} is not supported under DeepSpeed yet (its engine steps "
+                          "inside every backward); use train.batch_size, more processes, or FSDP2")
+
+
 def check(acc, want: dict | None = None, allow_fallback: bool = False) -> None:
     """ConfigError when the engine running is not the one asked for, unless ``allow_fallback``."""
     want = want or requested()

@@ -99,9 +99,10 @@ def train(cfg: RunConfig) -> RunEnded:
                 continue
             grad_norm = engine.grad_norm_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf),
                                                 accelerator.device)
+            values = reduce_step(state, stats, grad_norm, signals.requested)  # the step's one device-to-host read
             # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same
             # norm, so all skip (or stop) the same step. A skipped step still advances the schedule and the data.
-            skipped = guard.bad(grad_norm.item())
+            skipped = guard.bad(values[-2])
             if not skipped:
                 state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
@@ -109,8 +110,7 @@ def train(cfg: RunConfig) -> RunEnded:
             step += 1
             log.bind(step=step, epoch=epoch, phase="train")
             now = time.perf_counter()
-            counts, stop = log_train_step(state, stats, grad_norm, skipped, guard, signals.requested, now - tick,
-                                          data_wait, out, batch, step)
+            counts, stop = log_train_step(state, values, skipped, guard, now - tick, data_wait, out, batch, step)
             totals.update(counts)
             stats.zero_()
             if guard.diverged:  # no eval, no save: the last checkpoint holds the last good weights
@@ -211,15 +211,21 @@ def timed(batches):
         yield batch, time.perf_counter() - start
 
 
-def log_train_step(state: TrainState, stats, grad_norm, skipped: bool, guard: NonFiniteGuard, stop: bool,
-                   step_time: float, data_wait: float, out, batch, step: int) -> tuple[dict, bool]:
-    """One device-to-host read for all metrics of the step, then one event (plus slices on log steps); returns the
-    step's counts for the run's totals, and whether any process was asked to stop (folded into the same reduce,
-    so every process stops at the same step)."""
-    cfg, accelerator = state.cfg, state.accelerator
+def reduce_step(state: TrainState, stats, grad_norm, stop: bool) -> list[float]:
+    """The step's summed statistics, then its gradient norm, then whether any process was asked to stop, summed
+    over the processes in one all-reduce and read to the host once (the stop flag rides along, so every process
+    stops at the same step)."""
+    accelerator = state.accelerator
     grad_share = grad_norm.detach().float().reshape(1) / accelerator.num_processes
     flag = grad_share.new_tensor([float(stop)])
-    values = accelerator.reduce(torch.cat([stats, grad_share, flag]), "sum").tolist()
+    return accelerator.reduce(torch.cat([stats, grad_share, flag]), "sum").tolist()
+
+
+def log_train_step(state: TrainState, values: list[float], skipped: bool, guard: NonFiniteGuard, step_time: float,
+                   data_wait: float, out, batch, step: int) -> tuple[dict, bool]:
+    """The step's event from ``reduce_step``'s values (plus slices on log steps); returns the step's counts for the
+    run's totals, and whether any process was asked to stop."""
+    cfg, accelerator = state.cfg, state.accelerator
     metrics = summarize(values[:-2], state.weights)
     level = "warning" if skipped or guard.stalled else "info"
     state.log.emit("train_step", level=level, **metrics, lr=state.scheduler.get_last_lr()[0], grad_norm=values[-2],
@@ -382,9 +388,11 @@ def _setup_accelerator(cfg: RunConfig) -> Accelerator:
     t = cfg.train
     # gradient_accumulation_steps=1: the loop accumulates itself (``backward``), with the step's own loss scale.
     # The engine is the one the launcher asked for (DDP, FSDP2, DeepSpeed), or one line and exit 2 (engine.py).
-    return engine.build_accelerator(t.allow_engine_fallback, gradient_accumulation_steps=1,
-                                    mixed_precision=t.mixed_precision or None, log_with=cfg.log.log_with or None,
-                                    project_dir=str(Path(t.output_dir)))
+    accelerator = engine.build_accelerator(t.allow_engine_fallback, gradient_accumulation_steps=1,
+                                           mixed_precision=t.mixed_precision or None,
+                                           log_with=cfg.log.log_with or None, project_dir=str(Path(t.output_dir)))
+    engine.check_accumulation(accelerator, t.grad_accum)
+    return accelerator
 
 
 def _setup_log(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, start: dict) -> EventLog:

@@ -221,3 +221,19 @@ def test_the_training_loop_under_fsdp2_checkpoints_resumes_exactly_and_writes_a_
     train("--resume", "latest")
     assert losses() == straight  # the resumed steps 3 and 4 replace the first run's, value for value
     assert [e["step"] for e in events_of(run) if e["event"] == "train_step"] == [1, 2, 3, 4, 3, 4]
+
+
+def test_accumulation_under_deepspeed_is_refused_until_it_is_built():
+    """accelerate's DeepSpeed wrapper steps inside every backward, where the loop accumulates by itself."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from higgs_accel import engine
+    from higgs_accel.config import ConfigError
+
+    deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    engine.check_accumulation(deepspeed, 1)
+    engine.check_accumulation(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), 8)
+    with pytest.raises(ConfigError, match=r"'train.grad_accum' 8 is not supported under DeepSpeed yet"):
+        engine.check_accumulation(deepspeed, 8)
