@@ -73,6 +73,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     # data_skip, data_summary
     "split": STR, "source": STR, "line": INT, "reason": STR, "detail": STR, "kept": INT, "skipped": INT,
     "skipped_by_reason": STR, "codec_encodes": INT, "longest_tokens": INT, "duplicates": INT, "encode_speed": FLOAT,
+    "encode_batch_exact": BOOL,
     # train_step, eval (and the per-codebook metrics, see CODEBOOK_METRIC)
     "loss": FLOAT, "text_loss": FLOAT, "audio_loss": FLOAT, "text_acc": FLOAT, "audio_acc": FLOAT,
     "text_targets": INT, "audio_targets": INT, "tokens": INT, "audio_frames": INT, "samples": INT,

@@ -315,6 +315,11 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
             if split == "train" or kept or skips:
                 print(summary_line(split, len(kept), Counter(s.reason for s in skips), data.duplicates[split]),
                       file=sys.stderr)
-        print(f"codes cache: {data.cache.dir} ({data.encoded} encoded by this process now)", file=sys.stderr)
+        e = data.encoding
+        if e.batch_exact is False:
+            print("batched encoding stopped: on this device a batch did not give exactly what encoding a file alone "
+                  "gives; files were encoded one at a time", file=sys.stderr)
+        speed = f", {e.speed:.1f}x real time" if e.speed else ""
+        print(f"codes cache: {data.cache.dir} ({data.encoded} encoded by this process now{speed})", file=sys.stderr)
     data.check_strict(cfg.data.strict)
     return data.encoded, problems

@@ -1,21 +1,40 @@
-"""Batched codec encoding, the encode step of ``prepare`` and ``train``: files are read, decoded and resampled in
-DataLoader worker processes while the codec encodes, and files of equal length are encoded together.
+"""The encode step of ``prepare`` and ``train``: files are read, decoded and resampled in DataLoader worker
+processes while the codec encodes; on a GPU, files of equal length are encoded together while that proves exact.
 
-Only files with exactly the same number of samples (after resampling) share a batch. Padding shorter files to a
-batch's length changes their codes: the codec's semantic model (HuBERT) normalizes its first convolution over the
-whole input and attends over all of it without a padding mask, and the acoustic encoder's convolutions see the
-padding near the end. With the full-size codec, padding a file by up to 40 ms changed about 1% of its codes and by
-up to 1 s about 11% (bench/RESULTS.md). So every file's codes are exactly what encoding it alone gives.
+Every file's codes must be exactly what encoding it alone gives. Padding shorter files to a batch's length cannot
+give that: the codec's semantic model (HuBERT) normalizes its first convolution over the whole input and attends over
+all of it without a padding mask, and the acoustic encoder's convolutions see the padding near the end. With the
+full-size codec, padding a file by up to 40 ms changed about 1% of its codes and by up to 1 s about 11%
+(bench/RESULTS.md). So only files with exactly the same number of samples (after resampling) share a batch.
+
+Equal length is not enough either. The codec's last layers are matrix products over all frames of the batch at
+once, and a BLAS library picks its blocking (on the CPU, even how it splits the sum between threads) by the number of
+rows: on the CPU the features a file's codes are quantized from differ by about 1e-5 between batch 5 and batch 1,
+which moves a code when two codebook entries are that close. So batching is off on the CPU, where it is not faster
+either (bench/RESULTS.md), and on other devices every encode step checks it: the last file of the first batch of two
+or more files is encoded again alone, and its codes and float features are compared bit for bit. Any difference
+stops batching for the rest of the step and that batch is encoded file by file; ``EncodeStats.batch_exact`` records
+the outcome. It is a check of one batch shape, not a proof for every shape.
 
 Files arrive longest first (by file size), so a batch too large for memory fails at the start, not hours in; up to
 ``WINDOW`` batches of decoded audio wait for a partner of equal length. Each file's entry is stored as soon as its
 batch is encoded, atomically, so a kill loses at most the batch in flight. A file that does not decode to
 non-silent samples of at least one frame, or whose batch the codec rejects, is handed to ``CodeCache.encode`` on
 its own, which records its skip exactly as the one-at-a-time path does.
+
+On the CPU the codec's time goes into convolutions and the acoustic encoder's Snake activations over tensors of tens
+of MB (64 channels at 24,000 positions per second of audio). glibc serves blocks that large with a fresh ``mmap``
+and unmaps them on ``free``, so every activation pays page faults to zero new memory. During the encode step
+``retained_heap`` has glibc keep freed memory for reuse: the full-size codec encodes about 1.6x faster on 2 cores,
+with bit-identical codes (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -23,10 +42,50 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DataConfig
 from .data import FileAudio, decode_audio
 
 WINDOW = 4  # batches' worth of decoded files held while waiting for files of the same length
+GPU_BATCH_SECONDS = 60.0  # data.encode_batch_seconds when unset, on an accelerator; on the CPU batching is off
+
+# glibc's mallopt parameters (malloc.h) and the values its dynamic thresholds settle at after the first large free,
+# restored after the encode step.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_SETTLED_TRIM_THRESHOLD = 2 * _SETTLED_MMAP_THRESHOLD
+
+
+def _glibc():
+    """The C library, if it is glibc (mallopt's parameters are glibc's) and its heap was not tuned by the user (their
+    environment settings stand); None otherwise."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ or (
+            "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def retained_heap():
+    """Within the block, glibc keeps freed memory for reuse instead of unmapping blocks of 128 KiB and more and
+    trimming the heap (the module docstring says why); after it, the thresholds are where glibc's own would settle
+    and the kept memory goes back to the system. Only addresses change, never a computed value."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    most = 2**31 - 1  # mallopt takes an int
+    libc.mallopt(_M_MMAP_THRESHOLD, most)
+    libc.mallopt(_M_TRIM_THRESHOLD, most)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 @dataclass
@@ -36,6 +95,8 @@ class EncodeStats:
     encoded: int = 0             # files encoded by the codec (skips recorded without encoding not counted)
     audio_seconds: float = 0.0   # seconds of audio in those files
     wall_seconds: float = 0.0    # wall time of the whole step: decoding, encoding, storing
+    batch_exact: bool | None = None  # whether the step's first batch of two or more files gave its last file
+    # exactly what encoding it alone gives (False: batching stopped); None when no such batch was encoded
 
     @property
     def speed(self) -> float | None:
@@ -95,11 +156,34 @@ class _Progress:
         self.bar.close()
 
 
+def _encode_batch(codec, waves: list, device) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Codes of equal-length ``waves`` (batch, codebooks, frames), and the float features they were quantized from
+    (the codec's ``fc`` output; None if it has none): two runs of the same arithmetic give bit-identical features,
+    so comparing them catches any difference, even one too small to move a code."""
+    seen = []
+    fc = getattr(codec, "fc", None)
+    hook = fc.register_forward_hook(lambda module, args, out: seen.append(out)) if fc is not None else None
+    try:
+        with torch.no_grad():
+            batch = torch.from_numpy(np.stack(waves))[:, None].to(device)
+            codes = codec.encode(batch).audio_codes.cpu().numpy().astype(np.int16)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return codes, (seen[-1] if seen else None)
+
+
 def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None = None,
                progress: bool = False) -> EncodeStats:
     """Encode ``todo`` ({content hash: audio}, none of it cached yet) into ``cache``. ``workers``: decoding
     processes (0: decode in this process); ``batch_seconds``: most seconds of audio in one codec batch (files of
-    equal length only; a file longer than this is encoded alone; None: ``data.encode_batch_seconds``'s default)."""
+    equal length only; a file longer than this is encoded alone; None: ``GPU_BATCH_SECONDS`` on an accelerator, 0 on
+    the CPU)."""
+    with retained_heap():
+        return _encode_all(todo, cache, workers, batch_seconds, progress)
+
+
+def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, progress: bool) -> EncodeStats:
     from .codes import SILENCE_PEAK
 
     start, stats = time.perf_counter(), EncodeStats()
@@ -109,6 +193,9 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
     bar = _Progress(sizes, enabled=progress and sys.stderr.isatty())
     device = next(cache.codec.parameters()).device
     rate, hop = cache.sample_rate, cache.codec.config.hop_length
+    if batch_seconds is None:
+        batch_seconds = 0.0 if device.type == "cpu" else GPU_BATCH_SECONDS
+    limit = batch_seconds * rate
 
     def alone(i: int, samples: int = 0) -> None:
         before = cache.encode_calls
@@ -119,10 +206,22 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
         bar.update(i, stats, start)
 
     def encode(group: list) -> None:
+        nonlocal limit
+        if len(group) > 1 and not limit:  # batching stopped while this group waited: one file at a time
+            for item in group:
+                encode([item])
+            return
         try:
-            with torch.no_grad():
-                waves = torch.from_numpy(np.stack([w for _, w in group]))[:, None].to(device)
-                codes = cache.codec.encode(waves).audio_codes.cpu().numpy().astype(np.int16)
+            codes, features = _encode_batch(cache.codec, [w for _, w in group], device)
+            if stats.batch_exact is None and len(group) > 1:  # the step's first batch: its last file alone
+                alone_codes, alone_features = _encode_batch(cache.codec, [group[-1][1]], device)
+                stats.batch_exact = bool(np.array_equal(alone_codes[0], codes[-1]) and (
+                    features is None or torch.equal(alone_features[0], features[-1])))
+                if not stats.batch_exact:  # this device does not batch exactly: one file at a time from now on
+                    limit = 0
+                    for item in group:
+                        encode([item])
+                    return
         except Exception:  # noqa: BLE001 - one bad file must not sink its batch: each is retried alone
             for i, wave in group:
                 alone(i, len(wave))
@@ -142,7 +241,6 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
                                          num_workers=workers, collate_fn=_as_is)
     waiting: dict[int, list] = {}  # length in samples -> decoded files of that length, in arrival order
     held = 0  # samples waiting
-    limit = (DataConfig.encode_batch_seconds if batch_seconds is None else batch_seconds) * rate
     for i, wave in loader:
         if wave is None or len(wave) < hop or float(np.abs(wave).max()) < SILENCE_PEAK:  # the cache says why
             alone(i)

@@ -486,11 +486,16 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, 
     data.check_strict(cfg.data.strict)  # before the skips are reported: the error lists them, once
     # Summed over the processes: each encoded its share.
     encodes = int(accelerator.reduce(torch.tensor(data.cache.encode_calls, device=accelerator.device), "sum"))
-    audio_s, wall_s = accelerator.gather(torch.tensor([[data.encoding.audio_seconds, data.encoding.wall_seconds]],
-                                                      dtype=torch.float64, device=accelerator.device)).cpu().unbind(1)
-    speed = float(audio_s.sum() / wall_s.max()) if audio_s.sum() > 0 else None  # the slowest process sets the pace
-    report_data(log, "train", data.train, data.train_skips, encodes, data, speed)
-    report_data(log, "val", data.val, data.val_skips, encodes, data, speed)
+    e = data.encoding
+    exact = float("nan") if e.batch_exact is None else float(e.batch_exact)
+    audio_s, wall_s, exact = accelerator.gather(torch.tensor([[e.audio_seconds, e.wall_seconds, exact]],
+                                                             dtype=torch.float64, device=accelerator.device)
+                                                ).cpu().unbind(1)
+    exact = exact[~exact.isnan()]  # the processes that checked a batch
+    encoding = {"encode_speed": float(audio_s.sum() / wall_s.max()) if audio_s.sum() > 0 else None,  # slowest's pace
+                "encode_batch_exact": bool(exact.min() == 1) if len(exact) else None}
+    report_data(log, "train", data.train, data.train_skips, encodes, data, encoding)
+    report_data(log, "val", data.val, data.val_skips, encodes, data, encoding)
     if not data.train:
         raise ConfigError(f"'data.train_manifest': no usable sample in {cfg.data.train_manifest}")
     return data
@@ -563,12 +568,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator, run_id: str | No
 
 
 def report_data(log: EventLog, split: str, kept: list, skips: list, codec_encodes: int, data: PreparedData,
-                encode_speed: float | None) -> None:
+                encoding: dict) -> None:
+    """One ``data_skip`` per skip and the split's ``data_summary``; ``encoding``: the encode step's
+    ``encode_speed`` and ``encode_batch_exact``, over all processes."""
     for s in skips:
         emit_skip(log, split, s)
     log.emit("data_summary", level="warning" if data.duplicates[split] else "info", split=split, kept=len(kept),
              skipped=len(skips), skipped_by_reason=dict(Counter(s.reason for s in skips)), codec_encodes=codec_encodes,
-             longest_tokens=data.longest_tokens[split], duplicates=data.duplicates[split], encode_speed=encode_speed)
+             longest_tokens=data.longest_tokens[split], duplicates=data.duplicates[split], **encoding)
 
 
 def emit_skip(log: EventLog, split: str, s) -> None:

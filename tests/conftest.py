@@ -58,7 +58,7 @@ def kill_when_encoded(args: list[str], codes: Path, entries: int) -> list[Path]:
 
 
 def encoded_now(prepare_stderr: str) -> int:
-    """The count on prepare's last line: 'codes cache: DIR (N encoded by this process now)'."""
+    """The count on prepare's last line: 'codes cache: DIR (N encoded by this process now[, S.Sx real time])'."""
     return int(prepare_stderr.split("(")[-1].split(" encoded")[0])
 
 

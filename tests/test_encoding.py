@@ -7,17 +7,22 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
+import torch
 
+from analysis.load import read_events
+from higgs_accel import encoding
 from higgs_accel.codes import CodeCache, encode_missing
 from higgs_accel.config import ModelConfig
-from higgs_accel.data import FileAudio, Sample
+from higgs_accel.data import FileAudio, Sample, decode_audio
 from higgs_accel.loading import load_codec
 from higgs_accel.tiny import speech_like
-from tests.conftest import REPO, encoded_now, kill_when_encoded
+from tests.conftest import REPO, encoded_now, kill_when_encoded, train_run
 
 RNG = np.random.default_rng(3)
 
@@ -64,14 +69,30 @@ def _entries(cache: CodeCache) -> dict[str, bytes]:
             for p in cache.dir.iterdir() if p.name.endswith((".npy", ".skip.json"))}
 
 
-def _record_batches(codec, monkeypatch, fail_batches: bool = False) -> list[int]:
+def _record_batches(codec, monkeypatch, exact: bool = True, fail: bool = False, move_a_code: bool = False,
+                    nudge: bool = False) -> list[int]:
+    """Record the batch size of every codec call. ``exact``: a batch is encoded file by file inside, as on a device
+    whose batches give bit for bit what single files give (the CPU's do not: see the last test); then ``fail``: a
+    batch raises; ``move_a_code``: it returns one code changed; ``nudge``: its features (the ``fc`` output the codes
+    are quantized from) move by one ulp, as a batched matrix product summing in another order would."""
     sizes, real = [], codec.encode
 
     def encode(waves, *args, **kwargs):
         sizes.append(waves.shape[0])
-        if fail_batches and waves.shape[0] > 1:
+        if waves.shape[0] == 1 or not exact:
+            return real(waves, *args, **kwargs)
+        if fail:
             raise RuntimeError("a batch the codec rejects")
-        return real(waves, *args, **kwargs)
+        hooks = [codec.fc.register_forward_hook(lambda m, a, out: torch.nextafter(out, out + 1), prepend=True)
+                 for _ in range(nudge)]
+        try:
+            codes = torch.cat([real(w[None], *args, **kwargs).audio_codes for w in waves])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if move_a_code:
+            codes[-1, 0, 0] = (codes[-1, 0, 0] + 1) % codec.config.codebook_size
+        return SimpleNamespace(audio_codes=codes)
 
     monkeypatch.setattr(codec, "encode", encode)
     return sizes
@@ -84,7 +105,8 @@ def test_batched_codes_equal_one_at_a_time(codec, tmp_path, monkeypatch):
     sizes = _record_batches(codec, monkeypatch)
     batched = CodeCache(tmp_path / "batched", codec)
     stats = encode_missing(_samples(files), batched, batch_seconds=60)
-    assert max(sizes) == 5 and len(sizes) == 6  # the five equal lengths in one batch, the others alone
+    # The five equal lengths in one batch, its last file checked alone (one more call), the five others alone.
+    assert sizes.count(5) == 1 and len(sizes) == 7 and stats.batch_exact is True
     assert stats.encoded == batched.encode_calls == len(files)
     assert stats.audio_seconds == pytest.approx(5 * 1.5 + 1.3 + 2.1 + 0.9 + 2.6 + 0.7, abs=1e-3)
     assert stats.speed > 0
@@ -106,11 +128,112 @@ def test_failures_in_workers_and_batches_are_skips_as_one_at_a_time(codec, tmp_p
     _sequential(files, single)
     reasons = sorted(json.loads(v)["reason"] for k, v in _entries(single).items() if k.endswith(".skip.json"))
     assert reasons == ["empty_audio", "silent_audio", "unreadable_audio"]
-    sizes = _record_batches(codec, monkeypatch, fail_batches=True)
+    sizes = _record_batches(codec, monkeypatch, fail=True)
     batched = CodeCache(tmp_path / "batched", codec)
-    stats = encode_missing(_samples(files), batched, workers=2)
+    stats = encode_missing(_samples(files), batched, workers=2, batch_seconds=60)
     assert 5 in sizes and stats.encoded == 5
     assert _entries(batched) == _entries(single)
+
+
+def _eight_equal_lengths(root: Path) -> list[Path]:
+    """The corpus and three more 1.5 s files: eight of equal length, five of other lengths."""
+    return _corpus(root) + [_write(root / f"more{i}.wav", 1.5, 24000, words=w)
+                            for i, w in enumerate(["red fox", "blue moon", "cold tea"])]
+
+
+def test_batching_stops_when_a_batch_moves_a_code(codec, tmp_path, monkeypatch):
+    """The last file of the first batch is encoded again alone on the device; one moved code stops batching for the
+    rest of the step (files waiting for partners included), and that batch is encoded file by file."""
+    files = _eight_equal_lengths(tmp_path / "audio")
+    single = CodeCache(tmp_path / "single", codec)
+    _sequential(files, single)
+    sizes = _record_batches(codec, monkeypatch, move_a_code=True)
+    cache = CodeCache(tmp_path / "batched", codec)
+    stats = encode_missing(_samples(files), cache, batch_seconds=3)  # pairs of the eight 1.5 s files
+    first = sizes.index(2)  # the 2.1 s and 2.6 s files come first (longest first), alone
+    assert sizes[first:first + 4] == [2, 1, 1, 1] and sizes.count(2) == 1 and len(sizes) == 1 + 1 + 13
+    assert stats.batch_exact is False and stats.encoded == len(files)
+    assert _entries(cache) == _entries(single)
+
+
+def test_batching_stops_on_a_float_difference_too_small_to_move_a_code(codec, tmp_path, monkeypatch):
+    files = _eight_equal_lengths(tmp_path / "audio")
+    single = CodeCache(tmp_path / "single", codec)
+    _sequential(files, single)
+    sizes = _record_batches(codec, monkeypatch, nudge=True)
+    cache = CodeCache(tmp_path / "batched", codec)
+    stats = encode_missing(_samples(files), cache, batch_seconds=3)
+    assert stats.batch_exact is False and sizes.count(2) == 1 and len(sizes) == 1 + 1 + 13
+    assert _entries(cache) == _entries(single)
+
+
+def test_the_batch_check_tells_the_truth_about_this_cpu(codec, tmp_path, monkeypatch):
+    """The real codec, no fakes: the check's verdict is what comparing a batch's features with a single file's says
+    (today the CPU's are not equal: its convolutions and matrix products block by batch size), and the entries are
+    the one-at-a-time path's either way."""
+    files = _eight_equal_lengths(tmp_path / "audio")
+    single = CodeCache(tmp_path / "single", codec)
+    _sequential(files, single)
+    waves = [decode_audio(FileAudio(f).read(), codec.config.sample_rate) for f in files[:3]]
+    features = []
+    hook = codec.fc.register_forward_hook(lambda m, a, out: features.append(out))
+    try:
+        with torch.no_grad():
+            codec.encode(torch.from_numpy(np.stack(waves))[:, None])
+            codec.encode(torch.from_numpy(waves[-1])[None, None])
+    finally:
+        hook.remove()
+    sizes = _record_batches(codec, monkeypatch, exact=False)
+    cache = CodeCache(tmp_path / "batched", codec)
+    stats = encode_missing(_samples(files), cache, batch_seconds=4.5)  # threes of the eight 1.5 s files
+    assert stats.batch_exact is torch.equal(features[0][-1], features[1][0])
+    assert sizes.count(3) == (2 if stats.batch_exact else 1)
+    assert _entries(cache) == _entries(single)
+    assert encode_missing(_samples(files), CodeCache(tmp_path / "default", codec)).batch_exact is None  # CPU: off
+
+
+def test_a_run_reports_the_batch_check_and_the_speed(tiny, tmp_path):
+    """Training on equal-length files: ``data_summary`` says the checked batch agreed, and how fast encoding went."""
+    rows = []
+    for i, words in enumerate(["quiet rivers", "seven stars", "lazy dog", "red fox"]):
+        _write(tmp_path / f"{i}.wav", 1.5, 24000, words=words)
+        rows.append(json.dumps({"audio": f"{i}.wav", "text": words}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    events = train_run(tmp_path / "run", tiny, tmp_path / "codes", data__train_manifest=str(tmp_path / "m.jsonl"),
+                       data__val_manifest="", data__encode_batch_seconds=60, train__max_steps=1, train__eval_every=0,
+                       train__save_every=0)
+    summary = next(e for e in events if e["event"] == "data_summary")
+    assert summary["codec_encodes"] == 4 and summary["encode_speed"] > 0
+    assert summary["encode_batch_exact"] in (True, False)  # this CPU's verdict (the test above checks it)
+    assert read_events(tmp_path / "run")["data_summary"].schema.field("encode_batch_exact").type == pa.bool_()
+
+
+def test_retained_heap_sets_and_settles_glibc_thresholds(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+            return 1
+
+    monkeypatch.setattr(encoding, "_glibc", FakeLibc)
+    with pytest.raises(RuntimeError), encoding.retained_heap():
+        assert calls == [("mallopt", -3, 2**31 - 1), ("mallopt", -1, 2**31 - 1)]
+        raise RuntimeError("an encode step that fails still settles the heap")
+    assert calls[2:] == [("mallopt", -3, 32 * 2**20), ("mallopt", -1, 64 * 2**20), ("malloc_trim", 0)]
+    monkeypatch.setattr(encoding, "_glibc", lambda: None)  # not glibc: nothing to set
+    with encoding.retained_heap():
+        pass
+    assert len(calls) == 5
+
+
+def test_a_heap_the_user_tuned_is_left_alone(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    assert encoding._glibc() is None
 
 
 def test_one_file_at_a_time_when_batches_are_off(codec, tmp_path, monkeypatch):
@@ -153,6 +276,6 @@ def test_killed_batched_prepare_and_rerun_encode_each_file_once(tiny, tmp_path):
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data train: 48 kept, 0 skipped" in r.stderr
-    assert encoded_now(r.stderr) == 48 - len(done)
+    assert encoded_now(r.stderr) == 48 - len(done) and "x real time)" in r.stderr
     stored = [n for n in log.read_text().split() if n.endswith(".npy")]
     assert len(stored) == len(set(stored)) == 48  # every file stored once over both runs, none encoded twice
