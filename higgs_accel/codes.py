@@ -182,8 +182,9 @@ def _refs(sample: Sample):
 
 def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = False, *, workers: int = 0,
                    batch_seconds: float | None = None):
-    """Encode what the cache lacks (this process's share of the samples) in batches of equal-length files, decoded
-    by ``workers`` processes (see ``encoding``); return an ``encoding.EncodeStats``."""
+    """Encode what the cache lacks (this process's share of the samples), decoded by ``workers`` processes, in
+    batches of equal-length files where the device proves them exact (see ``encoding``); return an
+    ``encoding.EncodeStats``."""
     from .encoding import encode_all
 
     todo = {}

@@ -217,14 +217,14 @@ def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, pr
                 alone_codes, alone_features = _encode_batch(cache.codec, [group[-1][1]], device)
                 stats.batch_exact = bool(np.array_equal(alone_codes[0], codes[-1]) and (
                     features is None or torch.equal(alone_features[0], features[-1])))
-                if not stats.batch_exact:  # this device does not batch exactly: one file at a time from now on
-                    limit = 0
-                    for item in group:
-                        encode([item])
-                    return
         except Exception:  # noqa: BLE001 - one bad file must not sink its batch: each is retried alone
             for i, wave in group:
                 alone(i, len(wave))
+            return
+        if len(group) > 1 and stats.batch_exact is False:  # the checked batch failed: one file at a time from now on
+            limit = 0
+            for item in group:
+                encode([item])
             return
         if codes.shape[-1] == 0:  # shorter than one frame: the cache records why
             for i, _ in group:
