@@ -11,10 +11,11 @@ Equal length is not enough either. The codec's last layers are matrix products o
 once, and a BLAS library picks its blocking (on the CPU, even how it splits the sum between threads) by the number of
 rows: on the CPU the features a file's codes are quantized from differ by about 1e-5 between batch 5 and batch 1,
 which moves a code when two codebook entries are that close. So batching is off on the CPU, where it is not faster
-either (bench/RESULTS.md), and on other devices every encode step checks it: the last file of the first batch of two
-or more files is encoded again alone, and its codes and float features are compared bit for bit. Any difference
+either (bench/RESULTS.md), and on other devices it is checked: the last file of the first batch of each shape
+(files x samples) is encoded again alone, and its codes and float features are compared bit for bit. Any difference
 stops batching for the rest of the step and that batch is encoded file by file; ``EncodeStats.batch_exact`` records
-the outcome. It is a check of one batch shape, not a proof for every shape.
+the outcome. Where batching pays (a corpus cut into equal segments) there are few shapes, so the check costs about
+one file per shape. It checks one file of each shape, not every file.
 
 Files arrive longest first (by file size), so a batch too large for memory fails at the start, not hours in; up to
 ``WINDOW`` batches of decoded audio wait for a partner of equal length. Each file's entry is stored as soon as its
@@ -95,8 +96,8 @@ class EncodeStats:
     encoded: int = 0             # files encoded by the codec (skips recorded without encoding not counted)
     audio_seconds: float = 0.0   # seconds of audio in those files
     wall_seconds: float = 0.0    # wall time of the whole step: decoding, encoding, storing
-    batch_exact: bool | None = None  # whether the step's first batch of two or more files gave its last file
-    # exactly what encoding it alone gives (False: batching stopped); None when no such batch was encoded
+    batch_exact: bool | None = None  # whether the first batch of every shape gave its last file exactly what
+    # encoding it alone gives (False: one did not, and batching stopped); None when no batch was encoded
 
     @property
     def speed(self) -> float | None:
@@ -196,6 +197,7 @@ def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, pr
     if batch_seconds is None:
         batch_seconds = 0.0 if device.type == "cpu" else GPU_BATCH_SECONDS
     limit = batch_seconds * rate
+    exact_shapes: set[tuple[int, int]] = set()  # (files, samples) of the batches checked (batching stops at a failure)
 
     def alone(i: int, samples: int = 0) -> None:
         before = cache.encode_calls
@@ -213,10 +215,12 @@ def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, pr
             return
         try:
             codes, features = _encode_batch(cache.codec, [w for _, w in group], device)
-            if stats.batch_exact is None and len(group) > 1:  # the step's first batch: its last file alone
+            shape = (len(group), len(group[-1][1]))
+            if len(group) > 1 and shape not in exact_shapes:  # a batch shape not seen yet: its last file alone
                 alone_codes, alone_features = _encode_batch(cache.codec, [group[-1][1]], device)
                 stats.batch_exact = bool(np.array_equal(alone_codes[0], codes[-1]) and (
                     features is None or torch.equal(alone_features[0], features[-1])))
+                exact_shapes.add(shape)
         except Exception:  # noqa: BLE001 - one bad file must not sink its batch: each is retried alone
             for i, wave in group:
                 alone(i, len(wave))

@@ -141,6 +141,17 @@ def _eight_equal_lengths(root: Path) -> list[Path]:
                             for i, w in enumerate(["red fox", "blue moon", "cold tea"])]
 
 
+def test_each_batch_shape_is_checked_once(codec, tmp_path, monkeypatch):
+    files = _eight_equal_lengths(tmp_path / "audio")
+    single = CodeCache(tmp_path / "single", codec)
+    _sequential(files, single)
+    sizes = _record_batches(codec, monkeypatch)
+    cache = CodeCache(tmp_path / "batched", codec)
+    stats = encode_missing(_samples(files), cache, batch_seconds=4.5)  # the eight 1.5 s files: 3 + 3 + 2
+    assert sorted(sizes, reverse=True)[:3] == [3, 3, 2] and len(sizes) == 3 + 2 + 5  # two shapes, two checks
+    assert stats.batch_exact is True and _entries(cache) == _entries(single)
+
+
 def test_batching_stops_when_a_batch_moves_a_code(codec, tmp_path, monkeypatch):
     """The last file of the first batch is encoded again alone on the device; one moved code stops batching for the
     rest of the step (files waiting for partners included), and that batch is encoded file by file."""
