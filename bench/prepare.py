@@ -34,6 +34,7 @@ from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 from higgs_accel.codes import CodeCache, encode_missing
 from higgs_accel.config import ModelConfig, load_config
 from higgs_accel.data import FileAudio, Sample
+from higgs_accel.encoding import encode_waves
 from higgs_accel.loading import load_codec
 from higgs_accel.loop import train
 from higgs_accel.tiny import ensure_tiny_assets, speech_like
@@ -121,16 +122,12 @@ def encode_throughput(paths: list[Path], root: Path, rounds: int, workers: int, 
 def batch_exactness(codec, paths: list[Path], device) -> tuple[float, float]:
     """The equal-length segments encoded as one batch against each alone on ``device``: the share of identical
     codes and the largest difference between the features the codes are quantized from (0.0: bit for bit)."""
-    waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in paths]
+    waves = [sf.read(p, dtype="float32")[0] for p in paths]
     waves = [w for w in waves if len(w) == len(waves[1])]
-    features = []
-    hook = codec.fc.register_forward_hook(lambda m, a, out: features.append(out))
-    with torch.no_grad():
-        batched = codec.encode(torch.stack(waves)[:, None].to(device)).audio_codes
-        alone = torch.cat([codec.encode(w[None, None].to(device)).audio_codes for w in waves])
-    hook.remove()
-    diff = max(float((features[0][i] - f[0]).abs().max()) for i, f in enumerate(features[1:]))
-    return float((batched == alone).float().mean()), diff
+    batched, features = encode_waves(codec, waves, device)
+    alone = [encode_waves(codec, [w], device) for w in waves]
+    diff = max(float((features[i] - f[0]).abs().max()) for i, (_, f) in enumerate(alone))
+    return float((batched == np.concatenate([c for c, _ in alone])).mean()), diff
 
 
 def padding_agreement(codec, paths: list[Path], pad: int, device) -> float:

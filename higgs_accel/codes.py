@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import FileAudio, Sample, Skip, audio_error, decode_audio, strict_error
-from .encoding import EncodeStats
+from .encoding import EncodeStats, encode_waves
 
 SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
 MEMORY_BYTES = 256 * 2**20  # codes kept in memory per process once read: about 180 hours of audio
@@ -148,18 +148,15 @@ class CodeCache:
         if float(np.abs(wave).max()) < SILENCE_PEAK:
             return self._store_skip(digest, "silent_audio", f"peak below {SILENCE_PEAK} (about -80 dBFS)")
         try:
-            with torch.no_grad():
-                device = next(self.codec.parameters()).device
-                codes = self.codec.encode(torch.from_numpy(wave)[None, None].to(device)).audio_codes[0]
+            arr = encode_waves(self.codec, [wave], next(self.codec.parameters()).device)[0][0]
         except Exception as e:  # noqa: BLE001 - the codec may reject one input; that is this file's reason
             detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
             if isinstance(e, torch.OutOfMemoryError):  # passing, not the file's fault: not stored, a rerun retries
                 return {"reason": "encode_failed", "detail": detail}
             return self._store_skip(digest, "encode_failed", detail)
         self.encode_calls += 1
-        if codes.shape[-1] == 0:
+        if arr.shape[-1] == 0:
             return self._store_skip(digest, "empty_audio", "shorter than one codec frame")
-        arr = codes.cpu().numpy().astype(np.int16)
         self._atomic(self.dir / f"{digest}.npy", lambda f: np.save(f, arr))
         return arr
 
@@ -319,7 +316,7 @@ def prepare(cfg) -> tuple[int, list[Skip]]:
         e = data.encoding
         if e.batch_exact is False:
             print("batched encoding stopped: on this device a batch did not give exactly what encoding a file alone "
-                  "gives; files were encoded one at a time", file=sys.stderr)
+                  "gives; from then on this process encoded files one at a time", file=sys.stderr)
         speed = f", {e.speed:.1f}x real time" if e.speed else ""
         print(f"codes cache: {data.cache.dir} ({data.encoded} encoded by this process now{speed})", file=sys.stderr)
     data.check_strict(cfg.data.strict)

@@ -72,9 +72,9 @@ class DataConfig:
     max_tokens_per_batch: int = _opt(0, "cap padded positions per batch instead of a fixed batch size (0: off)")
     num_workers: int = _opt(0, "DataLoader worker processes (also decode audio for the codec while it encodes)")
     encode_batch_seconds: float | None = _opt(None, "most seconds of audio the codec encodes in one batch; only "
-                                              "files of exactly equal length share one, and only while batches prove "
-                                              "exact (null: 60 on a GPU, 0 on the CPU, where batching is neither "
-                                              "faster nor exact; 0: one file at a time)")
+                                              "4 or more files of exactly equal length share one, and only while "
+                                              "batches prove exact (null: 60 on an accelerator, 0 on the CPU, where "
+                                              "batching is neither faster nor exact; 0: one file at a time)")
     codes_cache: str = _opt("", "dir of cached codec codes (default: $HIGGS_ACCEL_CACHE or ~/.cache/higgs_accel)")
     audio_field: str = _opt("audio", "manifest field with the audio path (relative to the manifest) or column")
     text_field: str = _opt("text", "field with the transcript")

@@ -9,13 +9,15 @@ full-size codec, padding a file by up to 40 ms changed about 1% of its codes and
 
 Equal length is not enough either. The codec's last layers are matrix products over all frames of the batch at
 once, and a BLAS library picks its blocking (on the CPU, even how it splits the sum between threads) by the number of
-rows: on the CPU the features a file's codes are quantized from differ by about 1e-5 between batch 5 and batch 1,
+rows: on the CPU the features a file's codes are quantized from differ by up to 3e-5 between a batch and one file,
 which moves a code when two codebook entries are that close. So batching is off on the CPU, where it is not faster
-either (bench/RESULTS.md), and on other devices it is checked: the last file of the first batch of each shape
-(files x samples) is encoded again alone, and its codes and float features are compared bit for bit. Any difference
-stops batching for the rest of the step and that batch is encoded file by file; ``EncodeStats.batch_exact`` records
-the outcome. Where batching pays (a corpus cut into equal segments) there are few shapes, so the check costs about
-one file per shape. It checks one file of each shape, not every file.
+either (bench/RESULTS.md), and on accelerators it is checked: the last file of the first batch of each shape
+(files x samples) is encoded again alone, exactly as ``CodeCache.encode`` encodes a file, and its codes and float
+features are compared bit for bit. Any difference stops batching for the rest of the step and that batch is encoded
+file by file; ``EncodeStats.batch_exact`` records the outcome. The check costs one encode per distinct (files,
+samples), so fewer than ``MIN_BATCH`` files of one length are not batched: they would not win it back. Where
+batching pays (a corpus cut into equal segments) there are few shapes. It checks one file of each shape, not every
+file.
 
 Files arrive longest first (by file size), so a batch too large for memory fails at the start, not hours in; up to
 ``WINDOW`` batches of decoded audio wait for a partner of equal length. Each file's entry is stored as soon as its
@@ -26,8 +28,8 @@ its own, which records its skip exactly as the one-at-a-time path does.
 On the CPU the codec's time goes into convolutions and the acoustic encoder's Snake activations over tensors of tens
 of MB (64 channels at 24,000 positions per second of audio). glibc serves blocks that large with a fresh ``mmap``
 and unmaps them on ``free``, so every activation pays page faults to zero new memory. During the encode step
-``retained_heap`` has glibc keep freed memory for reuse: the full-size codec encodes about 1.6x faster on 2 cores,
-with bit-identical codes (bench/RESULTS.md).
+``retained_heap`` has glibc keep freed memory for reuse, with bit-identical codes; bench/RESULTS.md has the
+speed-up (largest for files of 8 s and more, whose activations exceed glibc's largest mmap threshold).
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ from .data import FileAudio, decode_audio
 
 WINDOW = 4  # batches' worth of decoded files held while waiting for files of the same length
 GPU_BATCH_SECONDS = 60.0  # data.encode_batch_seconds when unset, on an accelerator; on the CPU batching is off
+MIN_BATCH = 4  # fewer files of one length are encoded one at a time: a new batch shape costs one more encode
 
-# glibc's mallopt parameters (malloc.h) and the values its dynamic thresholds settle at after the first large free,
-# restored after the encode step.
+# glibc's mallopt parameters (malloc.h), and the thresholds left after the encode step: the largest glibc's dynamic
+# mmap threshold reaches on 64-bit, and its trim threshold at that point (setting them fixes them for good).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 _SETTLED_TRIM_THRESHOLD = 2 * _SETTLED_MMAP_THRESHOLD
@@ -71,9 +74,10 @@ def _glibc():
 
 @contextlib.contextmanager
 def retained_heap():
-    """Within the block, glibc keeps freed memory for reuse instead of unmapping blocks of 128 KiB and more and
-    trimming the heap (the module docstring says why); after it, the thresholds are where glibc's own would settle
-    and the kept memory goes back to the system. Only addresses change, never a computed value."""
+    """Within the block, glibc keeps freed memory for reuse instead of unmapping large blocks and trimming the heap
+    (the module docstring says why); after it, the thresholds stay fixed at the most glibc's own dynamic ones reach
+    (32 MiB mmap, 64 MiB trim) and the kept memory goes back to the system. Only addresses change, never a computed
+    value."""
     libc = _glibc()
     if libc is None:
         yield
@@ -99,10 +103,23 @@ class EncodeStats:
     batch_exact: bool | None = None  # whether the first batch of every shape gave its last file exactly what
     # encoding it alone gives (False: one did not, and batching stopped); None when no batch was encoded
 
+    def row(self) -> list[float]:
+        """This process's figures, as ``across_processes`` takes them from every process (NaN: no batch checked)."""
+        return [self.audio_seconds, self.wall_seconds, float("nan") if self.batch_exact is None else self.batch_exact]
+
     @property
     def speed(self) -> float | None:
         """Seconds of audio encoded per second of wall time (= hours of audio per hour of compute)."""
         return self.audio_seconds / self.wall_seconds if self.audio_seconds and self.wall_seconds > 0 else None
+
+
+def across_processes(rows) -> dict:
+    """``data_summary``'s encode fields from every process's ``EncodeStats.row()`` (gathered): the audio all of them
+    encoded over the slowest one's time, and whether every process that checked a batch found it exact."""
+    audio_s, wall_s, exact = torch.as_tensor(rows, dtype=torch.float64).unbind(1)
+    exact = exact[~exact.isnan()]
+    return {"encode_speed": float(audio_s.sum() / wall_s.max()) if audio_s.sum() > 0 else None,
+            "encode_batch_exact": bool(exact.min() == 1) if len(exact) else None}
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -157,10 +174,10 @@ class _Progress:
         self.bar.close()
 
 
-def _encode_batch(codec, waves: list, device) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Codes of equal-length ``waves`` (batch, codebooks, frames), and the float features they were quantized from
-    (the codec's ``fc`` output; None if it has none): two runs of the same arithmetic give bit-identical features,
-    so comparing them catches any difference, even one too small to move a code."""
+def encode_waves(codec, waves: list, device) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Codes of equal-length mono ``waves`` (files, codebooks, frames; int16, as cached), and the float features
+    they were quantized from (the codec's ``fc`` output; None if it has none): two runs of the same arithmetic give
+    bit-identical features, so comparing them catches any difference, even one too small to move a code."""
     seen = []
     fc = getattr(codec, "fc", None)
     hook = fc.register_forward_hook(lambda module, args, out: seen.append(out)) if fc is not None else None
@@ -180,6 +197,8 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
     processes (0: decode in this process); ``batch_seconds``: most seconds of audio in one codec batch (files of
     equal length only; a file longer than this is encoded alone; None: ``GPU_BATCH_SECONDS`` on an accelerator, 0 on
     the CPU)."""
+    if not todo:
+        return EncodeStats()
     with retained_heap():
         return _encode_all(todo, cache, workers, batch_seconds, progress)
 
@@ -209,15 +228,15 @@ def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, pr
 
     def encode(group: list) -> None:
         nonlocal limit
-        if len(group) > 1 and not limit:  # batching stopped while this group waited: one file at a time
+        if 1 < len(group) < MIN_BATCH or (len(group) > 1 and not limit):  # too few, or batching stopped
             for item in group:
                 encode([item])
             return
         try:
-            codes, features = _encode_batch(cache.codec, [w for _, w in group], device)
+            codes, features = encode_waves(cache.codec, [w for _, w in group], device)
             shape = (len(group), len(group[-1][1]))
             if len(group) > 1 and shape not in exact_shapes:  # a batch shape not seen yet: its last file alone
-                alone_codes, alone_features = _encode_batch(cache.codec, [group[-1][1]], device)
+                alone_codes, alone_features = encode_waves(cache.codec, [group[-1][1]], device)
                 stats.batch_exact = bool(np.array_equal(alone_codes[0], codes[-1]) and (
                     features is None or torch.equal(alone_features[0], features[-1])))
                 exact_shapes.add(shape)

@@ -27,6 +27,7 @@ from .chat import SpecialIds
 from .codes import PreparedData, prepare_data
 from .config import ConfigError, RunConfig, validate_for_model
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
+from .encoding import across_processes
 from .events import EventLog, capture_library_logs
 from .loading import load_base_model, load_codec, load_text_tokenizer, resolve_checkpoints
 from .lock import RunLock, acquire_for_run
@@ -486,14 +487,8 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, 
     data.check_strict(cfg.data.strict)  # before the skips are reported: the error lists them, once
     # Summed over the processes: each encoded its share.
     encodes = int(accelerator.reduce(torch.tensor(data.cache.encode_calls, device=accelerator.device), "sum"))
-    e = data.encoding
-    exact = float("nan") if e.batch_exact is None else float(e.batch_exact)
-    audio_s, wall_s, exact = accelerator.gather(torch.tensor([[e.audio_seconds, e.wall_seconds, exact]],
-                                                             dtype=torch.float64, device=accelerator.device)
-                                                ).cpu().unbind(1)
-    exact = exact[~exact.isnan()]  # the processes that checked a batch
-    encoding = {"encode_speed": float(audio_s.sum() / wall_s.max()) if audio_s.sum() > 0 else None,  # slowest's pace
-                "encode_batch_exact": bool(exact.min() == 1) if len(exact) else None}
+    rows = accelerator.gather(torch.tensor([data.encoding.row()], dtype=torch.float64, device=accelerator.device))
+    encoding = across_processes(rows.cpu())
     report_data(log, "train", data.train, data.train_skips, encodes, data, encoding)
     report_data(log, "val", data.val, data.val_skips, encodes, data, encoding)
     if not data.train:

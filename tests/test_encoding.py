@@ -1,7 +1,8 @@
-"""Batched encoding (higgs_accel.encoding) stores exactly what the one-at-a-time path stores."""
+"""The encode step (higgs_accel.encoding) stores exactly what the one-at-a-time path stores."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import subprocess
@@ -70,15 +71,19 @@ def _entries(cache: CodeCache) -> dict[str, bytes]:
 
 
 def _record_batches(codec, monkeypatch, exact: bool = True, fail: bool = False, move_a_code: bool = False,
-                    nudge: bool = False) -> list[int]:
+                    nudge: bool = False, fail_first_check: bool = False) -> list[int]:
     """Record the batch size of every codec call. ``exact``: a batch is encoded file by file inside, as on a device
     whose batches give bit for bit what single files give (the CPU's do not: see the last test); then ``fail``: a
     batch raises; ``move_a_code``: it returns one code changed; ``nudge``: its features (the ``fc`` output the codes
-    are quantized from) move by one ulp, as a batched matrix product summing in another order would."""
-    sizes, real = [], codec.encode
+    are quantized from) move by one ulp, as a batched matrix product summing in another order would;
+    ``fail_first_check``: the first single-file call right after a batch raises."""
+    sizes, real, failed = [], codec.encode, []
 
     def encode(waves, *args, **kwargs):
         sizes.append(waves.shape[0])
+        if fail_first_check and not failed and waves.shape[0] == 1 and sizes[-2:-1] > [1]:
+            failed.append(True)
+            raise RuntimeError("out of memory, once")
         if waves.shape[0] == 1 or not exact:
             return real(waves, *args, **kwargs)
         if fail:
@@ -141,70 +146,78 @@ def _eight_equal_lengths(root: Path) -> list[Path]:
                             for i, w in enumerate(["red fox", "blue moon", "cold tea"])]
 
 
-def test_each_batch_shape_is_checked_once(codec, tmp_path, monkeypatch):
-    files = _eight_equal_lengths(tmp_path / "audio")
+def _step_against_single(codec, tmp_path: Path, monkeypatch, files: list[Path], **fake):
+    """``files`` encoded one at a time into one cache, then by the encode step (up to 6 s of audio per batch) with the
+    codec faked as ``fake`` says (see ``_record_batches``) into another: (codec call sizes, the step's stats, whether
+    both caches hold the same bytes)."""
     single = CodeCache(tmp_path / "single", codec)
     _sequential(files, single)
-    sizes = _record_batches(codec, monkeypatch)
-    cache = CodeCache(tmp_path / "batched", codec)
-    stats = encode_missing(_samples(files), cache, batch_seconds=4.5)  # the eight 1.5 s files: 3 + 3 + 2
-    assert sorted(sizes, reverse=True)[:3] == [3, 3, 2] and len(sizes) == 3 + 2 + 5  # two shapes, two checks
-    assert stats.batch_exact is True and _entries(cache) == _entries(single)
+    sizes = _record_batches(codec, monkeypatch, **fake)
+    cache = CodeCache(tmp_path / "step", codec)
+    stats = encode_missing(_samples(files), cache, batch_seconds=6)
+    assert stats.encoded == cache.encode_calls == len(files)
+    return sizes, stats, _entries(cache) == _entries(single)
 
 
-def test_batching_stops_when_a_batch_moves_a_code(codec, tmp_path, monkeypatch):
-    """The last file of the first batch is encoded again alone on the device; one moved code stops batching for the
-    rest of the step (files waiting for partners included), and that batch is encoded file by file."""
+def test_each_batch_shape_is_checked_once_and_short_groups_go_alone(codec, tmp_path, monkeypatch):
     files = _eight_equal_lengths(tmp_path / "audio")
-    single = CodeCache(tmp_path / "single", codec)
-    _sequential(files, single)
-    sizes = _record_batches(codec, monkeypatch, move_a_code=True)
-    cache = CodeCache(tmp_path / "batched", codec)
-    stats = encode_missing(_samples(files), cache, batch_seconds=3)  # pairs of the eight 1.5 s files
-    first = sizes.index(2)  # the 2.1 s and 2.6 s files come first (longest first), alone
-    assert sizes[first:first + 4] == [2, 1, 1, 1] and sizes.count(2) == 1 and len(sizes) == 1 + 1 + 13
-    assert stats.batch_exact is False and stats.encoded == len(files)
-    assert _entries(cache) == _entries(single)
+    files += [_write(tmp_path / "audio" / f"two{i}.wav", 2.0, 24000, words=w)
+              for i, w in enumerate(["green hills", "old roads", "dark woods", "new snow"])]
+    sizes, stats, same = _step_against_single(codec, tmp_path, monkeypatch, files)
+    # The 1.5 s files in two batches of 4 (one shape, checked once); the 2.0 s ones (3 + 1, too few) and others alone.
+    assert sizes.count(4) == 2 and len(sizes) == 2 + 1 + 4 + 5
+    assert stats.batch_exact is True and same
 
 
-def test_batching_stops_on_a_float_difference_too_small_to_move_a_code(codec, tmp_path, monkeypatch):
-    files = _eight_equal_lengths(tmp_path / "audio")
-    single = CodeCache(tmp_path / "single", codec)
-    _sequential(files, single)
-    sizes = _record_batches(codec, monkeypatch, nudge=True)
-    cache = CodeCache(tmp_path / "batched", codec)
-    stats = encode_missing(_samples(files), cache, batch_seconds=3)
-    assert stats.batch_exact is False and sizes.count(2) == 1 and len(sizes) == 1 + 1 + 13
-    assert _entries(cache) == _entries(single)
+@pytest.mark.parametrize("fake", ["move_a_code", "nudge"])
+def test_batching_stops_when_a_batch_is_not_exact(codec, tmp_path, monkeypatch, fake):
+    """The last file of the first batch is encoded again alone on the device; one moved code, or features one ulp
+    off (too little to move a code), stop batching for the rest of the step (files waiting for partners included),
+    and that batch is encoded file by file."""
+    sizes, stats, same = _step_against_single(codec, tmp_path, monkeypatch, _eight_equal_lengths(tmp_path / "audio"),
+                                              **{fake: True})
+    first = sizes.index(4)  # the 2.1 s and 2.6 s files come first (longest first), alone
+    assert sizes[first:first + 6] == [4, 1, 1, 1, 1, 1] and sizes.count(4) == 1 and len(sizes) == 1 + 1 + 13
+    assert stats.batch_exact is False and same
+
+
+def test_a_check_that_fails_to_run_loses_nothing(codec, tmp_path, monkeypatch):
+    """The check's single-file encode raises once: that batch's files are encoded alone and the next batch of the
+    same shape is checked instead."""
+    sizes, stats, same = _step_against_single(codec, tmp_path, monkeypatch, _eight_equal_lengths(tmp_path / "audio"),
+                                              fail_first_check=True)
+    first = sizes.index(4)
+    assert sizes[first:first + 8] == [4, 1, 1, 1, 1, 1, 4, 1] and len(sizes) == 2 + 2 + 4 + 5
+    assert stats.batch_exact is True and same
 
 
 def test_the_batch_check_tells_the_truth_about_this_cpu(codec, tmp_path, monkeypatch):
-    """The real codec, no fakes: the check's verdict is what comparing a batch's features with a single file's says
-    (today the CPU's are not equal: its convolutions and matrix products block by batch size), and the entries are
-    the one-at-a-time path's either way."""
+    """The real codec, no fakes: the check's verdict is what comparing a batch with one file alone says (today the
+    CPU's differ: its convolutions and matrix products block by batch size), and the entries are the one-at-a-time
+    path's either way. Without ``data.encode_batch_seconds`` the CPU does not batch."""
     files = _eight_equal_lengths(tmp_path / "audio")
-    single = CodeCache(tmp_path / "single", codec)
-    _sequential(files, single)
-    waves = [decode_audio(FileAudio(f).read(), codec.config.sample_rate) for f in files[:3]]
-    features = []
-    hook = codec.fc.register_forward_hook(lambda m, a, out: features.append(out))
-    try:
-        with torch.no_grad():
-            codec.encode(torch.from_numpy(np.stack(waves))[:, None])
-            codec.encode(torch.from_numpy(waves[-1])[None, None])
-    finally:
-        hook.remove()
-    sizes = _record_batches(codec, monkeypatch, exact=False)
-    cache = CodeCache(tmp_path / "batched", codec)
-    stats = encode_missing(_samples(files), cache, batch_seconds=4.5)  # threes of the eight 1.5 s files
-    assert stats.batch_exact is torch.equal(features[0][-1], features[1][0])
-    assert sizes.count(3) == (2 if stats.batch_exact else 1)
-    assert _entries(cache) == _entries(single)
-    assert encode_missing(_samples(files), CodeCache(tmp_path / "default", codec)).batch_exact is None  # CPU: off
+    waves = [decode_audio(FileAudio(f).read(), codec.config.sample_rate) for f in files[:4]]
+    codes, features = encoding.encode_waves(codec, waves, "cpu")
+    alone_codes, alone_features = encoding.encode_waves(codec, waves[-1:], "cpu")
+    exact = bool((codes[-1] == alone_codes[0]).all()) and torch.equal(features[-1], alone_features[0])
+    sizes, stats, same = _step_against_single(codec, tmp_path, monkeypatch, files, exact=False)
+    assert stats.batch_exact is exact and sizes.count(4) == (2 if exact else 1) and same
+    assert encode_missing(_samples(files), CodeCache(tmp_path / "default", codec)).batch_exact is None
+
+
+def test_processes_combine_speed_and_verdict():
+    nan = float("nan")
+    assert encoding.across_processes([[10.0, 2.0, nan], [20.0, 4.0, 1.0]]) == {
+        "encode_speed": 7.5, "encode_batch_exact": True}  # all the audio over the slowest process's time
+    assert encoding.across_processes([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])["encode_batch_exact"] is False
+    assert encoding.across_processes([[0.0, 0.0, nan], [0.0, 0.1, nan]]) == {
+        "encode_speed": None, "encode_batch_exact": None}
+    assert encoding.EncodeStats(batch_exact=False).row() == [0.0, 0.0, 0.0]
 
 
 def test_a_run_reports_the_batch_check_and_the_speed(tiny, tmp_path):
-    """Training on equal-length files: ``data_summary`` says the checked batch agreed, and how fast encoding went."""
+    """Training on four equal-length files with batches on: ``data_summary`` carries this CPU's verdict (what it is
+    is checked above) as a boolean column, and how fast encoding went."""
     rows = []
     for i, words in enumerate(["quiet rivers", "seven stars", "lazy dog", "red fox"]):
         _write(tmp_path / f"{i}.wav", 1.5, 24000, words=words)
@@ -215,7 +228,7 @@ def test_a_run_reports_the_batch_check_and_the_speed(tiny, tmp_path):
                        train__save_every=0)
     summary = next(e for e in events if e["event"] == "data_summary")
     assert summary["codec_encodes"] == 4 and summary["encode_speed"] > 0
-    assert summary["encode_batch_exact"] in (True, False)  # this CPU's verdict (the test above checks it)
+    assert summary["encode_batch_exact"] in (True, False)
     assert read_events(tmp_path / "run")["data_summary"].schema.field("encode_batch_exact").type == pa.bool_()
 
 
@@ -242,6 +255,32 @@ def test_retained_heap_sets_and_settles_glibc_thresholds(monkeypatch):
     assert len(calls) == 5
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(encoding._glibc() is None or not hasattr(encoding._glibc(), "mallinfo2"), reason="glibc >= 2.33")
+def test_retained_heap_keeps_large_blocks_in_the_heap_on_this_glibc():
+    """The real C library: inside the block a 48 MiB allocation comes from the heap, not from a fresh mmap (what
+    costs the page faults); after it, glibc maps one again (its threshold is back at 32 MiB)."""
+    libc = encoding._glibc()
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = _MallInfo2
+
+    def mapped_by(size: int) -> int:
+        before = libc.mallinfo2().hblks
+        block = libc.malloc(size)
+        during = libc.mallinfo2().hblks
+        libc.free(block)
+        return during - before
+
+    with encoding.retained_heap():
+        assert mapped_by(48 * 2**20) == 0
+    assert mapped_by(48 * 2**20) == 1
+
+
 def test_a_heap_the_user_tuned_is_left_alone(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
     assert encoding._glibc() is None
@@ -255,17 +294,27 @@ def test_one_file_at_a_time_when_batches_are_off(codec, tmp_path, monkeypatch):
     assert sizes == [1] * 5 and len(_entries(cache)) == 5
 
 
-# A `prepare` that logs the name of every entry it stores, to count stores across the killed run and the rerun.
+# A `prepare` that logs the name of every entry it stores and the size of every codec call, to count stores across
+# the killed run and the rerun. Its codec encodes a batch file by file inside, so batches are exact and go on (this
+# CPU's are not: see above) and the kill lands among batched stores.
 _LOGGED_PREPARE = """
 import sys
+import torch
+from types import SimpleNamespace
+from transformers import HiggsAudioV2TokenizerModel
 from higgs_accel import cli
 from higgs_accel.codes import CodeCache
-real = CodeCache._atomic
+real, real_encode = CodeCache._atomic, HiggsAudioV2TokenizerModel.encode
 def logged(target, write):
     real(target, write)
     with open(sys.argv[1], "a") as f:
         f.write(target.name + "\\n")
+def exact(self, waves, *args, **kwargs):
+    with open(sys.argv[1], "a") as f:
+        f.write(f"batch {len(waves)}\\n")
+    return SimpleNamespace(audio_codes=torch.cat([real_encode(self, w[None]).audio_codes for w in waves]))
 CodeCache._atomic = staticmethod(logged)
+HiggsAudioV2TokenizerModel.encode = exact
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -281,7 +330,7 @@ def test_killed_batched_prepare_and_rerun_encode_each_file_once(tiny, tmp_path):
     args = [sys.executable, "-c", _LOGGED_PREPARE, str(log), "prepare", f"model.base={tiny['model.base']}",
             f"model.audio_tokenizer={tiny['model.audio_tokenizer']}", f"data.train_manifest={tmp_path / 'm.jsonl'}",
             f"data.codes_cache={tmp_path / 'codes'}", f"train.output_dir={tmp_path / 'run'}", "data.num_workers=2",
-            "data.encode_batch_seconds=8"]
+            "data.encode_batch_seconds=12"]
     done = kill_when_encoded(args, tmp_path / "codes", 5)
     assert 5 <= len(done) < 48
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -290,3 +339,4 @@ def test_killed_batched_prepare_and_rerun_encode_each_file_once(tiny, tmp_path):
     assert encoded_now(r.stderr) == 48 - len(done) and "x real time)" in r.stderr
     stored = [n for n in log.read_text().split() if n.endswith(".npy")]
     assert len(stored) == len(set(stored)) == 48  # every file stored once over both runs, none encoded twice
+    assert max(int(n) for n in re.findall(r"batch (\d+)", log.read_text())) >= 4  # in batches
