@@ -432,6 +432,9 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     weights = LossWeights.of(t)
     # Recompute activations only when the step is predicted not to fit (model.gradient_checkpointing: auto).
     memory_plan = plan_memory(cfg, base.config, accelerator.device, longest=data.longest_tokens["train"] or None)
+    # Seeded again: the new LoRA weights must not depend on how much randomness loading and the encode step drew
+    # (a cold codes cache draws more than a warm one, each process its own share).
+    set_seed(t.seed)
     model = DualLossModel(add_lora(base, cfg.lora, memory_plan["gradient_checkpointing"]), ids, weights)
     trainable, total = count_parameters(model)
     if cfg.model.compile:

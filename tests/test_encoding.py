@@ -232,6 +232,16 @@ def test_a_run_reports_the_batch_check_and_the_speed(tiny, tmp_path):
     assert read_events(tmp_path / "run")["data_summary"].schema.field("encode_batch_exact").type == pa.bool_()
 
 
+def test_a_warm_cache_trains_exactly_as_a_cold_one(tiny, tmp_path):
+    """The encode step draws randomness only when it has files to encode; the LoRA weights and so the losses must
+    not depend on it."""
+    runs = [train_run(tmp_path / name, tiny, tmp_path / "codes", train__max_steps=3, train__eval_every=0,
+                      train__save_every=0) for name in ("cold", "warm")]
+    assert [next(e for e in events if e["event"] == "data_summary")["codec_encodes"] for events in runs][1] == 0
+    cold, warm = ([e["loss"] for e in events if e["event"] == "train_step"] for events in runs)
+    assert len(cold) == 3 and cold == warm  # (Adam's first update is about lr x sign: step 2 alone may agree)
+
+
 def test_retained_heap_sets_and_settles_glibc_thresholds(monkeypatch):
     calls = []
 
