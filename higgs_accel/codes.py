@@ -154,9 +154,14 @@ class CodeCache:
             if isinstance(e, torch.OutOfMemoryError):  # passing, not the file's fault: not stored, a rerun retries
                 return {"reason": "encode_failed", "detail": detail}
             return self._store_skip(digest, "encode_failed", detail)
-        self.encode_calls += 1
         if arr.shape[-1] == 0:
+            self.encode_calls += 1
             return self._store_skip(digest, "empty_audio", "shorter than one codec frame")
+        return self.store_codes(digest, arr)
+
+    def store_codes(self, digest: str, arr: np.ndarray) -> np.ndarray:
+        """Store the codes the codec just gave one file (counted in ``encode_calls``)."""
+        self.encode_calls += 1
         self._atomic(self.dir / f"{digest}.npy", lambda f: np.save(f, arr))
         return arr
 

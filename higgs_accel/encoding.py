@@ -254,8 +254,7 @@ def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, pr
                 alone(i)
             return
         for (i, wave), arr in zip(group, codes):
-            cache._atomic(cache.dir / f"{digests[i]}.npy", lambda f, arr=arr: np.save(f, arr))
-            cache.encode_calls += 1
+            cache.store_codes(digests[i], arr)
             stats.encoded += 1
             stats.audio_seconds += len(wave) / rate
             bar.update(i, stats, start)
