@@ -272,7 +272,8 @@ class HiggsTts3(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path, codec=None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` in the released layout; with ``codec`` (a
-        ``HiggsAudioV2TokenizerModel``) its weights are bundled under the release's codec prefix."""
+        ``HiggsAudioV2TokenizerModel``) its weights are bundled under the release's codec prefix (and its config
+        written where ``audio_tokenizer_id`` names a dir inside the checkpoint)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
@@ -281,6 +282,8 @@ class HiggsTts3(nn.Module):
         if codec is not None:
             state.update({CODEC + k: v.detach().contiguous() for k, v in codec.state_dict().items()})
         save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+        if codec is not None and is_inside(self.config.audio_tokenizer_id):
+            codec.config.save_pretrained(out / self.config.audio_tokenizer_id)
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return out
 
@@ -303,6 +306,11 @@ def resolve_dir(source: str | Path) -> Path:
                           f"({type(e).__name__})") from None
 
 
+def is_inside(audio_tokenizer_id: str) -> bool:
+    """A hub id is "owner/name"; a bare name is a dir inside the checkpoint (the tiny model's convention)."""
+    return "/" not in audio_tokenizer_id
+
+
 def weight_files(root: Path) -> list[Path]:
     index = root / WEIGHTS_INDEX
     if index.is_file():
@@ -314,14 +322,14 @@ def weight_files(root: Path) -> list[Path]:
 
 def load_codec(source: str | Path):
     """The codec of a Higgs TTS 3 checkpoint: a ``HiggsAudioV2TokenizerModel`` whose config comes from the
-    checkpoint's ``audio_tokenizer_id`` (a dir inside the checkpoint, a local dir, or a hub id) and whose weights
+    checkpoint's ``audio_tokenizer_id`` (a hub id, or a bare name: a dir inside the checkpoint) and whose weights
     come from the bundle under the codec prefix when the checkpoint has one, else from ``audio_tokenizer_id``."""
     from safetensors import safe_open
     from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 
     root = resolve_dir(source)
     ref = Tts3Config.from_file(root / "config.json").audio_tokenizer_id
-    ref = str(root / ref) if (root / ref).is_dir() else ref
+    ref = str(root / ref) if is_inside(ref) else ref
     state = {}
     for path in weight_files(root):
         with safe_open(path, framework="pt") as f:
