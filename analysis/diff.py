@@ -129,15 +129,18 @@ def first_difference(a: Run, b: Run) -> dict | None:
 
 
 def parse_gate(text: str) -> tuple[str, str, float]:
-    metric, sep, tol = text.rpartition(":")
+    """``PHASE.METRIC[:TOLERANCE]`` as (phase, metric, tolerance); without a tolerance any worsening fails (0)."""
+    metric, sep, tol = text.partition(":")
     phase, dot, col = metric.partition(".")
-    if not sep or not dot or phase not in METRIC_FAMILIES or not col:
-        raise ValueError(f"--fail-if-worse {text!r}: expected PHASE.METRIC:TOLERANCE like eval.loss:0.05 "
-                         f"(PHASE: {', '.join(METRIC_FAMILIES)})")
+    if not dot or phase not in METRIC_FAMILIES or not col:
+        raise ValueError(f"--fail-if-worse {text!r}: expected PHASE.METRIC or PHASE.METRIC:TOLERANCE like eval.loss "
+                         f"or eval.loss:0.05 (PHASE: {', '.join(METRIC_FAMILIES)})")
     try:
-        tolerance = float(tol)
+        tolerance = float(tol) if sep else 0.0
     except ValueError:
         raise ValueError(f"--fail-if-worse {text!r}: tolerance {tol!r} is not a number") from None
+    if not math.isfinite(tolerance):
+        raise ValueError(f"--fail-if-worse {text!r}: tolerance {tol!r} is not a finite number")
     if better(col) is None:
         raise ValueError(f"--fail-if-worse {text!r}: {col} has no better direction (use a loss or acc, or "
                          "quality.wer, quality.cer, quality.similarity)")

@@ -7,6 +7,7 @@ takes, so the tiny preset exercises the real loading and data code without any d
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ PAD_TOKEN = "<|finetune_right_pad_id|>"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars hum softly above "
          "quiet rivers and old green hills where small birds sing every morning").split()
 SAMPLE_RATE = 24000
-ASSETS_VERSION = "3"  # bumped when the assets change, so old asset dirs are rebuilt
+ASSETS_VERSION = "4"  # bumped when the assets change, so old asset dirs are rebuilt
 # Llama 3's pre-tokenizer split (the real checkpoint's tokenizer): contractions, letter runs with one leading
 # non-letter, digits in threes, punctuation runs with their newlines, newline runs, then spaces.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -51,7 +52,8 @@ def build_text_tokenizer(out_dir: Path):
 
 
 def build_codec(out_dir: Path):
-    """A ~0.9 M-parameter codec at 25 frames/s with 8 codebooks of 1024 codes, like the real one."""
+    """A ~0.9 M-parameter codec at 25 frames/s with 8 codebooks of 1024 codes, like the real one, whose decoded
+    audio depends on the codes (``_make_audible``)."""
     from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 
     cfg = HiggsAudioV2TokenizerConfig(
@@ -63,12 +65,40 @@ def build_codec(out_dir: Path):
                                    conv_dim=[16] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2),
     )
     codec = HiggsAudioV2TokenizerModel(cfg).eval()
-    # Random codebooks start at zero, which would map every frame to code 0; spread them out.
-    for q in codec.quantizer.quantizers:
-        q.codebook.embed.normal_(0.0, 0.02)
-        q.codebook.embed_avg.copy_(q.codebook.embed)
+    _make_audible(codec)
     codec.save_pretrained(out_dir)
     return codec
+
+
+DECODED_RMS = 0.1  # loudness of the tiny codec's decoded audio (random codes), well below clipping
+
+
+@torch.no_grad()
+def _make_audible(codec) -> None:
+    """Random weights that make the decoded audio depend on the codes. transformers' init zeroes the codebooks
+    (every frame would encode to code 0) and gives the decoder's convolutions std 0.02, so the signal dies out
+    layer by layer and every code sequence decodes to the same quiet tone. Here every code is a random direction
+    with its own loudness (spread over 300x in codebook 0, which dominates; the others are quieter), the decoder
+    keeps the signal's scale through its layers, and the output is scaled to ``DECODED_RMS``: other codes give
+    another waveform, loudness and spectrum. Encoding still picks varied codes (nearest codebook entries)."""
+    for i, q in enumerate(codec.quantizer.quantizers):
+        embed = q.codebook.embed
+        loudness = torch.empty(embed.shape[0], 1).uniform_(math.log(0.01), math.log(3)).exp()
+        embed.copy_(torch.nn.functional.normalize(torch.randn(embed.shape), dim=1) * 0.05 * loudness
+                    * (1.0 if i == 0 else 0.2))
+        q.codebook.embed_avg.copy_(embed)
+    for m in codec.acoustic_decoder.modules():
+        if isinstance(m, torch.nn.Conv1d):
+            m.weight.normal_(0.0, (m.weight.shape[1] * m.weight.shape[2]) ** -0.5)
+            m.bias.zero_()
+        elif isinstance(m, torch.nn.ConvTranspose1d):  # each output sample sees kernel / stride taps per channel
+            m.weight.normal_(0.0, (m.weight.shape[0] * m.weight.shape[2] / m.stride[0]) ** -0.5)
+            m.bias.zero_()
+    codes = torch.randint(0, codec.config.codebook_size, (4, codec.config.num_quantizers, 100))
+    latent = codec.fc2(codec.quantizer.decode(codes.transpose(0, 1)).transpose(1, 2))
+    codec.fc2.weight.div_(latent.std())
+    codec.fc2.bias.zero_()
+    codec.acoustic_decoder.conv2.weight.mul_(DECODED_RMS / codec.decode(codes).audio_values.std())
 
 
 def build_model(out_dir: Path, tokenizer):
