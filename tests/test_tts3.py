@@ -300,3 +300,29 @@ def test_lora_trains_only_adapters_on_the_backbone_projections(tiny_dir, tokeniz
     assert with_grad and all("lora_" in n for n in with_grad)
     assert any(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
     assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == with_grad
+
+
+def test_the_shared_dual_loss_takes_the_v3_heads(tiny_dir, tokenizer):
+    """The wiring plan's claim: ``losses.dual_loss`` needs no change for v3 (audio-only, text part None)."""
+    from higgs_accel.data import collate
+    from higgs_accel.losses import audio_labels_by_position, dual_loss
+
+    model = HiggsTts3.from_pretrained(tiny_dir)
+    ids = Tts3Ids.from_parts(tokenizer, model.config)
+    rng = np.random.default_rng(1)
+    batch = collate([build_example(tokenizer, ids, "the quick fox", rng.integers(0, 1024, (8, 4))),
+                     build_example(tokenizer, ids, "a dog", rng.integers(0, 1024, (8, 6)),
+                                   ref_codes=rng.integers(0, 1024, (8, 3)), ref_text="seven stars")],
+                    tokenizer.pad_token_id, ids.stream_eos)
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["audio_input_ids"], batch["audio_input_ids_mask"],
+                    batch["attention_mask"])
+        labels = audio_labels_by_position(batch["input_ids"], batch["audio_labels"], batch["audio_input_ids_mask"],
+                                          torch.tensor([ids.slot]))
+        loss = dual_loss(out.hidden_states, model.text_logits, model.audio_logits, batch["labels"], labels)
+    assert loss.text_loss is None
+    per_codebook = [F.cross_entropy(out.audio_logits[:, :-1, c].flatten(0, 1), labels[:, 1:, c].flatten(),
+                                    ignore_index=IGNORE) for c in range(8)]
+    torch.testing.assert_close(loss.audio_loss, sum(per_codebook))
+    # targets per codebook: codes of both targets (4 + 6), plus one EOS in every codebook but the last
+    assert (labels[:, 1:] != IGNORE).sum((0, 1)).tolist() == [12] * 7 + [10]
