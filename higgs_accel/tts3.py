@@ -248,7 +248,10 @@ class HiggsTts3(nn.Module):
         for path in weight_files(root):
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    name = model.own_name(key)
+                    try:
+                        name = model.own_name(key)
+                    except ConfigError as e:
+                        raise ConfigError(f"{path}: {e}") from None
                     if name is None:
                         continue
                     if name not in params:
