@@ -1,0 +1,334 @@
+"""The README workflow at the released size, through the command line, as a new user runs it: what each phase
+costs in time, memory and disk, and whether it works.
+
+Built once into --dir (kept; rebuilt only when the settings change): the Higgs Audio v2 model at the released
+widths (28 layers, hidden 3072, 24/8 heads of 128, intermediate 8192, vocabulary 128,256, 8 codebooks of 1026 codes:
+5.77 B parameters) with random bf16 weights, saved by save_pretrained in 5 GB shards; a codec at the released
+settings (ratios [8,5,4,2,3]: 25 frames/s, 8 quantizers, 200 M parameters, random); the tiny preset's text
+tokenizer, whose special tokens are the ids the model config names (bench/throughput.py); a few spoken utterances
+(espeak-ng when installed, else higgs_accel.tiny's speech-like audio) and their manifest.
+
+Then, each phase a fresh process (`python -m higgs_accel ...`): prepare; train 3 steps with a checkpoint each step,
+SIGTERM once step 1's checkpoint is written (the run stops after step 2, status 75); train --resume latest; report;
+export; plain transformers loading the export, whose logits must equal the adapter model's on a fixed input (bf16
+tolerance); generate about 1 s. Per phase: exit status, wall time, peak RSS of the process (getrusage; with
+CUDA also torch.cuda.max_memory_allocated), disk written, and for train the memory plan's prediction
+(run_start.memory.predicted_gib) next to the measured peak. Prints a Markdown table (--out writes it too).
+
+The full run needs about 13 GB of RAM (24 GB machine), 30 GB of disk and, on 2 CPU cores, about an hour (the
+first one also builds the model: a few minutes). --small checks the script in a few minutes: 2 layers of hidden
+256 (real vocabulary and codebooks) and the tiny codec.
+
+    python bench/real_size.py --dir /data/real_size [--out bench/real_size.md]
+    python bench/real_size.py --dir /tmp/real_size_small --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+GIB = 2**30
+SMALL = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512)
+RELEASED_CODEC = dict(target_bandwidths=[0.5, 1, 1.5, 2],
+                      acoustic_model_config=dict(downsampling_ratios=[8, 5, 4, 2, 3],
+                                                 upsampling_ratios=[8, 5, 4, 2, 3]))
+UTTERANCES = ["The quick brown fox jumps over the lazy dog.", "Seven bright stars hum softly above quiet rivers.",
+              "Small birds sing every morning in the old green hills.", "Please call Stella and ask her to bring "
+              "these things with her from the store.", "A lazy dog sleeps while the river runs by.",
+              "Every morning the birds sing above the hills."]
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+LOGITS_TOLERANCE = 0.05  # max |export - adapter| / max |adapter| over both heads: bf16 rounding, not a wrong merge
+
+
+# ---------------------------------------------------------------- assets, built once
+
+
+def settings(args) -> dict:
+    return {"version": 1, "layers": args.layers, "small": args.small}
+
+
+def build_assets(root: Path, args) -> dict[str, Path]:
+    """The model, codec and data under ``root`` (reused when READY names the same settings)."""
+    paths = {"model": root / "model", "codec": root / "codec", "manifest": root / "data" / "train.jsonl"}
+    ready = root / "READY"
+    if ready.is_file() and json.loads(ready.read_text()) == settings(args):
+        paths["reused"] = True
+        return paths
+    import torch
+    from throughput import real_width_config, text_tokenizer
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    for p in (paths["model"], paths["codec"], root / "data"):
+        shutil.rmtree(p, ignore_errors=True)
+    torch.manual_seed(0)
+    tokenizer = text_tokenizer(paths["model"])  # saved there: the model dir is the tokenizer's too
+    config = real_width_config(tokenizer, args.layers, **(SMALL if args.small else {}))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # initialise straight into bf16: no fp32 copy of 5.77 B parameters
+    try:
+        model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(paths["model"], max_shard_size="200MB" if args.small else "5GB")
+    print(f"built the model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
+    del model
+    build_codec(paths["codec"], args.small)
+    build_speech(root / "data")
+    ready.write_text(json.dumps(settings(args)))
+    return paths
+
+
+def build_codec(out: Path, small: bool) -> None:
+    from higgs_accel.tiny import build_codec as tiny_codec
+
+    if small:
+        tiny_codec(out)
+        return
+    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+
+    codec = HiggsAudioV2TokenizerModel(HiggsAudioV2TokenizerConfig(**RELEASED_CODEC)).eval()
+    for q in codec.quantizer.quantizers:  # random codebooks start at zero: every frame would be code 0
+        q.codebook.embed.normal_(0.0, 0.02)
+        q.codebook.embed_avg.copy_(q.codebook.embed)
+    codec.save_pretrained(out)
+
+
+def build_speech(out: Path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from higgs_accel.tiny import SAMPLE_RATE, speech_like
+
+    (out / "wav").mkdir(parents=True, exist_ok=True)
+    espeak = shutil.which("espeak-ng")
+    lines = []
+    for i, text in enumerate(UTTERANCES):
+        wav = out / "wav" / f"{i:02d}.wav"
+        if espeak:
+            subprocess.run([espeak, "-v", "en", "-s", "150", "-w", str(wav), text], check=True)
+        else:
+            sf.write(wav, speech_like(text, np.random.default_rng(i)), SAMPLE_RATE)
+        lines.append(json.dumps({"audio": f"wav/{wav.name}", "text": text, "speaker": "espeak" if espeak else "tone"}))
+    (out / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_config(root: Path, paths: dict, run_dir: Path) -> Path:
+    import yaml
+
+    cfg = {"model": {"base": str(paths["model"]), "audio_tokenizer": str(paths["codec"]), "dtype": "bf16"},
+           "data": {"train_manifest": str(paths["manifest"]), "codes_cache": str(root / "work" / "codes")},
+           "train": {"output_dir": str(run_dir), "max_steps": 3, "batch_size": 1, "save_every": 1, "lr": 1e-4,
+                     "warmup_steps": 0},
+           "log": {"log_steps": 1}}
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------- one phase, in its own process
+
+
+def child(result: Path, argv: list[str]) -> None:
+    """Run ``higgs-accel ARGV`` (or the export check) in this process, then write its status and peaks."""
+    import runpy
+
+    rc = 0
+    try:
+        if argv[0] == "check-export":
+            check_export(*argv[1:])
+        else:
+            sys.argv = ["higgs-accel", *argv]
+            runpy.run_module("higgs_accel", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    info = {"rc": rc, "peak_rss": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["device_peak"] = torch.cuda.max_memory_allocated()
+    result.write_text(json.dumps(info))
+    sys.exit(rc)
+
+
+def check_export(export: str, base: str, adapter: str, out: str) -> None:
+    """Plain transformers loads the export; its text and audio logits on PROBE_TEXT against the adapter model's
+    (base + PEFT adapter, bf16), one model in memory at a time. Exits 1 past LOGITS_TOLERANCE."""
+    import gc
+
+    import torch
+    from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration
+
+    from higgs_accel.loading import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = AutoTokenizer.from_pretrained(export)(PROBE_TEXT, return_tensors="pt").input_ids.to(device)
+
+    def logits(model):
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids).last_hidden_state
+            return [head(hidden).float().cpu() for head in (model.text_lm_head, model.audio_lm_head)]
+
+    plain = HiggsAudioV2ForConditionalGeneration.from_pretrained(export, use_text_head=True, dtype=torch.bfloat16)
+    got = logits(plain.to(device).eval())
+    del plain
+    gc.collect()
+    want = logits(load_model(base, adapter, "bf16").get_base_model().to(device))
+    rel = max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+    Path(out).write_text(json.dumps({"relative_max_diff": rel}))
+    print(f"export logits vs adapter model: max relative difference {rel:.4f} (tolerance {LOGITS_TOLERANCE})")
+    if not rel <= LOGITS_TOLERANCE:
+        sys.exit(1)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_phase(name: str, argv: list[str], work: Path, stop_after_checkpoint: Path | None = None) -> dict:
+    """One phase in a fresh process; ``stop_after_checkpoint``: the run dir whose step-1 checkpoint event
+    triggers a SIGTERM (training then stops at the end of step 2)."""
+    result = work / f"{name}.phase.json"
+    result.unlink(missing_ok=True)
+    log = work / f"{name}.log"
+    before = du(work)
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--phase-child", str(result), "--",
+                                 *argv], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        signalled = False
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if stop_after_checkpoint and not signalled and any(
+                    e["event"] == "checkpoint" and e["step"] >= 1 for e in events(stop_after_checkpoint)):
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+    wall = time.perf_counter() - start
+    info = json.loads(result.read_text()) if result.is_file() else {"rc": proc.returncode, "peak_rss": None}
+    text = log.read_text()
+    print(f"{name}: exit {proc.returncode} in {wall:.1f} s (log: {log})", flush=True)
+    return {"phase": name, "rc": proc.returncode, "wall": wall, "peak_rss": info.get("peak_rss"),
+            "device_peak": info.get("device_peak"), "disk": du(work) - before, "log": text}
+
+
+# ---------------------------------------------------------------- the workflow
+
+
+def workflow(root: Path, paths: dict) -> list[dict]:
+    work = root / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    run_dir, export = work / "run", work / "export"
+    config = write_config(root, paths, run_dir)
+    rows = []
+
+    def phase(name, argv, expect=0, note="", **kw):
+        r = run_phase(name, argv, work, **kw)
+        r.update(expect=expect, note=note)
+        rows.append(r)
+        return r
+
+    phase("prepare", ["prepare", "--config", str(config)])
+    phase("train (SIGTERM in step 2)", ["train", "--config", str(config), "--no-report"], expect=75,
+          stop_after_checkpoint=run_dir)
+    phase("train --resume latest", ["train", "--config", str(config), "--resume", "latest", "--no-report"])
+    evs = events(run_dir)
+    starts = [e for e in evs if e["event"] == "run_start"]
+    steps = [e for e in evs if e["event"] == "train_step"]
+    for r, start in zip(rows[1:3], starts):
+        plan = start.get("memory") or {}
+        r["note"] = (f"plan {plan.get('predicted_gib', float('nan')):.2f} GiB"
+                     f" ({'with' if plan.get('gradient_checkpointing') else 'without'} checkpointing)")
+        r["plan_gib"] = plan.get("predicted_gib")
+    ends = [e for e in evs if e["event"] == "run_end"]
+    rows[2]["note"] += f"; run_end {ends[-1].get('status') if ends else 'missing'}, steps " + \
+        ",".join(str(e["step"]) for e in steps)
+    phase("report", ["report", str(run_dir)])
+    r = phase("export", ["export", "--run", str(run_dir), "--out", str(export)])
+    said = [line for line in r["log"].splitlines() if "peak" in line or "exported" in line]
+    r["note"] = said[0][:120] if said else ""
+    check = work / "check.json"
+    r = phase("transformers loads the export",
+              ["check-export", str(export), str(paths["model"]), str(run_dir / "adapter"), str(check)])
+    if check.is_file():
+        r["note"] = f"logits max relative diff {json.loads(check.read_text())['relative_max_diff']:.4f} " \
+                    f"(tolerance {LOGITS_TOLERANCE})"
+    phase("generate 1 s", ["generate", "--run", str(run_dir), "--text", PROBE_TEXT, "--out", str(work / "gen.wav"),
+                           "--max-new-tokens", "33", "--seed", "0"])
+    return rows
+
+
+def gib(x) -> str:
+    return "n/a" if x is None else f"{x / GIB:.2f}"
+
+
+def table(rows: list[dict], header: list[str]) -> list[str]:
+    out = [*header, "", "| phase | exit (expected) | wall s | peak RSS GiB | device peak GiB | disk written GiB "
+           "| note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = "" if r["rc"] == r["expect"] else " **unexpected**"
+        out.append(f"| {r['phase']} | {r['rc']} ({r['expect']}){ok} | {r['wall']:.1f} | {gib(r['peak_rss'])} | "
+                   f"{gib(r['device_peak'])} | {gib(r['disk'])} | {r['note']} |")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--phase-child":
+        child(Path(sys.argv[2]), sys.argv[4:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True, help="where the model, codec, data and the runs go (kept)")
+    parser.add_argument("--layers", type=int, help="decoder layers (default 28, the released model; --small: 2)")
+    parser.add_argument("--small", action="store_true",
+                        help="check the script: 2 layers of hidden 256 (real vocabulary and codebooks), the tiny "
+                             "codec; the figures mean nothing")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
+    args = parser.parse_args()
+    args.layers = args.layers or (2 if args.small else 28)
+    sys.path.insert(0, str(BENCH))
+    root = Path(args.dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    paths = build_assets(root, args)
+    built = "reused" if paths.pop("reused", False) else f"built in {time.perf_counter() - start:.0f} s"
+
+    import psutil
+    import torch
+
+    rows = workflow(root, paths)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    header = [f"# Real-size workflow through the CLI ({date.today().isoformat()})", "",
+              f"- device: {device}, {psutil.virtual_memory().total / GIB:.1f} GiB RAM; torch {torch.__version__}",
+              f"- model: {args.layers} layers{' (--small widths)' if args.small else ''}, "
+              f"{gib(du(paths['model']))} GiB of safetensors; codec {gib(du(paths['codec']))} GiB; assets {built}",
+              f"- command: `python {' '.join(sys.argv)}`"]
+    lines = table(rows, header)
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    if any(r["rc"] != r["expect"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
