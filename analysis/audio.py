@@ -23,6 +23,22 @@ _INTRO = ("At each eval the trainer decodes a few eval samples to WAV: the label
           "speaking the prompts on its own: they should stop at EOS, not at the length limit.")
 
 
+TINY_CODEC = ("This run used `--preset tiny`: its audio is decoded by the preset's random tiny codec. Other codes give "
+              "other sounds, so label and prediction can be told apart by ear and in the mel pictures, but it is not "
+              "speech: judge the codes (acc), not the voice.")
+
+
+def tiny_codec(run: Run) -> bool:
+    """Whether the run's audio comes from the tiny preset's random codec: ``--preset tiny`` without a codec of the
+    user's own (the preset fills ``model.audio_tokenizer`` with RUN_DIR/tiny/codec only where it is unset)."""
+    config = run.config
+    if config.get("preset") != "tiny":
+        return False
+    codec = (config.get("model") or {}).get("audio_tokenizer") or ""
+    run_dir = run.start.get("run_dir")
+    return not codec or (isinstance(run_dir, str) and Path(codec) == Path(run_dir) / "tiny" / "codec")
+
+
 def _size(path: Path | None) -> int:
     try:
         return path.stat().st_size if path is not None else 0
@@ -142,6 +158,8 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | N
         return
     doc.heading("Audio samples")
     doc.para(_INTRO)
+    if tiny_codec(run):
+        doc.para(TINY_CODEC)
     at = {s: run.audio_at(s) for s in steps}
     sizes = {s: step_bytes(at[s]) for s in steps}
     shown = choose(sizes, int(audio_mb * 1e6))
@@ -228,6 +246,9 @@ def diff_section(doc: Doc, a: Run, b: Run, names: tuple[str, str] = ("A", "B"), 
         return
     doc.para(f"Matched by step and sample: {na}'s label and prediction, then {nb}'s (teacher forced, argmax); "
              f"generated speech of each prompt.")
+    tiny = [name for name, run in zip(names, (a, b), strict=True) if tiny_codec(run)]
+    if tiny:
+        doc.para(f"Run {' and '.join(tiny)}: " + TINY_CODEC)
     at = {s: (a.audio_at(s), b.audio_at(s)) for s in common}
     sizes = {s: step_bytes(at[s][0]) + step_bytes(at[s][1]) for s in common}
     shown = choose(sizes, int(audio_mb * 1e6))

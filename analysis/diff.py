@@ -16,7 +16,7 @@ from .audio import AUDIO_MB, audio_diff, diff_section
 from .document import Doc
 from .run import METRIC_FAMILIES, Run, better, load_run, ranges, spread
 from .schema import flatten
-from .slices import same_sample, side_by_side
+from .slices import MARKS, same_sample, side_by_side
 
 NAMES = ("A", "B")
 HEADLINE = ("loss", "text_loss", "audio_loss", "text_acc", "audio_acc")
@@ -309,7 +309,7 @@ def slices(doc: Doc, a: Run, b: Run) -> None:
     if not shown:
         return
     doc.heading("Predictions side by side")
-    doc.para("Only samples both runs saw: each run's prediction against the one label, wrong ones marked.")
+    doc.para("Only samples both runs saw: each run's prediction against the one label. " + MARKS)
     doc.bullets([f"{phase}: {note}" for phase, _, note in shown if note])
     for phase, step, _ in shown:
         if step is None:

@@ -223,7 +223,7 @@ table.grid td{font-family:ui-monospace,monospace;font-size:12px;padding:1px 4px}
 table.grid th{text-align:left;font-weight:500}.cap{font-weight:600;margin-top:1em}.note{color:#666}
 table.grid td .lab{display:block;color:#777;font-size:10px;line-height:1.1}
 audio{height:32px;width:250px;vertical-align:middle}.missing{color:#b00}
-td img.mel{max-width:300px;margin:.2em 0}
+td img.mel{width:640px;max-width:none;margin:.2em 0}
 details{border:1px solid #ddd;border-radius:4px;padding:.2em .8em;margin:.5em 0}
 summary{cursor:pointer;font-weight:600;padding:.2em 0}
 """

@@ -46,12 +46,14 @@ def read_audio(path: Path) -> tuple[np.ndarray, int] | None:
         return None
 
 
+def to_mel(hz):
+    """Hz on the mel scale (HTK formula): the unit of a picture's frequency axis."""
+    return 2595 * np.log10(1 + np.asarray(hz, dtype=np.float64) / 700)
+
+
 @lru_cache(maxsize=8)
 def _filterbank(rate: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """Triangular filters evenly spaced on the mel scale (HTK formula), shape (n_mels, n_fft // 2 + 1)."""
-    def to_mel(f):
-        return 2595 * np.log10(1 + f / 700)
-
+    """Triangular filters evenly spaced on the mel scale, shape (n_mels, n_fft // 2 + 1)."""
     edges = 700 * (10 ** (np.linspace(0, to_mel(rate / 2), n_mels + 2) / 2595) - 1)
     freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
     lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen befor
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .mel import HOP, TOP_DB, mel_db, read_audio  # noqa: E402
+from .mel import HOP, TOP_DB, mel_db, read_audio, to_mel  # noqa: E402
 from .run import Run  # noqa: E402
 
 DPI = 90
@@ -206,23 +206,29 @@ def overlay(a: Run, b: Run, names: tuple[str, str], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+MEL_TICKS_HZ = (0, 250, 500, 1000, 2000, 4000, 8000, 16000)
+
+
 def mel_panels(panels: list[tuple[str, Path | None]], path: Path) -> Path | None:
-    """Mel spectrograms side by side on one color scale (label next to prediction, or one generation), a small
-    picture for a table cell; None when no file can be read."""
+    """Mel spectrograms side by side on one color scale (label next to prediction, or one generation), at least
+    900 px wide, time in seconds and frequency in Hz (on the mel scale) on the axes; None when no file can be
+    read."""
     read = [(title, read_audio(p) if p is not None else None) for title, p in panels]
     mels = [(title, mel_db(*audio), audio[1]) for title, audio in read if audio is not None]
     if not mels:
         return None
     top = max(float(m.max()) for _, m, _ in mels)
-    fig, axes = plt.subplots(1, len(mels), figsize=(2.6 * len(mels), 1.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(mels), figsize=(max(9.0, 4.6 * len(mels)), 2.8), squeeze=False, sharey=True,
+                             layout="constrained")
     for ax, (title, m, rate) in zip(axes.flat, mels, strict=True):
-        ax.imshow(m, origin="lower", aspect="auto", cmap="magma", vmin=top - TOP_DB, vmax=top,
-                  extent=(0, m.shape[1] * HOP / rate, 0, m.shape[0]))
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.set_xlabel("s", fontsize=6, labelpad=0)
-    axes.flat[0].set_ylabel("mel", fontsize=6)
-    fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=72)
+        image = ax.imshow(m, origin="lower", aspect="auto", cmap="magma", vmin=top - TOP_DB, vmax=top,
+                          extent=(0, m.shape[1] * HOP / rate, 0, float(to_mel(rate / 2))))
+        ticks = [f for f in MEL_TICKS_HZ if f <= rate / 2]
+        ax.set_yticks(to_mel(ticks), [f"{f:g}" if f < 1000 else f"{f / 1000:g}k" for f in ticks])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("time (s)")
+    axes.flat[0].set_ylabel("frequency (Hz)")
+    fig.colorbar(image, ax=list(axes.flat), pad=0.01, label="dB")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

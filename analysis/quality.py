@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .audio import AUDIO_MB, Budget, fmt_num, mel_cell
+from .audio import AUDIO_MB, TINY_CODEC, Budget, fmt_num, mel_cell, tiny_codec
 from .document import Doc
 from .run import Run, spread
 from .schema import step_dir_name
@@ -45,6 +45,8 @@ def report_section(doc: Doc, run: Run, audio_mb: float = AUDIO_MB, out: Path | N
              "text asked for, after normalisation) and a speaker-verification model (cosine similarity to the "
              "reference voice); step 0 is the base model without the adapter, what the fine-tune must beat. "
              "WER and CER are pooled over a round's prompts, similarity is their mean.")
+    if tiny_codec(run):
+        doc.para(TINY_CODEC)
     summaries = run.frame("quality_summary")
     last = summaries.iloc[-1].to_dict() if not summaries.empty else {}
     doc.bullets([f"{name}: `{last[key]}`" for key, name in (("asr_model", "ASR model"),

@@ -12,7 +12,7 @@ from .audio import AUDIO_MB, report_section
 from .document import Doc
 from .run import Run, better, load_run, spread
 from .schema import flatten
-from .slices import step_grids, step_summary
+from .slices import MARKS, step_grids, step_summary
 
 FORMATS = ("md", "html")
 # Columns of train_step / eval that are counts or timing, not quality: left out of best/final tables.
@@ -256,7 +256,7 @@ def slices_section(doc: Doc, run: Run, steps: list[int] | None) -> None:
         return
     doc.para("The first (and last) targets of a few samples per step: the argmax prediction at each, marked where "
              "it is wrong, with the label; audio slices have one column per code frame and one row per codebook. "
-             "One section per step; the first and the last are open.")
+             "One section per step; the first and the last are open. " + MARKS)
     doc.bullets(notes)
     phase = "train" if run.slice_steps("train") else "eval"
     for i, step in enumerate(chosen):

@@ -99,10 +99,12 @@ def sample_grid(doc: Doc, rows: list) -> None:
         grids.append(("audio", [(key, [Cell("…") if x is None else Cell(str(x)) for x in axis]),
                                 *[(f"cb{_int(r.get('codebook'))}", _cells(r, key, axis, "pred+label"))
                                   for r in audio]]))
-    for i, (what_, grid_rows) in enumerate(grids):
-        note = ("marked: wrong predictions, with the label under them (after the slash in Markdown)"
-                if what_ == "audio" else "")
-        doc.grid(caption if i == 0 else "", grid_rows, note)
+    for i, (_, grid_rows) in enumerate(grids):  # how marks read is said once, above the grids (MARKS)
+        doc.grid(caption if i == 0 else "", grid_rows)
+
+
+MARKS = ("Wrong predictions are marked: in HTML red, with the label under them; in Markdown the audio rows show "
+         "`prediction/label` and a `^` marks a wrong text token.")
 
 
 def step_summary(df: pd.DataFrame) -> str:
@@ -139,4 +141,4 @@ def side_by_side(doc: Doc, a, b, names: tuple[str, str]) -> None:
     rows = [("pos", [Cell("…") if x is None else Cell(str(x)) for x in axis]),
             (f"pred {names[0]}", _cells(a, "pos", axis)), (f"pred {names[1]}", _cells(b, "pos", axis)),
             ("label", _cells(a, "pos", axis, "label"))]
-    doc.grid(caption, rows, "marked: wrong predictions of each run")
+    doc.grid(caption, rows)
