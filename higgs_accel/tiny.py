@@ -279,6 +279,19 @@ def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+def ensure_tiny_scorers(root: Path) -> dict[str, str]:
+    """A tiny ASR (transcribes anything as "a") and speaker model under ``root``, built once: the scorers of a
+    ``--preset tiny`` evaluation, through the real scoring code; return their config keys and paths."""
+    paths = {"eval.asr_model": root / "asr", "eval.speaker_model": root / "speaker"}
+    ready = root / "READY"
+    if not (ready.is_file() and ready.read_text() == ASSETS_VERSION):
+        torch.manual_seed(0)
+        build_asr(paths["eval.asr_model"])
+        build_speaker(paths["eval.speaker_model"])
+        ready.write_text(ASSETS_VERSION)
+    return {k: str(v) for k, v in paths.items()}
+
+
 def apply_tiny_preset(cfg, root: Path) -> None:
     """Point the config's model, codec and data at the tiny assets, where the user has not set them. The preset's
     validation set goes only with its own training set: with the user's data, ``data.val_manifest`` or

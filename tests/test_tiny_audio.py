@@ -88,3 +88,15 @@ def test_a_short_run_writes_sample_wavs_that_differ_where_their_codes_do(tmp_pat
     for a, b in itertools.combinations(waves.values(), 2):  # other samples: other sounds, not one tone
         n = min(len(a), len(b))
         assert rel(a[:n], b[:n]) > 0.1 and rel(mel_db(a[:n], RATE), mel_db(b[:n], RATE)) > 0.05
+
+
+def test_tiny_scorers_load_through_from_pretrained(tmp_path):
+    from transformers import Wav2Vec2ForCTC, WavLMForXVector
+
+    from higgs_accel.tiny import ensure_tiny_scorers
+
+    paths = ensure_tiny_scorers(tmp_path / "scorers")
+    assert set(paths) == {"eval.asr_model", "eval.speaker_model"}
+    assert ensure_tiny_scorers(tmp_path / "scorers") == paths  # built once
+    Wav2Vec2ForCTC.from_pretrained(paths["eval.asr_model"])
+    WavLMForXVector.from_pretrained(paths["eval.speaker_model"])
