@@ -142,9 +142,9 @@ def _finish_source(source: Source, cut: Cut, out: Path, opts: BuildOptions, asr:
     rejected = list(cut.rejected)
     todo = [c for c in cut.clips if c.text is None]
     transcripts = {}
+    transcriber = asr() if todo else None  # loading the model is not this source's transcription time
     start = time.perf_counter()
     if todo:
-        transcriber = asr()
         waves = [sf.read(str(out / CLIPS_DIR / c.file), dtype="float32")[0] for c in todo]
         transcripts = dict(zip((c.file for c in todo), transcriber.transcribe(waves, OUT_RATE)))
     cut.timing["asr"] = time.perf_counter() - start

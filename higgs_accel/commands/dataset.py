@@ -117,9 +117,9 @@ class _Progress:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=round(total / 3600, 4), unit="h", file=sys.stderr, dynamic_ncols=True,
+            self.bar = tqdm(total=total, unit_scale=1 / 3600, file=sys.stderr, dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} h of audio [{elapsed}<{remaining}]")
-        self.bar.update(round(seconds / 3600, 4))
+        self.bar.update(min(seconds, self.bar.total - self.bar.n))  # durations from headers can round low
 
     def close(self) -> None:
         if self.bar is not None:
