@@ -106,6 +106,8 @@ def base_shards(base: Path) -> dict[str, list[str]]:
     """The base dir's safetensors shards (from its index, or its one file) -> tensor names in file order."""
     from safetensors import safe_open
 
+    if not base.is_dir():
+        raise ConfigError(f"--base: {base} is not a local dir (resolve a hub id to its snapshot first)")
     if (base / INDEX).is_file():
         files = sorted(set(json.loads((base / INDEX).read_text())["weight_map"].values()))
     elif (base / SINGLE).is_file():
@@ -360,8 +362,11 @@ def copy_codec(src: str | Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", ".git*"))
 
 
-def merge(plan: MergePlan, out: str | Path, codec_dir: str = "audio_tokenizer") -> Path:
-    """Write the merged model (and the plan's codec under ``out/codec_dir``) to ``out``, after the disk check."""
+def merge(plan: MergePlan, out: str | Path, codec_dir: str | None = None) -> Path:
+    """Write the merged model to ``out`` (and the plan's codec, as it is, to ``out/codec_dir``), after the disk
+    check; return ``out``."""
+    if plan.codec is not None and not codec_dir:
+        raise ValueError("the plan has a codec: say where it goes (codec_dir)")
     out = Path(out)
     check_disk(plan, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from higgs_accel import merge
 from higgs_accel.config import ConfigError, LoraConfig
 from higgs_accel.loading import load_model
 from higgs_accel.model import add_lora
-from higgs_accel.tiny import build_model, build_text_tokenizer
+from higgs_accel.tiny import build_codec, build_model, build_text_tokenizer
 
 SHARD = "200KB"  # the tiny model in several shards; the audio embedding and head (1 MiB in bf16) each alone
 
@@ -42,7 +42,8 @@ def parts(tmp_path_factory):
             if "lora_B" in name or "modules_to_save" in name:
                 p.copy_(torch.randn_like(p) * 0.05)
     peft.save_pretrained(root / "adapter")
-    return {"fp32": root / "fp32", "bf16": root / "bf16", "adapter": root / "adapter", "root": root}
+    build_codec(root / "codec")
+    return {"fp32": root / "fp32", "bf16": root / "bf16", "adapter": root / "adapter", "codec": root / "codec"}
 
 
 def reference(base: Path, adapter: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -145,13 +146,13 @@ def test_merge_holds_one_tensor_at_a_time(parts, tmp_path, monkeypatch):
 
 
 def test_full_disk_refused_before_writing(parts, tmp_path, monkeypatch):
-    plan = merge.plan_merge(parts["bf16"], parts["adapter"], codec=parts["fp32"])
+    plan = merge.plan_merge(parts["bf16"], parts["adapter"], codec=parts["codec"])
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(merge.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - plan.disk_bytes + 1,
                                                                      plan.disk_bytes - 1))
     out = tmp_path / "out"
     with pytest.raises(ConfigError) as e:
-        merge.merge(plan, out)
+        merge.merge(plan, out, "audio_tokenizer")
     assert "\n" not in str(e.value) and str(e.value).startswith(f"--out: {out} needs")
     assert not out.exists()
     assert "peak memory at most" in plan.summary() and "bf16" in plan.summary()
@@ -183,9 +184,14 @@ def test_adapter_of_another_model_refused(parts, tmp_path):
 
 
 def test_export_loads_in_plain_transformers_with_the_adapters_logits(parts, tmp_path):
-    from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration
+    from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration, HiggsAudioV2TokenizerModel
 
-    out = merge.merge(merge.plan_merge(parts["fp32"], parts["adapter"], codec=None), tmp_path / "out")
+    plan = merge.plan_merge(parts["fp32"], parts["adapter"], codec=parts["codec"])
+    out = merge.merge(plan, tmp_path / "out", "audio_tokenizer")
+    for f in parts["codec"].iterdir():  # the codec copied as it is
+        assert (out / "audio_tokenizer" / f.name).read_bytes() == f.read_bytes()
+    HiggsAudioV2TokenizerModel.from_pretrained(out / "audio_tokenizer")
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) == plan.disk_bytes
     plain = HiggsAudioV2ForConditionalGeneration.from_pretrained(out, use_text_head=True).eval()
     adapted = load_model(str(parts["fp32"]), str(parts["adapter"]), "fp32")
     tok = AutoTokenizer.from_pretrained(out)
