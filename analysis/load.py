@@ -64,17 +64,6 @@ def read_events(run_dir: str | Path, skipped: list[Skipped] | None = None) -> di
     return {name: rule.drop(t) for name, t in families.items()}
 
 
-def parse_ts(ts: str | datetime | None) -> datetime | None:
-    if isinstance(ts, datetime):
-        return ts
-    if not ts:
-        return None
-    try:
-        return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def run_status(end: dict | None, last_ts: datetime | None, now: datetime | None = None) -> str:
     """finished / crashed / interrupted / failed (to start) from run_end; without it, running if the log is fresh,
     else crashed."""

@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .load import parse_ts, read_events, run_status
-from .schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, step_dir_name
+from .load import read_events, run_status
+from .schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, parse_time, step_dir_name
 
 LOSS_FIELDS = ("loss", "text_loss", "audio_loss")
 # The event family behind each phase of ``Run.metrics``: what --fail-if-worse PHASE.METRIC names.
@@ -147,7 +147,7 @@ class Run:
             if "ts" in table.column_names and table.num_rows:
                 ts = pc.max(table.column("ts")).as_py()
                 latest = ts if latest is None or (ts and ts > latest) else latest
-        return latest if isinstance(latest, datetime) else parse_ts(latest)
+        return latest if isinstance(latest, datetime) else parse_time(latest)
 
     @property
     def status(self) -> str:

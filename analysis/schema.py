@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 EVENTS_FILE = "events.jsonl"  # RUN_DIR/events.jsonl: the ground truth, one JSON object per line
 EVENTS_DIR = "events"  # RUN_DIR/events/<event>/part-<first seq>.parquet
 SAMPLES_DIR = "samples"  # RUN_DIR/samples/step-<8 digits>/: eval and generated audio
+REPORT_DIR = "report"  # RUN_DIR/report/: report.md and its figures
 PART_GLOB = "part-*.parquet"
 
 
@@ -61,10 +62,17 @@ INTS, FLOATS, STRS = pa.list_(pa.int32()), pa.list_(pa.float64()), pa.list_(pa.s
 # The type of every documented field, whatever values one part happens to hold: a field that is null in every row
 # of one part (a sample without audio, a run without errors) must not be typed differently there, or pandas,
 # polars and DuckDB cannot read the folder and compaction cannot merge it. Strings take nested values as JSON text.
-FIELD_TYPES: dict[str, pa.DataType] = {
-    # every event; ``superseded`` only in compacted and rebuilt tables
+# The fields every event carries, in the order a JSON line starts with them. ``step``, ``epoch`` and ``phase`` say
+# where in the run it happened; the others are bookkeeping (``BOOKKEEPING``), not something to print or chart.
+COMMON_FIELDS: dict[str, pa.DataType] = {
     "event": STR, "ts": TIME, "level": STR, "step": INT, "epoch": INT, "phase": STR, "seq": INT,
-    "run_id": STR, "rank": INT, "schema_version": INT, "nonfinite": STRS, "superseded": BOOL,
+    "run_id": STR, "rank": INT, "schema_version": INT,
+}
+BOOKKEEPING = frozenset(COMMON_FIELDS) - {"step", "epoch", "phase"}
+FIELD_TYPES: dict[str, pa.DataType] = {
+    **COMMON_FIELDS,
+    # any event with a non-finite value; ``superseded`` only in compacted and rebuilt tables
+    "nonfinite": STRS, "superseded": BOOL,
     # run_start
     "config": STR, "run_dir": STR, "versions": STR, "git_commit": STR, "device": STR, "hardware": STR,
     "world_size": INT, "mixed_precision": STR, "trainable_params": INT, "total_params": INT, "total_steps": INT,
@@ -113,7 +121,7 @@ def declared_type(name: str) -> pa.DataType | None:
     return FLOAT if CODEBOOK_METRIC.fullmatch(name) else None
 
 
-def _to_time(v):
+def parse_time(v) -> datetime | None:
     """A ``ts`` value as a UTC datetime (JSON holds ISO 8601 text), or None when it is not one."""
     if isinstance(v, datetime):
         return v
@@ -143,7 +151,7 @@ def fits(tp: pa.DataType):
         low, high = -(2 ** (tp.bit_width - 1)), 2 ** (tp.bit_width - 1)
         return lambda v: v is None or (type(v) is int and low <= v < high)
     if tp == TIME:
-        return lambda v: v is None or _to_time(v) is not None
+        return lambda v: v is None or parse_time(v) is not None
     return lambda v: v is None
 
 
@@ -177,7 +185,7 @@ def column(name: str, values: list) -> pa.Array:
             pass
     tp = column_type(name, values)
     if tp == TIME:
-        values = [_to_time(v) for v in values]
+        values = [parse_time(v) for v in values]
     elif tp == STR:
         values = [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
     return pa.array(values, type=tp)

@@ -9,9 +9,10 @@ Two sizes of the same architecture (HiggsAudioV2ForConditionalGeneration with it
 Both paths run the same batches (voice-cloning TTS samples built by higgs_accel.chat with random codes, every
 sample exactly --seq tokens, so each step trains the same tokens), the same LoRA adapter, torch AdamW (non-fused,
 as higgs-accel uses off CUDA) at the same lr with a constant schedule and clipping at 1.0, and the same number
-of steps; each warms up before the timed steps. higgs-accel's side is the step body of ``higgs_accel.loop.train``
-(Accelerator, model(batch), backward, clip, optimizer step, one device-to-host read of the step's statistics)
-without data loading and event logging (bench/logging_overhead.py measures those). Trainer gets a Dataset that
+of steps; each warms up before the timed steps. higgs-accel's side is the loop's own step function,
+``higgs_accel.loop.train_step`` (the step's target counts, model(batch), backward under the process scaling, clip,
+one device-to-host read of the step's statistics, the non-finite guard, optimizer and schedule step), without data
+loading and event logging (bench/logging_overhead.py measures those). Trainer gets a Dataset that
 returns the prepared batches and a pass-through collator. tokens/s = tokens per step / the median timed step, over
 --rounds alternating rounds (other processes on a shared machine stall single steps; the median ignores those).
 --plain adds a third path, the model's own loss in higgs-accel's loop, which splits the gap into Trainer's overhead
@@ -31,16 +32,19 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from higgs_accel import loop
 from higgs_accel.chat import SpecialIds, build_example
 from higgs_accel.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, load_config
 from higgs_accel.data import FileAudio, Sample, collate
 from higgs_accel.loading import DTYPES, load_base_model
 from higgs_accel.losses import LossWeights, n_stats
 from higgs_accel.model import DualLossModel, add_lora, count_parameters
+from higgs_accel.stopping import NonFiniteGuard
 from higgs_accel.tiny import PAD_TOKEN, WORDS, build_model, build_text_tokenizer
 
 LR, MAX_GRAD_NORM, SEED = 2e-4, 1.0, 0
@@ -130,34 +134,47 @@ def forward_kwargs(batch: dict) -> dict:
 # ---------------------------------------------------------------- the training paths
 
 
+class OwnLoss(torch.nn.Module):
+    """The PEFT model's own forward loss behind DualLossModel's interface (``count_targets``, ``forward(batch,
+    counts)`` -> ``.loss``, ``.stats``), so the loop's step runs it unchanged."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft = peft_model
+        self.n_stats = n_stats(peft_model.get_base_model().config.num_codebooks)
+
+    def count_targets(self, batch: dict) -> torch.Tensor:
+        return torch.zeros(1, device=batch["input_ids"].device)
+
+    def forward(self, batch: dict, counts=None):
+        loss = self.peft(**forward_kwargs(batch)).loss
+        return SimpleNamespace(loss=loss, stats=loss.detach().expand(self.n_stats))
+
+
 def time_loop(model, batches: list[dict], warmup: int, steps: int, model_forward: bool = False) -> list[float]:
-    """Step end times of the loop.train step body: the same calls in the same order, minus logging. ``model`` is a
-    DualLossModel, or with ``model_forward`` the PEFT model, whose own forward then computes the loss."""
+    """Step end times of the loop's own step (``loop.train_step``), minus logging. ``model`` is a DualLossModel, or
+    with ``model_forward`` the PEFT model, whose own forward then computes the loss (``OwnLoss``)."""
     from accelerate import Accelerator
 
-    acc = Accelerator()
+    accelerator = Accelerator()
+    model = OwnLoss(model) if model_forward else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=torch.cuda.is_available() or None)
-    num_codebooks = (model.get_base_model() if model_forward else model.lm).config.num_codebooks
-    model, optimizer = acc.prepare(model, optimizer)
-    stats = torch.zeros(n_stats(num_codebooks), device=acc.device)
+    num_codebooks = (model.peft.get_base_model() if model_forward else model.lm).config.num_codebooks
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, as Trainer's here
+    state = SimpleNamespace(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                            last_batch=None)
+    t = TrainConfig()
+    guard = NonFiniteGuard(t.on_nonfinite, t.max_nonfinite_steps)
+    stats = torch.zeros(n_stats(num_codebooks), device=accelerator.device)
     stamps = []
     model.train()
     for i in range(warmup + steps):
         # The loop's prepared DataLoader hands each batch over on the device, as Trainer's _prepare_inputs does.
-        batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batches[i % len(batches)].items()}
-        if model_forward:
-            out = model(**forward_kwargs(batch))
-            stats += out.loss.detach()
-        else:  # loop.backward: the step's target counts first (one all-reduce), then the normalised loss
-            counts = acc.reduce(acc.unwrap_model(model).count_targets(batch), "sum").tolist()
-            out = model(batch, counts)
-            stats += out.stats
-        acc.backward(out.loss)
-        acc.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats.tolist()  # the loop's single device-to-host read per step
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v
+                 for k, v in batches[i % len(batches)].items()}
+        loop.train_step(state, [batch], stats, params, MAX_GRAD_NORM, guard)
         stats.zero_()
         stamps.append(time.perf_counter())
     return stamps

@@ -25,10 +25,9 @@ from pathlib import Path
 from analysis.schema import EVENTS_FILE, read_jsonl, step_dir_name
 
 from . import engine
-from .config import ConfigError
+from .config import ConfigError, error_line
+from .run_dir import ADAPTER, CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 MANIFEST = "manifest.json"
@@ -329,8 +328,7 @@ def restore_rng(ckpt: Path, process_index: int) -> None:
         if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
             torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
     except Exception as e:  # noqa: BLE001 - any failure here means the resume would not be exact
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"'resume': {path} does not load ({type(e).__name__}: {first}); resume would not be "
+        raise CheckpointError(f"'resume': {path} does not load ({error_line(e)}); resume would not be "
                               "exact") from None
 
 

@@ -12,18 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import FileAudio, Sample, Skip, audio_error, decode_audio, strict_error
-from .encoding import EncodeStats, encode_waves
+from .config import error_line
+from .data import FileAudio, Sample, Skip, audio_error, decode_audio, load_splits, screen, strict_error, token_limit
+from .encoding import EncodeStats, encode_all, encode_waves, unencodable
 
-SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
 MEMORY_BYTES = 256 * 2**20  # codes kept in memory per process once read: about 180 hours of audio
 
 
@@ -139,18 +137,12 @@ class CodeCache:
             wave = decode_audio(audio.read(), self.sample_rate)
         except Exception as e:  # noqa: BLE001 - soundfile, the resampler and the OS raise many types for bad files
             return self._store_skip(digest, "unreadable_audio", audio_error(e))
-        hop = self.codec.config.hop_length
-        if len(wave) < hop:  # the codec's convolutions reject (or cannot frame) anything shorter
-            detail = "no samples" if len(wave) == 0 else (
-                f"{len(wave) / self.sample_rate * 1000:.1f} ms, shorter than one codec frame "
-                f"({hop / self.sample_rate * 1000:.0f} ms)")
-            return self._store_skip(digest, "empty_audio", detail)
-        if float(np.abs(wave).max()) < SILENCE_PEAK:
-            return self._store_skip(digest, "silent_audio", f"peak below {SILENCE_PEAK} (about -80 dBFS)")
+        if why := unencodable(wave, self.codec.config.hop_length, self.sample_rate):
+            return self._store_skip(digest, *why)
         try:
             arr = encode_waves(self.codec, [wave], next(self.codec.parameters()).device)[0][0]
         except Exception as e:  # noqa: BLE001 - the codec may reject one input; that is this file's reason
-            detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            detail = error_line(e)[:300 + len(type(e).__name__) + 2]
             if isinstance(e, torch.OutOfMemoryError):  # passing, not the file's fault: not stored, a rerun retries
                 return {"reason": "encode_failed", "detail": detail}
             return self._store_skip(digest, "encode_failed", detail)
@@ -187,8 +179,6 @@ def encode_missing(samples: list[Sample], cache: CodeCache, progress: bool = Fal
     """Encode what the cache lacks (this process's share of the samples), decoded by ``workers`` processes, in
     batches of equal-length files where the device proves them exact (see ``encoding``); return an
     ``encoding.EncodeStats``."""
-    from .encoding import encode_all
-
     todo = {}
     for s in samples:
         for _, audio in _refs(s):
@@ -269,8 +259,6 @@ def prepare_data(cfg, state, codec, tokenizer, num_codebooks: int, max_positions
     every sample against the now complete cache, then screen the texts and lengths (``max_positions``: the model's
     ``max_position_embeddings``). ``higgs-accel prepare`` and training's setup both call this, so they keep and skip
     the same samples."""
-    from .data import load_splits, screen, token_limit
-
     data = cfg.data
     cache = CodeCache(data.codes_cache or default_cache_dir(), codec.to(state.device))
     train, val, train_skips, val_skips = load_splits(data, cfg.train.seed)
@@ -288,41 +276,3 @@ def prepare_data(cfg, state, codec, tokenizer, num_codebooks: int, max_positions
     return PreparedData(cache, train, val, train_skips, val_skips, encoding.encoded,
                         {"train": train_screen.longest_tokens, "val": val_screen.longest_tokens},
                         {"train": train_screen.duplicates, "val": val_screen.duplicates}, encoding)
-
-
-def prepare(cfg) -> tuple[int, list[Skip]]:
-    """``higgs-accel prepare``: encode the training and validation audio into the cache, in parallel across the
-    processes of ``accelerate launch``; print one summary line per split. Returns (encoded, skips)."""
-    from accelerate import PartialState
-
-    from .chat import SpecialIds
-    from .loading import load_base_config, load_codec, load_text_tokenizer, resolve_checkpoints
-    from .sinks.console import summary_line
-    from .tiny import apply_tiny_preset
-
-    state = PartialState()
-    if cfg.preset == "tiny":
-        with state.main_process_first():
-            apply_tiny_preset(cfg, Path(cfg.train.output_dir) / "tiny")
-    with state.main_process_first():
-        model_cfg, _ = resolve_checkpoints(cfg.model)
-    tokenizer, model_config = load_text_tokenizer(model_cfg), load_base_config(model_cfg)
-    ids = SpecialIds.from_parts(tokenizer, model_config)
-    data = prepare_data(cfg, state, load_codec(model_cfg), tokenizer, ids.num_codebooks,
-                        model_config.max_position_embeddings)
-    problems = data.train_skips + data.val_skips
-    if state.is_main_process:
-        for skip in [] if cfg.data.strict else problems:  # with strict, the error below lists them: once
-            print(f"skip {skip}", file=sys.stderr)
-        for split, kept, skips in (("train", data.train, data.train_skips), ("val", data.val, data.val_skips)):
-            if split == "train" or kept or skips:
-                print(summary_line(split, len(kept), Counter(s.reason for s in skips), data.duplicates[split]),
-                      file=sys.stderr)
-        e = data.encoding
-        if e.batch_exact is False:
-            print("batched encoding stopped: on this device a batch did not give exactly what encoding a file alone "
-                  "gives; from then on this process encoded files one at a time", file=sys.stderr)
-        speed = f", {e.speed:.1f}x real time" if e.speed else ""
-        print(f"codes cache: {data.cache.dir} ({data.encoded} encoded by this process now{speed})", file=sys.stderr)
-    data.check_strict(cfg.data.strict)
-    return data.encoded, problems

@@ -20,6 +20,17 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key (and file) at fault."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what a one-line error quotes of it."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception, or its type alone when it has no message."""
+    return f"{type(e).__name__}: {line}" if (line := first_line(e)) else type(e).__name__
+
+
 def _opt(default, doc: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"doc": doc, **kw})
@@ -105,7 +116,8 @@ class TrainConfig:
                                 choices=("", "no", "bf16", "fp16"))
     text_weight: float = _opt(1.0, "weight of the text loss in the total loss")
     audio_weight: float = _opt(1.0, "weight of the audio loss in the total loss")
-    audio_reduction: str = _opt("sum", "how the 8 codebook losses combine (sum: transformers)", choices=("sum", "mean"))
+    audio_reduction: str = _opt("sum", "how the per-codebook losses combine (sum: transformers)",
+                                choices=("sum", "mean"))
     eval_every: int = _opt(0, "evaluate every N optimizer steps (0: only at the end)")
     save_every: int = _opt(0, "checkpoint every N optimizer steps (0: never)")
     resume_any_run: bool = _opt(False, "let --resume continue a checkpoint written by another run (another run id), "
@@ -136,7 +148,8 @@ class LogConfig:
     generate_every: int = _opt(0, "speak log.generate_prompts to WAV every N evals and at the last one (0: never)")
     generate_prompts: list[str] = _opt(["The quick brown fox jumps over the lazy dog."], "texts spoken at generate "
                                        "evals (a YAML list; on the command line commas split prompts)")
-    generate_max_new_tokens: int = _opt(300, "generation steps per prompt: 25 per second of audio, plus 8")
+    generate_max_new_tokens: int = _opt(300, "generation steps per prompt: the codec's frame rate per second "
+                                  "of audio, plus the model's codebook count for the delay pattern")
     generate_ref_audio: str = _opt("", "reference audio file: speak the prompts in its voice (empty: no cloning)")
     generate_ref_text: str = _opt("", "transcript of log.generate_ref_audio")
     # Generation starts from the checkpoint's generation_config.json; each key below left null keeps its value.
@@ -446,9 +459,8 @@ def _check_ranges(cfg: RunConfig) -> None:
                    "train.lock_stale_s": t.lock_stale_s, "log.slice_samples": cfg.log.slice_samples,
                    "data.max_tokens_per_batch": cfg.data.max_tokens_per_batch, "data.max_tokens": cfg.data.max_tokens,
                    "data.encode_batch_seconds": cfg.data.encode_batch_seconds,
-                   "log.eval_audio_samples": cfg.log.eval_audio_samples, "log.generate_every": cfg.log.generate_every,
-                   "log.generate_top_k": cfg.log.generate_top_k,
-                   "log.generate_ras_win_len": cfg.log.generate_ras_win_len}.items():
+                   "log.eval_audio_samples": cfg.log.eval_audio_samples,
+                   "log.generate_every": cfg.log.generate_every}.items():
         if v is not None and v < 0:
             raise ConfigError(f"'{key}' must not be negative, got {v}")
     if t.lr <= 0:
@@ -471,13 +483,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"'data.val_fraction' must be in [0, 1), got {cfg.data.val_fraction}")
     if bad := [c for c in cfg.log.slice_codebooks if c < 0]:
         raise ConfigError(f"'log.slice_codebooks' holds negative codebooks: {bad}")
-    if cfg.log.generate_temperature is not None and cfg.log.generate_temperature <= 0:
-        raise ConfigError(f"'log.generate_temperature' must be greater than 0, got {cfg.log.generate_temperature}")
-    if cfg.log.generate_top_p is not None and not 0 < cfg.log.generate_top_p <= 1:
-        raise ConfigError(f"'log.generate_top_p' must be in (0, 1], got {cfg.log.generate_top_p}")
-    if cfg.log.generate_ras_win_max_num_repeat is not None and cfg.log.generate_ras_win_max_num_repeat < 1:
-        raise ConfigError("'log.generate_ras_win_max_num_repeat' must be at least 1, got "
-                          f"{cfg.log.generate_ras_win_max_num_repeat}")
+    check_sampling({key: getattr(cfg.log, f"generate_{key}") for key in SAMPLING_KEYS},
+                   lambda key: f"'log.generate_{key}'")
     if cfg.log.generate_ref_audio and not Path(cfg.log.generate_ref_audio).is_file():
         raise ConfigError(f"'log.generate_ref_audio': file not found: {cfg.log.generate_ref_audio}")
     if cfg.log.generate_max_new_tokens < 2:
@@ -498,6 +505,33 @@ def _check_ranges(cfg: RunConfig) -> None:
         section, name = key.split(".")
         if ref := getattr(getattr(cfg, section), name):
             check_model_ref(f"'{key}'", ref)
+
+
+# The generation-config keys a caller may set (None: keep the checkpoint's), as log.generate_<key> and as generate's
+# flags. ras_win_len / ras_win_max_num_repeat are the repetition-aware sampling of transformers' HiggsAudioV2
+# ``_sample``: a code already seen ras_win_max_num_repeat times in the last ras_win_len frames of its codebook is
+# redrawn from the untempered distribution (this happens in greedy decoding too).
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "ras_win_len", "ras_win_max_num_repeat")
+
+
+def check_sampling(values: dict, name) -> None:
+    """The set values (not None) of ``SAMPLING_KEYS`` in ``values`` must be in range; ``name(key)`` is the config
+    key or flag a message names."""
+    def bad(key: str, ok, rule: str) -> None:
+        if values.get(key) is not None and not ok(values[key]):
+            raise ConfigError(f"{name(key)} must {rule}, got {values[key]}")
+
+    bad("temperature", lambda v: v > 0, "be greater than 0")
+    bad("top_k", lambda v: v >= 0, "not be negative")
+    bad("top_p", lambda v: 0 < v <= 1, "be in (0, 1]")
+    bad("ras_win_len", lambda v: v >= 0, "not be negative")
+    bad("ras_win_max_num_repeat", lambda v: v >= 1, "be at least 1")
+
+
+def with_set(section, **values):
+    """``section`` (a config dataclass) with the ``values`` that are set (command-line flags left out are None or
+    empty) on top."""
+    return dataclasses.replace(section, **{k: v for k, v in values.items() if v not in (None, "")})
 
 
 def validate_for_model(cfg: RunConfig, num_codebooks: int) -> None:

@@ -17,7 +17,6 @@ The conversion itself is in ``original_layout``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import original_layout
-from .config import ConfigError, check_model_ref
+from .codes import default_cache_dir as codes_cache_dir
+from .config import ConfigError, check_model_ref, first_line
 
 TRANSFORMERS, ORIGINAL = "transformers", "original"
 MODEL, CODEC = "model", "codec"
 RECORD = "higgs_accel_convert.json"
+CODEC_DIR = "audio_tokenizer"  # the codec inside a model dir, which the processor config points at (convert, export)
 
 # The authors' codec config has no model_type; these keys are what every one of them carries.
 ORIGINAL_CODEC_KEYS = {"D", "bins", "n_q", "ratios"}
@@ -53,9 +54,7 @@ class ResolvedCheckpoint:
 
 def default_cache_dir() -> Path:
     """Next to the codes cache: $HIGGS_ACCEL_CACHE/converted (or ~/.cache/higgs_accel/converted)."""
-    from .codes import default_cache_dir as codes_dir
-
-    return codes_dir().parent / "converted"
+    return codes_cache_dir().parent / "converted"
 
 
 def resolve_base(ref: str, cache_dir: str | Path | None = None, name: str = "'model.base'") -> ResolvedCheckpoint:
@@ -90,7 +89,7 @@ def classify(config: dict | None) -> tuple[str, str]:
     return (f"a '{model_type}' checkpoint" if model_type else "a config.json without model_type"), ""
 
 
-def _refusal(name: str, ref: str, what: str, want: str) -> ConfigError:
+def refusal(name: str, ref: str, what: str, want: str) -> ConfigError:
     if what == CODEC:
         return ConfigError(f"{name}: '{ref}' is an audio tokenizer (codec), not the Higgs Audio v2 model; it belongs "
                            "in 'model.audio_tokenizer'")
@@ -123,7 +122,7 @@ def _hub_file(ref: str, filename: str, name: str) -> Path | None:
 
 
 def _unreachable(name: str, ref: str, e: Exception) -> ConfigError:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e) or type(e).__name__
     return ConfigError(f"{name}: cannot get hub id '{ref}' ({type(e).__name__}: {reason[:160]}); without a network, "
                        "give a local dir, or set HF_HUB_OFFLINE=1 with the repo already in the hub cache")
 
@@ -142,7 +141,7 @@ def read_config(ref: str, name: str) -> dict | None:
     return config
 
 
-def _source_dir(ref: str, what: str, name: str) -> Path:
+def source_dir(ref: str, what: str, name: str) -> Path:
     """A local dir holding the files a conversion reads (downloaded for a hub id)."""
     if _is_local(ref):
         return Path(ref).expanduser()
@@ -189,10 +188,10 @@ def _resolve(ref: str, want: str, cache_dir, name: str) -> ResolvedCheckpoint:
     check_model_ref(name, ref)
     what, layout = classify(read_config(ref, name))
     if what != want:
-        raise _refusal(name, ref, what, want)
+        raise refusal(name, ref, what, want)
     if layout == TRANSFORMERS:
         return ResolvedCheckpoint(ref, ref, TRANSFORMERS, None)
-    src = _source_dir(ref, want, name)
+    src = source_dir(ref, want, name)
     out = Path(cache_dir or default_cache_dir()) / f"{want}-{content_key(src)}"
     if (out / RECORD).is_file():
         return ResolvedCheckpoint(ref, str(out), ORIGINAL, "reused")
@@ -211,70 +210,57 @@ def _resolve(ref: str, want: str, cache_dir, name: str) -> ResolvedCheckpoint:
     return ResolvedCheckpoint(ref, str(out), ORIGINAL, "now")
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- a copy of one's own
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "convert", help="convert an original-format checkpoint (model or audio tokenizer) to transformers' layout",
-        description="Convert a checkpoint in the authors' original layout (boson-ai/higgs-audio) into one that plain "
-                    "transformers loads. A model becomes HiggsAudioV2ForConditionalGeneration with its text head, "
-                    "text tokenizer (pad token, chat template), generation config and, with --audio-tokenizer, the "
-                    "codec under DIR/audio_tokenizer and the processor config; an audio tokenizer (config.json + "
-                    "model.pth) becomes HiggsAudioV2TokenizerModel with its feature extractor. Training converts "
-                    "on its own (once, into the cache); this command is for a copy of your own.",
-        epilog="Examples:\n  higgs-accel convert bosonai/higgs-audio-v2-generation-3B-base "
-               "--audio-tokenizer bosonai/higgs-audio-v2-tokenizer --out higgs-v2-hf\n"
-               "  higgs-accel convert ./my-finetune --audio-tokenizer ./higgs-v2-hf/audio_tokenizer --out my-hf\n"
-               "  higgs-accel convert bosonai/higgs-audio-v2-tokenizer --out codec-hf",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="original-format model or audio tokenizer: local dir or hub id")
-    p.add_argument("--out", required=True, help="output dir")
-    p.add_argument("--audio-tokenizer", help="codec for the processor config (either layout); required for a model")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.set_defaults(func=cmd_convert)
-    return p
-
-
-def cmd_convert(args) -> int:
-    from .export import CODEC_DIR, save_processor
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {args.out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"--out: {args.out} is not empty (pass --overwrite to write into it)")
-    check_model_ref("SRC", args.src)
-    if args.audio_tokenizer:
-        check_model_ref("--audio-tokenizer", args.audio_tokenizer)
-    what, layout = classify(read_config(args.src, "SRC"))
+def convert_checkpoint(src: str, out: Path, audio_tokenizer: str | None = None) -> tuple[str, str | None]:
+    """``higgs-accel convert``: the original-format model or codec ``src`` converted into ``out``; a model with the
+    codec ``audio_tokenizer`` (either layout) under ``out/audio_tokenizer`` and the processor config. Returns (what
+    was converted: MODEL or CODEC, the codec's layout for a model). Flags are named as ``SRC`` and
+    ``--audio-tokenizer``."""
+    check_model_ref("SRC", src)
+    if audio_tokenizer:
+        check_model_ref("--audio-tokenizer", audio_tokenizer)
+    what, layout = classify(read_config(src, "SRC"))
     if what not in (MODEL, CODEC):
-        raise _refusal("SRC", args.src, what, MODEL)
+        raise refusal("SRC", src, what, MODEL)
     if layout == TRANSFORMERS:
-        raise ConfigError(f"SRC: '{args.src}' is already in transformers' layout; nothing to convert")
+        raise ConfigError(f"SRC: '{src}' is already in transformers' layout; nothing to convert")
     if what == CODEC:
-        convert_into(CODEC, _source_dir(args.src, CODEC, "SRC"), out, "SRC", source=args.src)
-        print(f"converted the audio tokenizer {args.src} to {out}", file=sys.stderr)
-        return 0
-    if not args.audio_tokenizer:
+        convert_into(CODEC, source_dir(src, CODEC, "SRC"), out, "SRC", source=src)
+        return CODEC, None
+    if not audio_tokenizer:
         raise ConfigError("--audio-tokenizer is required to convert a model: the processor config needs the codec "
                           "(e.g. bosonai/higgs-audio-v2-tokenizer, or a local copy)")
-    codec_what, codec_layout = classify(read_config(args.audio_tokenizer, "--audio-tokenizer"))
+    codec_what, codec_layout = classify(read_config(audio_tokenizer, "--audio-tokenizer"))
     if codec_what != CODEC:
-        raise _refusal("--audio-tokenizer", args.audio_tokenizer, codec_what, CODEC)
-    convert_into(MODEL, _source_dir(args.src, MODEL, "SRC"), out, "SRC", source=args.src)
+        raise refusal("--audio-tokenizer", audio_tokenizer, codec_what, CODEC)
+    convert_into(MODEL, source_dir(src, MODEL, "SRC"), out, "SRC", source=src)
     from transformers import AutoTokenizer, HiggsAudioV2TokenizerModel
 
     codec_dir = out / CODEC_DIR
     shutil.rmtree(codec_dir, ignore_errors=True)
     if codec_layout == ORIGINAL:
-        convert_into(CODEC, _source_dir(args.audio_tokenizer, CODEC, "--audio-tokenizer"), codec_dir,
-                     "--audio-tokenizer", source=args.audio_tokenizer)
+        convert_into(CODEC, source_dir(audio_tokenizer, CODEC, "--audio-tokenizer"), codec_dir,
+                     "--audio-tokenizer", source=audio_tokenizer)
     else:
-        HiggsAudioV2TokenizerModel.from_pretrained(args.audio_tokenizer).save_pretrained(codec_dir)
+        HiggsAudioV2TokenizerModel.from_pretrained(audio_tokenizer).save_pretrained(codec_dir)
     status = save_processor(out, AutoTokenizer.from_pretrained(out), codec_dir)
     if status != "saved":
         raise ConfigError(f"--audio-tokenizer: processor config {status}")
-    print(f"converted {args.src} to {out} (audio tokenizer: {args.audio_tokenizer}, {codec_layout} layout)",
-          file=sys.stderr)
-    return 0
+    return MODEL, codec_layout
+
+
+def save_processor(out: Path, tokenizer, codec_dir: Path) -> str:
+    """transformers' HiggsAudioV2Processor config next to the model, pointing at the codec in ``codec_dir``; returns
+    what happened (a model stands without it, so a failure here is reported, not raised)."""
+    try:
+        from transformers import DacFeatureExtractor, HiggsAudioV2Processor, HiggsAudioV2TokenizerModel
+
+        # Loaded back from where it was saved, so the processor config names that codec, not the source.
+        codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_dir.resolve())
+        features = DacFeatureExtractor(sampling_rate=codec.config.sample_rate, hop_length=codec.config.hop_length)
+        HiggsAudioV2Processor(features, tokenizer, codec).save_pretrained(out)
+        return "saved"
+    except Exception as e:  # noqa: BLE001 - an optional extra; transformers versions differ in processor support
+        return f"not saved: {type(e).__name__}: {e}"

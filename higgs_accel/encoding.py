@@ -50,6 +50,7 @@ from .data import FileAudio, decode_audio
 WINDOW = 4  # batches' worth of decoded files held while waiting for files of the same length
 GPU_BATCH_SECONDS = 60.0  # data.encode_batch_seconds when unset, on an accelerator; on the CPU batching is off
 MIN_BATCH = 4  # fewer files of one length are encoded one at a time: a new batch shape costs one more encode
+SILENCE_PEAK = 1e-4  # below about -80 dBFS everywhere: nothing to learn
 
 # glibc's mallopt parameters (malloc.h), and the thresholds left after the encode step: the largest glibc's dynamic
 # mmap threshold reaches on 64-bit, and its trim threshold at that point (setting them fixes them for good).
@@ -174,6 +175,19 @@ class _Progress:
         self.bar.close()
 
 
+def unencodable(wave: np.ndarray, hop: int, sample_rate: int) -> tuple[str, str] | None:
+    """(reason, detail) when a decoded wave cannot become codes: shorter than one codec frame (the codec's
+    convolutions reject it, or cannot frame it) or silent; None when the codec may encode it."""
+    if len(wave) < hop:
+        detail = "no samples" if len(wave) == 0 else (
+            f"{len(wave) / sample_rate * 1000:.1f} ms, shorter than one codec frame "
+            f"({hop / sample_rate * 1000:.0f} ms)")
+        return "empty_audio", detail
+    if float(np.abs(wave).max()) < SILENCE_PEAK:
+        return "silent_audio", f"peak below {SILENCE_PEAK} (about -80 dBFS)"
+    return None
+
+
 def encode_waves(codec, waves: list, device) -> tuple[np.ndarray, torch.Tensor | None]:
     """Codes of equal-length mono ``waves`` (files, codebooks, frames; int16, as cached), and the float features
     they were quantized from (the codec's ``fc`` output; None if it has none): two runs of the same arithmetic give
@@ -204,8 +218,6 @@ def encode_all(todo: dict, cache, workers: int = 0, batch_seconds: float | None 
 
 
 def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, progress: bool) -> EncodeStats:
-    from .codes import SILENCE_PEAK
-
     start, stats = time.perf_counter(), EncodeStats()
     digests = sorted(todo, key=lambda d: -_size(todo[d]))
     audios = [todo[d] for d in digests]
@@ -264,7 +276,7 @@ def _encode_all(todo: dict, cache, workers: int, batch_seconds: float | None, pr
     waiting: dict[int, list] = {}  # length in samples -> decoded files of that length, in arrival order
     held = 0  # samples waiting
     for i, wave in loader:
-        if wave is None or len(wave) < hop or float(np.abs(wave).max()) < SILENCE_PEAK:  # the cache says why
+        if wave is None or unencodable(wave, hop, rate):  # the cache records why
             alone(i)
             continue
         group = waiting.setdefault(len(wave), [])

@@ -51,37 +51,38 @@ def build_accelerator(allow_fallback: bool = False, **kwargs):
                           "(configs/accelerate/), see docs/distributed.md")
     cpu_fsdp2 = want["engine"] == "fsdp2" and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
     plugin = FullyShardedDataParallelPlugin() if cpu_fsdp2 else None  # reads the launcher's FSDP_* settings
-    acc = Accelerator(fsdp_plugin=plugin, **kwargs)
-    if cpu_fsdp2 and acc.distributed_type == DistributedType.MULTI_CPU:
+    accelerator = Accelerator(fsdp_plugin=plugin, **kwargs)
+    if cpu_fsdp2 and accelerator.distributed_type == DistributedType.MULTI_CPU:
         # Both shared states: every later AcceleratorState() copies the process state's type over its own.
-        PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
-        acc.state.fsdp_plugin = plugin
-        if acc.mixed_precision != "no":
-            plugin.set_mixed_precision(acc.mixed_precision)
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != acc.num_processes:  # never allowed: the processes would each train alone into one run dir
-        raise ConfigError(f"launched as {launched} processes but accelerate sees {acc.num_processes}: each would "
-                          "train alone and write the same run dir. Without GPUs use `ACCELERATE_USE_CPU=1 accelerate "
-                          "launch --multi_gpu --num_processes N --num_machines 1 ...`")
-    check(acc, want, allow_fallback)
-    return acc
+    # Never allowed: the processes would each train alone into one run dir.
+    if launched != accelerator.num_processes:
+        raise ConfigError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: each "
+                          "would train alone and write the same run dir. Without GPUs use `ACCELERATE_USE_CPU=1 "
+                          "accelerate launch --multi_gpu --num_processes N --num_machines 1 ...`")
+    check(accelerator, want, allow_fallback)
+    return accelerator
 
 
-def check_accumulation(acc, grad_accum: int) -> None:
+def check_accumulation(accelerator, grad_accum: int) -> None:
     """The loop accumulates micro-batches itself (``loop.backward``), but accelerate's DeepSpeed wrapper runs the
     engine's optimizer step inside every ``backward``: with DeepSpeed, ``train.grad_accum`` above 1 would step on
     each micro-batch. Refused with one line until that path is built and checked on a GPU."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and grad_accum > 1:
         raise ConfigError(f"'train.grad_accum' {grad_accum} is not supported under DeepSpeed yet (its engine steps "
                           "inside every backward); use train.batch_size, more processes, or FSDP2")
 
 
-def check(acc, want: dict | None = None, allow_fallback: bool = False) -> None:
+def check(accelerator, want: dict | None = None, allow_fallback: bool = False) -> None:
     """ConfigError when the engine running is not the one asked for, unless ``allow_fallback``."""
     want = want or requested()
-    running = describe(acc)
+    running = describe(accelerator)
     if want["engine"] == running["engine"] or allow_fallback:
         return
     raise ConfigError(f"the launcher asked for {want['engine']} but accelerate runs {running['engine']} "
@@ -89,15 +90,15 @@ def check(acc, want: dict | None = None, allow_fallback: bool = False) -> None:
                       "train.allow_engine_fallback=true to train with it anyway")
 
 
-def describe(acc) -> dict:
+def describe(accelerator) -> dict:
     """The engine that actually runs, for ``run_start``: accelerate's distributed type, the engine's name, FSDP
     version and sharding strategy, DeepSpeed ZeRO stage, mixed precision and the rank layout."""
     from accelerate.utils import DistributedType
 
-    state, kind = acc.state, acc.distributed_type
-    info = {"engine": "ddp" if acc.num_processes > 1 else "single", "distributed_type": kind.value,
+    state, kind = accelerator.state, accelerator.distributed_type
+    info = {"engine": "ddp" if accelerator.num_processes > 1 else "single", "distributed_type": kind.value,
             "fsdp_version": None, "sharding_strategy": None, "zero_stage": None,
-            "mixed_precision": acc.mixed_precision}
+            "mixed_precision": accelerator.mixed_precision}
     if kind == DistributedType.FSDP:
         plugin = state.fsdp_plugin
         info["engine"], info["fsdp_version"] = f"fsdp{plugin.fsdp_version}", plugin.fsdp_version
@@ -108,9 +109,9 @@ def describe(acc) -> dict:
     elif kind == DistributedType.DEEPSPEED:
         info["engine"] = "deepspeed"
         info["zero_stage"] = state.deepspeed_plugin.zero_stage
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
-    info.update(world_size=acc.num_processes, local_world_size=local,
-                num_machines=max(1, acc.num_processes // max(local, 1)))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    info.update(world_size=accelerator.num_processes, local_world_size=local,
+                num_machines=max(1, accelerator.num_processes // max(local, 1)))
     return info
 
 
@@ -124,7 +125,7 @@ def grad_norm_tensor(value, device) -> torch.Tensor:
     return torch.as_tensor(float("nan") if value is None else value, device=device)
 
 
-def nonfinite_flags(acc, tensors) -> list[bool]:
+def nonfinite_flags(accelerator, tensors) -> list[bool]:
     """Whether each tensor holds a NaN or inf in any of its shards: one device-to-host read, the same answer on
     every process (every process must call it). Sharded parameters are checked piece by piece where they live."""
     from torch.distributed.tensor import DTensor
@@ -133,16 +134,17 @@ def nonfinite_flags(acc, tensors) -> list[bool]:
     if not local:
         return []
     bad = torch.stack([~torch.isfinite(t.detach()).all() for t in local]).to(torch.int32)
-    return [n > 0 for n in acc.reduce(bad, "sum").tolist()]
+    return [n > 0 for n in accelerator.reduce(bad, "sum").tolist()]
 
 
-def _zero3(acc) -> bool:
+def _zero3(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
-    return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
-def gather_trainable(acc, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_trainable(accelerator, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter of ``module`` (e.g. the PeftModel inside the prepared model: LoRA and
     modules_to_save) as a full CPU tensor, named as in ``module`` without wrapper parts; on the main process, and
     ``{}`` elsewhere. Every process must call it: gathering sharded parameters is a collective. The result goes to
@@ -151,21 +153,21 @@ def gather_trainable(acc, module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     out = {}
-    with _gathered(acc, [p for _, p in named]):
+    with _gathered(accelerator, [p for _, p in named]):
         for name, p in named:
             full = p.full_tensor() if isinstance(p, DTensor) else p
-            if acc.is_main_process:
+            if accelerator.is_main_process:
                 out[name.replace(CHECKPOINT_WRAPPER, "")] = full.detach().to("cpu", copy=True)
     return out
 
 
-def save_adapter(acc, peft_model, directory) -> None:
+def save_adapter(accelerator, peft_model, directory) -> None:
     """The standard PEFT adapter of ``peft_model`` (the PeftModel inside the prepared model) written to
     ``directory`` by the main process, from weights gathered out of whatever sharding the engine uses. Every process
     must call it. Replaces ``peft_model.save_pretrained(directory)`` on the main process alone, which would write
     each sharded parameter's local piece."""
-    state = gather_trainable(acc, peft_model)
-    if acc.is_main_process:
+    state = gather_trainable(accelerator, peft_model)
+    if accelerator.is_main_process:
         with plain_module_names(peft_model):
             peft_model.save_pretrained(directory, state_dict=state)
 
@@ -188,8 +190,8 @@ def plain_module_names(model: torch.nn.Module):
 
 
 @contextmanager
-def _gathered(acc, params):
-    if _zero3(acc):
+def _gathered(accelerator, params):
+    if _zero3(accelerator):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -199,13 +201,13 @@ def _gathered(acc, params):
 
 
 @contextmanager
-def full_parameters(acc, model: torch.nn.Module):
+def full_parameters(accelerator, model: torch.nn.Module):
     """Within this block every process holds the full parameters of ``model``, so any process may run forwards
     alone (generation on the main process, uneven eval batches) without waiting on the others. Every process must
     enter it. Costs one full copy of the weights per process for its duration."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version == 2:
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2:
         from torch.distributed.fsdp import FSDPModule
 
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -225,8 +227,8 @@ def full_parameters(acc, model: torch.nn.Module):
             for m, keep in zip(units, before):
                 m.reshard()
                 m.set_reshard_after_forward(keep, recurse=False)
-    elif _zero3(acc):
-        with _gathered(acc, list(model.parameters())):
+    elif _zero3(accelerator):
+        with _gathered(accelerator, list(model.parameters())):
             yield
     else:
         yield

@@ -11,6 +11,7 @@ fragment), so appending never glues a new event to it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from analysis.schema import EVENTS_FILE, SCHEMA_VERSION, check_event_name, parse_line
+from analysis.schema import COMMON_FIELDS, EVENTS_FILE, SCHEMA_VERSION, check_event_name, parse_line
 
 
 def _has_nonfinite(value) -> bool:
@@ -89,17 +90,23 @@ def cut_torn_tail(path: Path) -> bytes:
     return fragment
 
 
-def read_last_seq(path: Path) -> int:
-    """The last ``seq`` in an existing log (a resumed run continues it); a torn last line is skipped."""
-    if not path.is_file():
-        return -1
-    last = -1
+def last_event(path: Path) -> dict | None:
+    """The last event of an existing log (the one with the highest ``seq``); lines that are no event are skipped."""
+    if not Path(path).is_file():
+        return None
+    last = None
     with open(path, "rb") as f:
         for raw in f:
             event, _ = parse_line(raw)
-            if event is not None:
-                last = max(last, event["seq"])
+            if event is not None and (last is None or event["seq"] > last["seq"]):
+                last = event
     return last
+
+
+def read_last_seq(path: Path) -> int:
+    """The last ``seq`` in an existing log (a resumed run continues it); a torn last line is skipped."""
+    last = last_event(path)
+    return -1 if last is None else last["seq"]
 
 
 class _Common:
@@ -117,12 +124,9 @@ class _Common:
         return event
 
 
-FIRST_KEYS = ("event", "ts", "level", "step", "epoch", "phase", "seq", "run_id", "rank", "schema_version")
-
-
 def ordered(_, __, event: dict) -> dict:
     """Common fields first, so a line reads well in a terminal as well as in jq."""
-    return {**{k: event[k] for k in FIRST_KEYS if k in event}, **event}
+    return {**{k: event[k] for k in COMMON_FIELDS if k in event}, **event}
 
 
 class _MainOnly:
@@ -303,18 +307,56 @@ class LibraryLogHandler(logging.Handler):
 LIBRARY_LOGGERS = ("transformers", "accelerate", "peft", "torch", "py.warnings", "datasets")
 
 
+def _silence_library_output():
+    """Turn transformers' and the hub's progress bars off; return the function that puts them (and transformers'
+    verbosity) back as they were."""
+    import transformers
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    tf_logging = transformers.utils.logging
+    verbosity, tf_bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    tf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+    def restore() -> None:
+        tf_logging.set_verbosity(verbosity)
+        if tf_bars:
+            tf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
+
+    return restore
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """No loading bars and no library deprecation notices on the console of the one-shot commands (generate,
+    export, ...): their output is the result. Errors still show. Training records library warnings as events instead
+    (``capture_library_logs``)."""
+    import transformers
+
+    restore = _silence_library_output()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        restore()
+
+
 def capture_library_logs(log: EventLog, is_main: bool) -> None:
     """Library warnings become events on the main process and are silenced elsewhere, until ``log`` closes: then
     the logging and Python-warnings state this changed is put back, so an in-process run (a test, a notebook) leaves
     the process as it found it."""
     import transformers
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    tf_logging = transformers.utils.logging
     saved_loggers = {name: (list(lg.handlers), lg.level, lg.propagate)
                      for name, lg in ((n, logging.getLogger(n)) for n in LIBRARY_LOGGERS)}
     saved_warnings = (warnings.filters[:], warnings.showwarning, logging._warnings_showwarning)
-    tf_bars, hub_bars = tf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    restore_output = _silence_library_output()
 
     def restore() -> None:
         for name, (handlers, level, propagate) in saved_loggers.items():
@@ -323,14 +365,9 @@ def capture_library_logs(log: EventLog, is_main: bool) -> None:
             lg.setLevel(level)
             lg.propagate = propagate
         warnings.filters[:], warnings.showwarning, logging._warnings_showwarning = saved_warnings
-        if tf_bars:
-            tf_logging.enable_progress_bar()
-        if hub_bars:
-            enable_progress_bars()
+        restore_output()
 
-    tf_logging.disable_default_handler()
-    tf_logging.disable_progress_bar()
-    disable_progress_bars()
+    transformers.utils.logging.disable_default_handler()
     # Installed afresh: captureWarnings(True) does nothing while an earlier call's hook is recorded, even when
     # something since put its own ``warnings.showwarning`` back (a test runner, a notebook, an earlier run).
     logging.captureWarnings(False)

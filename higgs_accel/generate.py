@@ -10,8 +10,6 @@ repetition-aware sampling, as the authors tune it); every knob of ``SAMPLING_KEY
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -19,18 +17,12 @@ import numpy as np
 import torch
 
 from .chat import SpecialIds, chat_prompt, lay_out
-from .config import ConfigError, DataConfig, ModelConfig
+from .config import SAMPLING_KEYS, DataConfig, error_line
 from .data import load_audio
-from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
-DEFAULT_MAX_NEW_TOKENS = 750  # 30 s at the codec's 25 frames/s, plus the delay-pattern frames
+DEFAULT_MAX_NEW_TOKENS = 750  # generation steps (one delayed audio frame each) of the generate and evaluate commands
 
-# The generation-config keys a caller may set (None: keep the checkpoint's). ras_win_len / ras_win_max_num_repeat
-# are the repetition-aware sampling of transformers' HiggsAudioV2 ``_sample``: a code already seen
-# ras_win_max_num_repeat times in the last ras_win_len frames of its codebook is redrawn from the untempered
-# distribution (this happens in greedy decoding too).
-SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "ras_win_len", "ras_win_max_num_repeat")
 RAS_KEYS = ("ras_win_len", "ras_win_max_num_repeat")
 DEFAULT_RAS_MAX_REPEAT = 2  # transformers' converter and the authors' examples, for a window set without one
 
@@ -80,10 +72,10 @@ def generated_codes(frames: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     (or wherever the length limit cut it), then the delay pattern is reverted, as in
     ``HiggsAudioV2Processor.batch_decode``. Unlike it, the audio also ends at the first frame holding a stream
     EOS in any codebook: once one codebook ends, transformers' ``_sample`` forces the others to end within
-    ``num_codebooks`` steps, and the processor would decode those last frames with the EOS clipped to code 1023, a
-    code the model never meant. A model that ends every codebook at its own delayed position (as training with
-    ``data.train_audio_eos`` teaches) gives the same codes both ways. A stray stream BOS code is clipped into the
-    codebook, as the processor does."""
+    ``num_codebooks`` steps, and the processor would decode those last frames with the EOS clipped to the
+    codebook's last code, a code the model never meant. A model that ends every codebook at its own delayed
+    position (as training with ``data.train_audio_eos`` teaches) gives the same codes both ways. A stray stream BOS
+    code is clipped into the codebook, as the processor does."""
     all_eos = (frames == ids.stream_eos).all(-1).nonzero()
     end = int(all_eos[0]) if len(all_eos) else len(frames)
     codes = revert_delay_pattern(frames[1:end])
@@ -190,7 +182,7 @@ def generate_speech(model, tokenizer, codec, ids: SpecialIds, text: str, ref_aud
         result["wave"] = decode_codes(codec, codes)
         result["seconds"] = len(result["wave"]) / sample_rate
     except Exception as e:  # noqa: BLE001 - a failed generation is reported, never raised (the trainer goes on)
-        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        result["error"] = error_line(e)
     finally:
         lm.train(was_training)
     return result
@@ -243,178 +235,15 @@ def write_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- where the model comes from (shared with export)
-
-
-def run_sources(run_dir: str, need_adapter: bool = True) -> dict:
-    """base, audio_tokenizer, text_tokenizer, adapter, system_prompt and dtype of a run; the adapter is its finished
-    one, required unless ``need_adapter`` is off (another adapter or none is used), and then None when absent."""
-    import yaml
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run: {run_dir} is not a run dir (no config.yaml)")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    model, data = cfg.get("model") or {}, cfg.get("data") or {}
-    base, codec = model.get("base") or "", model.get("audio_tokenizer") or ""
-    if cfg.get("preset") == "tiny" and not (base and codec):
-        # A --preset tiny run builds its assets under RUN_DIR/tiny and leaves the paths out of config.yaml.
-        from .tiny import ensure_tiny_assets
-
-        tiny = ensure_tiny_assets(run / "tiny")
-        base, codec = base or tiny["model.base"], codec or tiny["model.audio_tokenizer"]
-    finished = (run / "adapter" / "adapter_config.json").is_file()
-    if need_adapter and not finished:
-        raise ConfigError(f"--run: {run_dir} has no finished adapter ({run / 'adapter'}); pass --adapter "
-                          "RUN_DIR/checkpoints/step-N/adapter for a checkpoint")
-    return {"base": base, "audio_tokenizer": codec, "text_tokenizer": model.get("text_tokenizer") or base,
-            "adapter": str(run / "adapter") if finished else None,
-            "system_prompt": data.get("system_prompt") or DEFAULT_SYSTEM_PROMPT,
-            "dtype": model.get("dtype") or "fp32", "attn_implementation": model.get("attn_implementation") or "sdpa"}
-
-
-def resolve_sources(args) -> dict:
-    """--run fills in what --base / --audio-tokenizer / --adapter leave out; explicit flags win."""
-    src = {"adapter": None, "system_prompt": DEFAULT_SYSTEM_PROMPT, "dtype": "fp32", "audio_tokenizer": None,
-           "attn_implementation": "sdpa"}
-    if args.run:
-        src.update(run_sources(args.run))
-    flags = {key: getattr(args, key, None) for key in ("base", "audio_tokenizer", "adapter")}
-    src.update({key: value for key, value in flags.items() if value})
-    if flags["base"] or not src.get("text_tokenizer"):
-        src["text_tokenizer"] = src.get("base")
-    if not src.get("base"):
-        raise ConfigError("--base (or --run) is required")
-    return src
-
-
-# ---------------------------------------------------------------- command line
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "generate", help="speak a text with a base model and a LoRA adapter",
-        description="Generate speech with transformers' HiggsAudioV2ForConditionalGeneration.generate, using the "
-                    "training chat layout. Writes a WAV file; exits 1 if no audio came out.",
-        epilog="Examples:\n  higgs-accel generate --run runs/demo --text 'Hello there.' --out hello.wav\n"
-               "  higgs-accel generate --base BASE --audio-tokenizer CODEC --adapter runs/demo/adapter \\\n"
-               "      --text 'Hello.' --ref-audio voice.wav --ref-text 'What the voice says.' --out hello.wav",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model")
-    src.add_argument("--run", help="finished run dir: base, codec and system prompt from its config.yaml, "
-                                   "adapter from RUN_DIR/adapter")
-    src.add_argument("--base", help="HiggsAudioV2ForConditionalGeneration: local dir or hub id")
-    src.add_argument("--audio-tokenizer", help="HiggsAudioV2TokenizerModel codec: local dir or hub id")
-    src.add_argument("--adapter", help="PEFT adapter dir (e.g. RUN_DIR/adapter); none: the base model alone")
-    src.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    src.add_argument("--dtype", choices=["fp32", "bf16"], help="model weights dtype (default: the run's, or fp32)")
-    prompt = p.add_argument_group("prompt")
-    prompt.add_argument("--text", required=True, help="what to say")
-    prompt.add_argument("--ref-audio", help="reference audio whose voice to clone (any soundfile format)")
-    prompt.add_argument("--ref-text", default="", help="transcript of --ref-audio")
-    prompt.add_argument("--scene", default="", help="scene description added to the system turn")
-    prompt.add_argument("--system", help="system prompt (default: the run's data.system_prompt)")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--out", required=True, help="output WAV file")
-    gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                     help="generation steps, one delayed audio frame each: 25 per second of audio at 25 "
-                          f"frames/s, plus 8 for the delay pattern; default: {DEFAULT_MAX_NEW_TOKENS}")
-    gen.add_argument("--seed", type=int, help="seed for sampling (and for repetition-aware redraws)")
-    scoring = p.add_argument_group(
-        "scoring", "Score the speech (docs/quality.md): WER/CER against --text, speaker similarity to --ref-audio. "
-                   "Defaults: the run's eval.* keys; none set: no scoring.")
-    scoring.add_argument("--asr-model", help="ASR model for WER/CER (hub id or local dir)")
-    scoring.add_argument("--speaker-model", help="x-vector speaker model for similarity (hub id or local dir)")
-    scoring.add_argument("--asr-language", help="language a Whisper ASR model transcribes in")
-    knobs = p.add_argument_group(
-        "sampling", "Unset options keep the checkpoint's generation_config.json (the authors' tuning: sampling, "
-                    "temperature, top-k/top-p, repetition-aware sampling); each one given overrides it.")
-    mode = knobs.add_mutually_exclusive_group()
-    mode.add_argument("--do-sample", dest="do_sample", action="store_const", const=True,
-                      help="sample from the (tempered, top-k/top-p filtered) distribution")
-    mode.add_argument("--greedy", dest="do_sample", action="store_const", const=False,
-                      help="argmax decoding, without repetition-aware redraws unless --ras-win-len is given")
-    knobs.add_argument("--temperature", type=float, help="sampling temperature")
-    knobs.add_argument("--top-k", type=int, help="keep the K most likely codes per codebook (0: no limit)")
-    knobs.add_argument("--top-p", type=float, help="nucleus sampling mass (1: no limit)")
-    knobs.add_argument("--ras-win-len", type=int,
-                       help="repetition-aware sampling: redraw a code seen --ras-win-max-num-repeat times in the last "
-                            "N frames of its codebook from the untempered distribution (0: off)")
-    knobs.add_argument("--ras-win-max-num-repeat", type=int,
-                       help=f"repeats in the window that trigger a redraw (default: the checkpoint's, else "
-                            f"{DEFAULT_RAS_MAX_REPEAT})")
-    p.set_defaults(func=cmd_generate)
-    return p
-
-
-def check_args(args) -> None:
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.text.strip():
-        raise ConfigError("--text must not be empty")
-    if args.ref_audio and not Path(args.ref_audio).is_file():
-        raise ConfigError(f"--ref-audio: file not found: {args.ref_audio}")
-    if args.ref_audio and not args.ref_text:
-        raise ConfigError("--ref-audio needs --ref-text (the reference's transcript)")
-    if args.temperature is not None and args.temperature <= 0:
-        raise ConfigError(f"--temperature must be positive, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
-    for flag, value in (("--top-k", args.top_k), ("--ras-win-len", args.ras_win_len)):
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag} must not be negative, got {value}")
-    if args.ras_win_max_num_repeat is not None and args.ras_win_max_num_repeat < 1:
-        raise ConfigError(f"--ras-win-max-num-repeat must be at least 1, got {args.ras_win_max_num_repeat}")
-
-
-def cmd_generate(args) -> int:
-    check_args(args)
-    src = resolve_sources(args)
-    if not src.get("audio_tokenizer"):
-        raise ConfigError("--audio-tokenizer (or --run) is required")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sources = ModelConfig(base=src["base"], audio_tokenizer=src["audio_tokenizer"],
-                          text_tokenizer=src["text_tokenizer"])
-    model_cfg, _ = resolve_checkpoints(sources, base_name="--base", codec_name="--audio-tokenizer")
-    tokenizer = load_tokenizer(model_cfg.text_tokenizer)
-    codec = load_codec_dir(model_cfg.audio_tokenizer).to(device)
-    dtype = args.dtype or src["dtype"]
-    model = load_model(model_cfg.base, src["adapter"], dtype, src["attn_implementation"]).to(device)
-    ids = SpecialIds.from_parts(tokenizer, model.config)
-    scorer = load_scorer(args, device)  # before generating: a bad scorer dir is one line, not wasted work
+def write_generation(model, tokenizer, codec, ids: SpecialIds, text: str, out_dir: str | Path, index: int,
+                     **kwargs) -> dict:
+    """``generate_speech`` of ``text`` (``kwargs`` as it takes them), timed and written to ``out_dir/gen-<index>.wav``:
+    its result plus ``path`` (None when it failed: no file) and ``gen_time_s``. Training's generate evals and
+    ``higgs-accel evaluate`` both write their generations this way."""
     start = time.perf_counter()
-    result = generate_speech(model, tokenizer, codec, ids, args.text, ref_audio=args.ref_audio,
-                             ref_text=args.ref_text, scene=args.scene,
-                             system_prompt=args.system or src["system_prompt"], max_new_tokens=args.max_new_tokens,
-                             sampling={key: getattr(args, key) for key in SAMPLING_KEYS}, seed=args.seed)
-    if result["error"]:
-        print(f"higgs-accel: generation failed: {result['error']}", file=sys.stderr)
-        return 1
-    path = write_wav(args.out, result["wave"], result["sample_rate"])
-    how = "end of audio" if result["stopped"] == "eos" else f"length limit of {args.max_new_tokens} steps"
-    print(f"wrote {path}: {result['seconds']:.2f}s, {result['n_frames']} frames (stopped at {how}; "
-          f"{describe_sampling(result['sampling'])})", file=sys.stderr)
-    if scorer is not None:
-        row = scorer.score(result["wave"], result["sample_rate"], args.text, reference_audio=args.ref_audio,
-                           gen_time_s=time.perf_counter() - start)
-        print(score_line(row), file=sys.stderr)
-    return 0
-
-
-def load_scorer(args, device):
-    """The scorers the flags name, else the run's ``eval.*`` keys (with --run); None when there are none."""
-    from .config import EvalConfig
-    from .quality import QualityScorer, run_section
-
-    flags = {"asr_model": args.asr_model, "speaker_model": args.speaker_model, "asr_language": args.asr_language}
-    cfg = run_section(args.run, "eval", EvalConfig, **flags) if args.run else EvalConfig(
-        **{k: v for k, v in flags.items() if v})
-    return QualityScorer.from_config(cfg, device)
-
-
-def score_line(row: dict) -> str:
-    def fmt(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    return (f"scored: WER {fmt(row['wer'])}, CER {fmt(row['cer'])}, similarity {fmt(row['similarity'])}, "
-            f"transcript {row['transcript']!r}")
+    result = generate_speech(model, tokenizer, codec, ids, text, **kwargs)
+    result["gen_time_s"] = time.perf_counter() - start
+    result["path"] = None
+    if result["error"] is None:
+        result["path"] = str(write_wav(Path(out_dir) / f"gen-{index}.wav", result["wave"], result["sample_rate"]))
+    return result

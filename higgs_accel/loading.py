@@ -1,15 +1,20 @@
-"""Loading transformers' own Higgs Audio v2 parts, one way for training, generation and export: the model with its
-text head (and a PEFT adapter on top when given), the text tokenizer and the codec. A missing dir or a failed load
-is one line naming the config key or flag it came from."""
+"""Loading transformers' own Higgs Audio v2 parts, one way for training, prepare, generation, evaluation and export:
+``load_stack`` resolves the checkpoints (converting an original-layout one), then loads the text tokenizer, the codec
+and the model with its text head (and a PEFT adapter on top when given), and builds the special ids. A missing dir
+or a failed load is one line naming the config key or flag it came from."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig, check_model_ref
+from .chat import SpecialIds
+from .config import ConfigError, ModelConfig, check_model_ref, first_line
+from .convert import resolve_base, resolve_codec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -21,8 +26,7 @@ def load_ref(name: str, what: str, ref: str, loader):
     try:
         return loader(ref)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{name}: cannot load {what} from '{ref}': {first}") from None
+        raise ConfigError(f"{name}: cannot load {what} from '{ref}': {first_line(e) or type(e).__name__}") from None
 
 
 def load_model(ref: str, adapter: str | None = None, dtype: str = "fp32", attn_implementation: str = "sdpa",
@@ -64,8 +68,6 @@ def resolve_checkpoints(cfg: ModelConfig, base_name: str = "'model.base'",
     (a converted copy carries the pad token and chat template); and run_start's ``checkpoints`` record. Wrong
     things (a codec as the base, an unrelated model, an empty dir, an unreachable hub id) are refused here, before
     any model is built. With several processes, call it on the main process first: it may convert."""
-    from .convert import resolve_base, resolve_codec
-
     found = {}
     if cfg.base:
         found["model.base"] = resolve_base(cfg.base, name=base_name)
@@ -78,28 +80,75 @@ def resolve_checkpoints(cfg: ModelConfig, base_name: str = "'model.base'",
     return resolved, {key: r.event() for key, r in found.items()}
 
 
-# ---------------------------------------------------------------- from the training config
+# ---------------------------------------------------------------- the whole stack
 
 
-def load_base_model(cfg: ModelConfig):
-    return load_model(cfg.base, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, name="'model.base'")
+@dataclass(frozen=True)
+class Names:
+    """What a one-line error calls each source: config keys (training, prepare, evaluate) or flags."""
+
+    base: str
+    audio_tokenizer: str
+    text_tokenizer: str
 
 
-def load_base_config(cfg: ModelConfig):
-    """The base model's HiggsAudioV2Config alone (no weights): what ``higgs-accel prepare`` needs to screen samples
-    the way training will (codebook count, ``max_position_embeddings``)."""
-    from transformers import HiggsAudioV2Config
-
-    return load_ref("'model.base'", "HiggsAudioV2Config", cfg.base, HiggsAudioV2Config.from_pretrained)
+CONFIG_NAMES = Names("'model.base'", "'model.audio_tokenizer'", "'model.text_tokenizer'")
+FLAG_NAMES = Names("--base", "--audio-tokenizer", "--base")
 
 
-def load_text_tokenizer(cfg: ModelConfig):
+@dataclass
+class ModelStack:
+    """A model's parts, loaded from its sources."""
+
+    sources: ModelConfig  # the references led to transformers-format dirs (``resolve_checkpoints``)
+    checkpoints: dict  # run_start's record of them
+    tokenizer: object  # the text tokenizer
+    codec: object | None  # HiggsAudioV2TokenizerModel, frozen; None when the sources name none
+    model: torch.nn.Module | None  # HiggsAudioV2ForConditionalGeneration (PeftModel with an adapter); None: config only
+    config: object  # the model's HiggsAudioV2Config: codebook count, special ids, max_position_embeddings
+    ids: SpecialIds
+
+
+def load_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = True, names: Names = CONFIG_NAMES,
+               pad_required: bool = False, device: torch.device | str | None = None, state=None) -> ModelStack:
+    """Resolve the checkpoints ``cfg`` names, load the text tokenizer, the codec (when ``cfg`` names one) and the
+    model in ``cfg.dtype`` with ``adapter`` on top (with ``weights`` off, its config alone), and build the special
+    ids. ``pad_required``: the tokenizer must have a pad token (``load_text_tokenizer``). ``device``: where
+    codec and model go. ``state`` (an Accelerator or PartialState): its main process resolves first, since
+    resolving may convert into the shared cache."""
+    with state.main_process_first() if state is not None else contextlib.nullcontext():
+        sources, checkpoints = resolve_checkpoints(cfg, names.base, names.audio_tokenizer)
+    tokenizer = load_text_tokenizer(sources, names.text_tokenizer, pad_required)
+    codec = load_codec_dir(sources.audio_tokenizer, names.audio_tokenizer) if sources.audio_tokenizer else None
+    model = None
+    if weights:
+        model = load_model(sources.base, adapter, sources.dtype, sources.attn_implementation, names.base)
+        config = model.config
+    else:
+        from transformers import HiggsAudioV2Config
+
+        config = load_ref(names.base, "HiggsAudioV2Config", sources.base, HiggsAudioV2Config.from_pretrained)
+    if device is not None:
+        codec = codec.to(device) if codec is not None else None
+        model = model.to(device) if model is not None else None
+    return ModelStack(sources, checkpoints, tokenizer, codec, model, config, SpecialIds.from_parts(tokenizer, config))
+
+
+def load_text_tokenizer(cfg: ModelConfig, name: str = CONFIG_NAMES.text_tokenizer, pad_required: bool = True):
+    """The text tokenizer ``cfg`` names (its base model's by default); ``pad_required``: it must have a pad token,
+    since training pads batches with it."""
     ref = cfg.text_tokenizer or cfg.base
-    tok = load_tokenizer(ref, "'model.text_tokenizer'")
-    if tok.pad_token_id is None:  # batches are padded with it
-        raise ConfigError(f"'model.text_tokenizer': the tokenizer at '{ref}' has no pad token")
-    return tok
+    tokenizer = load_tokenizer(ref, name)
+    if pad_required and tokenizer.pad_token_id is None:
+        raise ConfigError(f"{name}: the tokenizer at '{ref}' has no pad token")
+    return tokenizer
 
 
 def load_codec(cfg: ModelConfig):
-    return load_codec_dir(cfg.audio_tokenizer, "'model.audio_tokenizer'")
+    """The codec a training config names (tests and benchmarks load it alone)."""
+    return load_codec_dir(cfg.audio_tokenizer, CONFIG_NAMES.audio_tokenizer)
+
+
+def load_base_model(cfg: ModelConfig):
+    """The base model a training config names, without adapter (tests and benchmarks load it alone)."""
+    return load_model(cfg.base, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation, name=CONFIG_NAMES.base)

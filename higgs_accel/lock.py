@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import ConfigError
+from .run_dir import LOCK_FILE
 
-LOCK_FILE = "run.lock"
 # errnos meaning "this file system does not do locks", as opposed to "someone holds it" (EACCES / EAGAIN).
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _held: dict[Path, RunLock] = {}  # POSIX locks do not exclude the process itself: guard against a second acquire

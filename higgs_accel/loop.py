@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 
-from analysis.schema import EVENTS_DIR, EVENTS_FILE, SAMPLES_DIR, flatten
+from analysis.schema import flatten
 
 from . import checkpoint as ckpt
 from . import engine
@@ -29,12 +28,13 @@ from .config import ConfigError, RunConfig, validate_for_model
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .encoding import across_processes
 from .events import EventLog, capture_library_logs
-from .loading import load_base_model, load_codec, load_text_tokenizer, resolve_checkpoints
+from .loading import ModelStack, load_stack
 from .lock import RunLock, acquire_for_run
 from .losses import LossWeights, n_stats, summarize
 from .memory import plan as plan_memory
 from .model import DualLossModel, add_lora, count_parameters
 from .quality import QualityScorer, emit_round, score_round, training_reference
+from .run_dir import EVENTS_DIR, EVENTS_FILE, RUN_OUTPUTS, TINY_DIR, write_run_config
 from .samples import generation_options, samples_dir, write_eval_audio, write_generated
 from .sinks import ConsoleSink, ParquetSink, TrackerSink
 from .slices import build_slices
@@ -95,19 +95,10 @@ def train(cfg: RunConfig) -> RunEnded:
             epoch, consumed, batches, data_wait = next(steps)
             for skip in (s for b in batches for s in b["skipped"]):
                 emit_skip(log, "train", skip)
-            out, batch = backward(state, batches, stats)
-            if out is None:  # every sample of the step vanished from the cache mid-run (one process): no step
+            done = train_step(state, batches, stats, params, t.max_grad_norm, guard, signals.requested)
+            if done is None:  # every sample of the step vanished from the cache mid-run (one process): no step
                 continue
-            grad_norm = engine.grad_norm_tensor(accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf),
-                                                accelerator.device)
-            values = reduce_step(state, stats, grad_norm, signals.requested)  # the step's one device-to-host read
-            # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same
-            # norm, so all skip (or stop) the same step. A skipped step still advances the schedule and the data.
-            skipped = guard.bad(values[-2])
-            if not skipped:
-                state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scheduler.step()
+            out, batch, values, skipped = done
             step += 1
             log.bind(step=step, epoch=epoch, phase="train")
             now = time.perf_counter()
@@ -138,13 +129,21 @@ def train(cfg: RunConfig) -> RunEnded:
         raise
     finally:
         signals.restore()
-        log.emit("run_end", level="info" if status == "finished" else "error", status=status, error=error,
-                 message=message, elapsed_s=time.time() - started, total_steps=state.total_steps,
-                 completed_steps=step, nonfinite_steps=guard.total, **totals)
-        log.close()
-        if state.lock:
-            state.lock.release()
+        end_run(log, state.lock, status, error, time.time() - started, state.total_steps, step, message=message,
+                nonfinite_steps=guard.total, **totals)
     return RunEnded(state.run_dir, status)
+
+
+def end_run(log: EventLog, lock: RunLock | None, status: str, error: str | None, elapsed_s: float, total_steps: int,
+            completed_steps: int, **trained) -> None:
+    """The one ``run_end`` of a start, then the log closes and the run-dir lock is released. ``trained`` (message,
+    nonfinite_steps and the ``TOTALS``) only from a start that reached training: a ``failed`` one has none
+    (docs/events.md)."""
+    log.emit("run_end", level="info" if status == "finished" else "error", status=status, error=error,
+             elapsed_s=elapsed_s, total_steps=total_steps, completed_steps=completed_steps, **trained)
+    log.close()
+    if lock:
+        lock.release()
 
 
 def step_batches(state: TrainState, epoch: int, consumed: int):
@@ -167,6 +166,30 @@ def step_batches(state: TrainState, epoch: int, consumed: int):
         if group:
             yield epoch, consumed, group, waited
         epoch, consumed = epoch + 1, 0
+
+
+def train_step(state: TrainState, batches: list[dict], stats: torch.Tensor, params: list, max_grad_norm: float,
+               guard: NonFiniteGuard, stop: bool = False):
+    """One optimizer step: forward and backward of its micro-batches (``backward``), clipping, the step's one
+    all-reduce and device-to-host read (``reduce_step``), the update unless ``guard`` skips it, and the schedule.
+    Returns (the last output, its batch, the reduced values, whether the update was skipped), or None when the step
+    had nothing to train on. ``state`` needs only ``accelerator``, ``model``, ``optimizer``, ``scheduler`` and
+    ``last_batch``: bench/throughput.py times this very function."""
+    accelerator = state.accelerator
+    out, batch = backward(state, batches, stats)
+    if out is None:
+        return None
+    grad_norm = engine.grad_norm_tensor(accelerator.clip_grad_norm_(params, max_grad_norm or math.inf),
+                                        accelerator.device)
+    values = reduce_step(state, stats, grad_norm, stop)
+    # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same norm, so
+    # all skip (or stop) the same step. A skipped step still advances the schedule and the data.
+    skipped = guard.bad(values[-2])
+    if not skipped:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    return out, batch, values, skipped
 
 
 def backward(state: TrainState, batches: list[dict], stats: torch.Tensor):
@@ -377,11 +400,7 @@ def setup(cfg: RunConfig) -> TrainState:
             log.emit("checkpoint_skipped", level="warning", path=str(path), reason=reason)
         return _setup_training(cfg, accelerator, run_dir, log, start, found.path if found else None, lock)
     except BaseException as e:
-        log.emit("run_end", level="error", status="failed", error=f"{type(e).__name__}: {e}", elapsed_s=0.0,
-                 total_steps=0, completed_steps=start["step"])
-        log.close()
-        if lock:
-            lock.release()
+        end_run(log, lock, "failed", f"{type(e).__name__}: {e}", 0.0, 0, start["step"])
         raise
 
 
@@ -424,9 +443,10 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     t = cfg.train
     if cfg.preset == "tiny":
         with accelerator.main_process_first():
-            apply_tiny_preset(cfg, run_dir / "tiny")
+            apply_tiny_preset(cfg, run_dir / TINY_DIR)
     set_seed(t.seed)
-    tokenizer, codec, base, ids, checkpoints = _setup_model(cfg, accelerator)
+    stack = _setup_model(cfg, accelerator)
+    tokenizer, codec, base, ids = stack.tokenizer, stack.codec, stack.model, stack.ids
     generation = generation_options(cfg.log, codec) if accelerator.is_main_process else {}
     data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, base.config.max_position_embeddings)
     weights = LossWeights.of(t)
@@ -455,7 +475,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              device=str(accelerator.device), hardware=hardware(), world_size=accelerator.num_processes,
              mixed_precision=accelerator.mixed_precision, trainable_params=trainable, total_params=total,
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
-             val_samples=len(data.val), resumed=bool(resume_from), checkpoints=checkpoints,
+             val_samples=len(data.val), resumed=bool(resume_from), checkpoints=stack.checkpoints,
              memory=memory_plan, engine=engine.describe(accelerator))
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
@@ -469,17 +489,13 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
                       val_loader, total_steps, start, codec, ids, weights, generation, scorer, reference, lock)
 
 
-def _setup_model(cfg: RunConfig, accelerator: Accelerator):
+def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
     """Text tokenizer, codec, base model and the special ids, from the checkpoints the config names (converted
     first if in the authors' original layout); the config's codebook-dependent settings are checked against the
-    model's own codebook count. Also returns run_start's record of the checkpoints."""
-    with accelerator.main_process_first():
-        model_cfg, checkpoints = resolve_checkpoints(cfg.model)
-    tokenizer, codec = load_text_tokenizer(model_cfg), load_codec(model_cfg)
-    base = load_base_model(model_cfg)
-    ids = SpecialIds.from_parts(tokenizer, base.config)
-    validate_for_model(cfg, ids.num_codebooks)
-    return tokenizer, codec, base, ids, checkpoints
+    model's own codebook count."""
+    stack = load_stack(cfg.model, pad_required=True, state=accelerator)
+    validate_for_model(cfg, stack.ids.num_codebooks)
+    return stack
 
 
 def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, tokenizer, ids: SpecialIds,
@@ -556,11 +572,11 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator, run_id: str | No
                        else "it saved its final adapter and no checkpoint; ")
                 raise ConfigError(f"'train.output_dir': {run_dir} already holds a run; {how}train.overwrite=true to "
                                   "replace it, or another --output-dir")
-            for name in (EVENTS_FILE, EVENTS_DIR, ckpt.CHECKPOINTS, ckpt.ADAPTER, "report", SAMPLES_DIR):
+            for name in RUN_OUTPUTS:
                 path = run_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_run_config(run_dir, cfg)
     accelerator.wait_for_everyone()
     return found
 

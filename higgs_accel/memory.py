@@ -7,8 +7,8 @@ The prediction is a sum of parts, each in bytes:
   layers       what each decoder layer keeps for backward, per token: ``layer_bytes_per_token`` below, the saved
                tensors of higgs-accel's lean step (higgs_accel.activations) counted one by one; with gradient
                checkpointing only each layer's input is kept, and one layer's saved tensors exist at a time
-  heads        per audio target: the fp32 log-softmax over 8 x codebook_size codes that cross-entropy keeps, and
-               the logits' gradient in backward; per text target the same over the text vocabulary
+  heads        per audio target: the fp32 log-softmax over num_codebooks x codebook_size codes that cross-entropy
+               keeps, and the logits' gradient in backward; per text target the same over the text vocabulary
   transient    per token, what the step builds besides what is saved (gradients of the hidden states, the
                recomputed casts), ``TRANSIENT_PER_TOKEN`` bytes per hidden unit, plus ``STEP_OVERHEAD``: both fitted
                to the intercepts of bf16 CPU measurements (bench/memory.py --per-layer at hidden 512, 1024 and 3072;

@@ -23,8 +23,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .config import ConfigError, EvalConfig
+from .config import ConfigError, EvalConfig, error_line
 from .data import load_audio, resample
+from .loading import load_ref
 
 ASR_TASK = "automatic-speech-recognition"
 
@@ -125,8 +126,6 @@ def load_asr(ref: str, device: torch.device | str = "cpu", key: str = "'eval.asr
     a missing dir or a failed load is one ConfigError line naming ``key``."""
     from transformers import pipeline
 
-    from .loading import load_ref
-
     try:
         import jiwer  # noqa: F401 - checked before the run, not at its first generation round
     except ImportError:
@@ -145,8 +144,6 @@ def load_asr(ref: str, device: torch.device | str = "cpu", key: str = "'eval.asr
 def load_speaker(ref: str, device: torch.device | str = "cpu", key: str = "'eval.speaker_model'"):
     """(feature extractor, ``AutoModelForAudioXVector``) of the speaker-verification model at ``ref``."""
     from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
-
-    from .loading import load_ref
 
     what = "a speaker-verification x-vector model (AutoModelForAudioXVector)"
     features = load_ref(key, f"the feature extractor of {what}", ref, AutoFeatureExtractor.from_pretrained)
@@ -270,7 +267,7 @@ class QualityScorer:
             rate = sf.info(str(u.audio)).samplerate if isinstance(u.audio, (str, Path)) else u.sample_rate
             wave = _audio_at(u.audio, rate, rate)
         except Exception as e:  # noqa: BLE001 - an unreadable file is this utterance's failure
-            row["error"] = f"cannot read the audio: {_one_line(e)}"
+            row["error"] = f"cannot read the audio: {error_line(e)}"
             row["seconds"] = 0.0
             return row
         row["_wave"], row["_rate"] = wave, rate
@@ -289,7 +286,7 @@ class QualityScorer:
         except Exception as e:  # noqa: BLE001 - the ASR failing costs the WER of this round, never the run
             transcripts = [None] * len(heard)
             for r in heard:
-                r["error"] = f"ASR failed: {_one_line(e)}"
+                r["error"] = f"ASR failed: {error_line(e)}"
         for r, t in zip(heard, transcripts):
             r["transcript"] = t
         for r in rows:
@@ -311,7 +308,7 @@ class QualityScorer:
             gen = self.embed(resample(row["_wave"], row["_rate"], self.speaker[0].sampling_rate))
             row["similarity"] = cosine(gen, ref)
         except Exception as e:  # noqa: BLE001 - as for the ASR
-            row["error"] = f"speaker model failed: {_one_line(e)}"
+            row["error"] = f"speaker model failed: {error_line(e)}"
 
 
 def summarize_round(rows: list[dict], score_s: float, asr_model: str | None = None,
@@ -380,174 +377,3 @@ def _cuda_devices(scorer: QualityScorer) -> list:
         devices.append(scorer.speaker[1].device)
     return [d for d in dict.fromkeys(devices) if d.type == "cuda"]
 
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-
-# ---------------------------------------------------------------- evaluate a finished run
-
-
-def run_section(run_dir: str | Path, section: str, cls, **overrides):
-    """Section ``section`` of a run's config.yaml as dataclass ``cls`` (defaults for keys it lacks: an older run),
-    with ``overrides`` (non-empty values only, e.g. command-line flags) on top."""
-    import dataclasses
-
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--run: {run_dir} is not a run dir (no config.yaml)")
-    values = (yaml.safe_load(path.read_text()) or {}).get(section) or {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in values.items() if k in names}
-    values.update({k: v for k, v in overrides.items() if v not in (None, "")})
-    return cls(**values)
-
-
-def evaluate_run(run_dir: str | Path, manifest: str | Path, eval_cfg: EvalConfig, out_dir: str | Path | None = None,
-                 adapter: str | None = None, baseline: bool = False, max_new_tokens: int = 750, limit: int = 0,
-                 seed: int = 0, device: str | None = None, progress: bool = True) -> tuple[list[dict], dict]:
-    """The body of ``higgs-accel evaluate --run RUN_DIR --manifest HELD_OUT``: speak every text of a held-out
-    manifest (any source ``data.train_manifest`` takes, read with the run's field names) with the run's adapter
-    (or ``adapter``; the base model alone with ``baseline``), then score each generation.
-
-    A sample with reference audio is spoken in that voice (cloning) and its similarity is measured against the
-    reference; a sample without one is spoken plainly and compared with its own recording, the target voice.
-    Writes under ``out_dir`` (default ``RUN_DIR/evaluate/<manifest name>`` or ``...-base``): ``gen-<i>.wav``,
-    ``ref-<i>.wav`` (the voice compared against, at the codec's rate), ``quality.jsonl`` (the ``quality`` event
-    fields plus ``source`` and ``line`` of the sample) and ``summary.json`` (the ``quality_summary`` fields plus
-    ``manifest``, ``adapter`` and ``gen_s``). Returns (rows, summary). Generation is one utterance at a time,
-    scoring ``eval_cfg.batch_size`` at a time, each with a progress bar."""
-    import json
-    import sys
-
-    from tqdm import tqdm
-
-    from .chat import SpecialIds
-    from .config import DataConfig, ModelConfig
-    from .data import decode_audio, read_source
-    from .generate import generate_speech, run_sources, write_wav
-    from .loading import load_codec_dir, load_model, load_tokenizer, resolve_checkpoints
-
-    src = run_sources(str(run_dir), need_adapter=not (adapter or baseline))
-    adapter = None if baseline else (adapter or src["adapter"])
-    if not (eval_cfg.asr_model or eval_cfg.speaker_model):
-        raise ConfigError("evaluate needs a scorer: set eval.asr_model and/or eval.speaker_model (in the run's "
-                          "config or as flags)")
-    # Everything that can be wrong in the input is found before any model loads.
-    data = run_section(run_dir, "data", DataConfig)
-    samples, skips = read_source(str(manifest), data)
-    samples = samples[:limit] if limit else samples
-    if not samples:
-        raise ConfigError(f"--manifest: {manifest} has no usable sample ({len(skips)} skipped)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    scorer = QualityScorer.from_config(eval_cfg, dev)
-    out = Path(out_dir) if out_dir else Path(run_dir) / "evaluate" / (Path(manifest).stem + ("-base" if baseline
-                                                                                             else ""))
-    out.mkdir(parents=True, exist_ok=True)
-
-    sources = ModelConfig(base=src["base"], audio_tokenizer=src["audio_tokenizer"],
-                          text_tokenizer=src["text_tokenizer"])
-    model_cfg, _ = resolve_checkpoints(sources)
-    tokenizer = load_tokenizer(model_cfg.text_tokenizer, "'model.text_tokenizer'")
-    codec = load_codec_dir(model_cfg.audio_tokenizer, "'model.audio_tokenizer'").to(dev)
-    model = load_model(model_cfg.base, adapter, src["dtype"], src["attn_implementation"], "'model.base'").to(dev)
-    ids = SpecialIds.from_parts(tokenizer, model.config)
-    rate = codec.config.sample_rate
-    show = progress and sys.stderr.isatty()
-
-    utterances, gen_start = [], time.perf_counter()
-    for i, s in enumerate(tqdm(samples, desc="generating", unit="utt", disable=not show)):
-        ref_path = write_wav(out / f"ref-{i}.wav", decode_audio((s.ref_audio or s.audio).read(), rate), rate)
-        start = time.perf_counter()
-        r = generate_speech(model, tokenizer, codec, ids, s.text, ref_audio=ref_path if s.ref_audio else None,
-                            ref_text=s.ref_text, scene=s.scene, system_prompt=s.system or src["system_prompt"],
-                            max_new_tokens=max_new_tokens, seed=seed + i)
-        gen_time = time.perf_counter() - start
-        path = None if r["error"] else write_wav(out / f"gen-{i}.wav", r["wave"], r["sample_rate"])
-        utterances.append(Utterance(s.text, path, reference=ref_path, prompt=i, gen_time_s=gen_time,
-                                    error=r["error"]))
-    gen_s = time.perf_counter() - gen_start
-
-    start, rows, step = time.perf_counter(), [], max(1, eval_cfg.batch_size)
-    for k in tqdm(range(0, len(utterances), step), desc="scoring", unit="batch", disable=not show):
-        rows += scorer.score_batch(utterances[k:k + step])
-    rows = [{**row, "baseline": baseline, "source": s.source, "line": s.line} for row, s in zip(rows, samples)]
-    summary = summarize_round(rows, time.perf_counter() - start, scorer.asr_name, scorer.speaker_name, None,
-                              baseline, scorer.spell_numbers)
-    summary.update(manifest=str(manifest), adapter=adapter, gen_s=gen_s)
-    with open(out / "quality.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return rows, summary
-
-
-
-# ---------------------------------------------------------------- command line
-
-
-def register(subparsers):
-    import argparse
-
-    p = subparsers.add_parser(
-        "evaluate", help="speak a held-out manifest with a run's adapter and score it (WER/CER, speaker similarity)",
-        description="Generate every text of a held-out manifest with a finished run's adapter (or the base model "
-                    "with --baseline), then score the speech: word and character error rate of an ASR transcript "
-                    "and speaker similarity to the reference voice (docs/quality.md). Scorers and their settings "
-                    "default to the run's eval section. Writes gen-N.wav, ref-N.wav, quality.jsonl and summary.json.",
-        epilog="Examples:\n  higgs-accel evaluate --run runs/demo --manifest held_out.jsonl \\\n"
-               "      --asr-model openai/whisper-large-v3 --speaker-model microsoft/wavlm-base-plus-sv\n"
-               "  higgs-accel evaluate --run runs/demo --manifest held_out.jsonl --baseline",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("what to evaluate")
-    src.add_argument("--run", required=True, help="finished run dir: base, codec, data fields, system prompt and "
-                                                  "eval settings from its config.yaml, adapter from RUN_DIR/adapter")
-    src.add_argument("--manifest", required=True, help="held-out samples: any source data.train_manifest takes")
-    which = src.add_mutually_exclusive_group()
-    which.add_argument("--adapter", help="PEFT adapter dir instead of RUN_DIR/adapter (e.g. a checkpoint's)")
-    which.add_argument("--baseline", action="store_true", help="the base model alone, without any adapter")
-    src.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    score = p.add_argument_group("scoring (default: the run's eval section)")
-    score.add_argument("--asr-model", help="same as eval.asr_model")
-    score.add_argument("--speaker-model", help="same as eval.speaker_model")
-    score.add_argument("--asr-language", help="same as eval.asr_language")
-    score.add_argument("--batch-size", type=int, help="same as eval.batch_size")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=750,
-                     help="generation steps per utterance (25 per second of audio); default: 750")
-    gen.add_argument("--limit", type=int, default=0, help="only the first N samples (0: all)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of sample i is SEED + i; default: 0")
-    gen.add_argument("--out", help="output dir (default: RUN_DIR/evaluate/<manifest name>[-base])")
-    p.set_defaults(func=cmd_evaluate)
-    return p
-
-
-def cmd_evaluate(args) -> int:
-    import sys
-
-    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--limit", args.limit, 0),
-                               ("--batch-size", args.batch_size, 1)):
-        if value is not None and value < least:
-            raise ConfigError(f"{flag} must be at least {least}, got {value}")
-    if not Path(args.manifest).exists():
-        raise ConfigError(f"--manifest: file not found: {args.manifest}")
-    cfg = run_section(args.run, "eval", EvalConfig, asr_model=args.asr_model, speaker_model=args.speaker_model,
-                      asr_language=args.asr_language, batch_size=args.batch_size)
-    rows, summary = evaluate_run(args.run, args.manifest, cfg, out_dir=args.out, adapter=args.adapter,
-                                 baseline=args.baseline, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                 seed=args.seed, device=args.device)
-    print(summary_line(summary), file=sys.stderr)
-    return 0
-
-
-def summary_line(summary: dict) -> str:
-    """One line for a ``quality_summary`` (plus evaluate's ``adapter``): what was scored and how it did."""
-    def num(key: str) -> str:
-        return "-" if summary.get(key) is None else f"{summary[key]:.3f}"
-
-    model = "the base model" if summary.get("baseline") else (summary.get("adapter") or "the adapter")
-    return (f"{model}: {summary['utterances']} utterances ({summary['no_audio']} without audio), WER {num('wer')}, "
-            f"CER {num('cer')}, similarity {num('similarity')}, scored in {summary['score_s']:.1f}s")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,15 +19,12 @@ from analysis.schema import (
 )
 
 
-def rebuild_parquet(run_dir: str | Path) -> int:
+def rebuild_parquet(run_dir: str | Path, skipped: list[Skipped] | None = None) -> int:
     """Replace ``RUN_DIR/events/`` by one part per event family built from events.jsonl; return the family count.
-    Lines that are no valid event are reported on stderr and left out. Only ``events/`` and a temporary folder
-    beside it are written: family names are checked event names, so none leads outside."""
+    Lines that are no valid event are left out (and appended to ``skipped``). Only ``events/`` and a temporary
+    folder beside it are written: family names are checked event names, so none leads outside."""
     run_dir = Path(run_dir)
-    skipped: list[Skipped] = []
-    rows = read_jsonl(run_dir / EVENTS_FILE, skipped=skipped)
-    for s in skipped:
-        print(f"{run_dir}: {s}", file=sys.stderr)
+    rows = read_jsonl(run_dir / EVENTS_FILE, skipped=[] if skipped is None else skipped)
     rule = Superseded.of_rows(rows)
     families = defaultdict(list)
     for row in rows:

@@ -7,17 +7,17 @@ sound like. Generated audio runs ``generate.generate_speech`` on fixed prompts: 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from analysis.schema import SAMPLES_DIR, step_dir_name
+from analysis.schema import step_dir_name
 
 from .chat import SpecialIds
-from .config import ConfigError, LogConfig
-from .generate import SAMPLING_KEYS, decode_codes, encode_reference, generate_speech, write_wav
+from .config import SAMPLING_KEYS, ConfigError, LogConfig
+from .generate import decode_codes, encode_reference, write_generation, write_wav
 from .losses import LossOutput
+from .run_dir import SAMPLES_DIR
 
 
 def samples_dir(run_dir: str | Path, step: int) -> Path:
@@ -87,22 +87,18 @@ def write_generated(model, tokenizer, codec, ids: SpecialIds, prompts: list[str]
     no file), never raised."""
     rows = []
     for i, text in enumerate(prompts):
-        start = time.perf_counter()
-        r = generate_speech(model, tokenizer, codec, ids, text, system_prompt=system_prompt,
-                            max_new_tokens=max_new_tokens, seed=seed + i, **gen_kwargs)
-        gen_time_s = time.perf_counter() - start
-        path = None
-        if r["error"] is None:
-            path = str(write_wav(Path(out_dir) / f"gen-{i}.wav", r["wave"], r["sample_rate"]))
-        rows.append({"prompt": i, "text": text, "path": path, "seconds": r["seconds"], "n_frames": r["n_frames"],
+        r = write_generation(model, tokenizer, codec, ids, text, out_dir, i, system_prompt=system_prompt,
+                             max_new_tokens=max_new_tokens, seed=seed + i, **gen_kwargs)
+        rows.append({"prompt": i, "text": text, "path": r["path"], "seconds": r["seconds"], "n_frames": r["n_frames"],
                      "new_tokens": r["new_tokens"], "stopped": r["stopped"], "sample_rate": r["sample_rate"],
-                     **(r["sampling"] or dict.fromkeys(SAMPLING_KEYS)), "gen_time_s": gen_time_s, "error": r["error"]})
+                     **(r["sampling"] or dict.fromkeys(SAMPLING_KEYS)), "gen_time_s": r["gen_time_s"],
+                     "error": r["error"]})
     return rows
 
 
 def generation_options(lc: LogConfig, codec) -> dict:
     """``write_generated`` keyword arguments from the log config: ``sampling`` holds ``log.generate_<knob>`` for each
-    of ``generate.SAMPLING_KEYS`` (null: the checkpoint's value). The reference voice is encoded once, here, so a
+    of ``config.SAMPLING_KEYS`` (null: the checkpoint's value). The reference voice is encoded once, here, so a
     bad file stops the run before training instead of failing at every generate eval."""
     opts = {"sampling": {key: getattr(lc, f"generate_{key}") for key in SAMPLING_KEYS}}
     if lc.generate_every and lc.generate_ref_audio:

@@ -97,3 +97,31 @@ def test_memory_model_predicts_the_measured_step_within_10_percent():
 def test_gpu_real_size_without_cuda_exits_cleanly_with_its_message(launched):
     lines = finished(launched, "gpu")
     assert "no CUDA device" in lines[-1] and "nothing measured" in lines[-1]
+
+
+def test_throughput_times_the_loops_own_step(monkeypatch, tmp_path):
+    """bench/throughput.py's step is loop.train_step itself: a change to the loop's step shows in the bench."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from higgs_accel import loop
+
+    assert throughput.loop is loop
+    calls = []
+    real = loop.train_step
+
+    def spy(state, batches, *args, **kwargs):
+        calls.append(len(batches))
+        return real(state, batches, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    torch.manual_seed(0)
+    size = throughput.QUICK["tiny"]
+    peft_model, ids, tokenizer, _ = throughput.build(size, tmp_path)
+    batches = throughput.synthetic_batches(tokenizer, ids, size.seq, size.batch, n_batches=1)
+    dual = throughput.DualLossModel(peft_model, ids, throughput.LossWeights.of(throughput.TrainConfig()))
+    assert len(throughput.time_loop(dual, batches, warmup=1, steps=1)) == 2
+    assert len(throughput.time_loop(peft_model, batches, warmup=1, steps=1, model_forward=True)) == 2
+    assert calls == [1] * 4

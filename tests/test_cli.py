@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from higgs_accel.cli import _run_overrides, parse_args
+from higgs_accel.cli import parse_args
+from higgs_accel.commands import config_overrides
 from higgs_accel.config import ConfigError, all_keys, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     cfg_file.write_text("preset: tiny\ntrain:\n  lr: 0.1\n  batch_size: 2\nlora:\n  target_modules: [q_proj]\n")
     args = parse_args(["train", "--config", str(cfg_file), "train.lr=0.2", "--train.batch_size", "3",
                        "lora.target_modules=q_proj,v_proj"])
-    cfg = load_config(args.config, _run_overrides(args))
+    cfg = load_config(args.config, config_overrides(args))
     assert cfg.train.lr == 0.2 and cfg.train.batch_size == 3 and cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 

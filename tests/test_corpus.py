@@ -20,8 +20,9 @@ from accelerate.utils import DataLoaderConfiguration
 from torch.utils.data import DataLoader
 from transformers import HiggsAudioV2TokenizerModel
 
-from higgs_accel.codes import CodeCache, codec_identity, prepare, resolve
-from higgs_accel.config import ConfigError, DataConfig, ModelConfig, load_config
+from higgs_accel.cli import main
+from higgs_accel.codes import CodeCache, codec_identity, resolve
+from higgs_accel.config import ConfigError, DataConfig, ModelConfig
 from higgs_accel.data import EpochSampler, LengthGroupedBatches, read_source
 from higgs_accel.loading import load_codec
 from higgs_accel.tiny import speech_like
@@ -134,7 +135,7 @@ def test_prepare_counts_val_manifest_problems_under_val(tiny, codes_cache, tmp_p
     pairs = [("model.base", tiny["model.base"]), ("model.audio_tokenizer", tiny["model.audio_tokenizer"]),
              ("data.train_manifest", str(tmp_path / "train.jsonl")), ("data.val_manifest", str(tmp_path / "val.jsonl")),
              ("data.codes_cache", str(codes_cache)), ("train.output_dir", str(tmp_path / "run"))]
-    prepare(load_config(None, [(k, v, "test") for k, v in pairs]))
+    assert main(["prepare", *(f"{k}={v}" for k, v in pairs)]) == 0
     err = capsys.readouterr().err
     assert "data train: 1 kept, 0 skipped (none)" in err
     assert "data val: 1 kept, 1 skipped (invalid_json: 1)" in err

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoTokenizer, HiggsAudioV2Config, HiggsAudioV2TokenizerModel
 
 from higgs_accel.chat import SpecialIds, build_example
-from higgs_accel.codes import CodeCache, codec_identity, prepare, resolve
+from higgs_accel.cli import main
+from higgs_accel.codes import CodeCache, codec_identity, resolve
 from higgs_accel.config import ConfigError, DataConfig, ModelConfig, load_config
 from higgs_accel.data import (
     EpochSampler,
@@ -247,11 +248,11 @@ def test_same_codec_from_two_paths_encodes_once(tiny, tmp_path, monkeypatch):
     assert codec_identity(same) != codec_identity(codec)
 
 
-def _config(tiny, tmp_path, manifest, **more):
+def _overrides(tiny, tmp_path, manifest, **more) -> list[str]:
     pairs = {"model.base": tiny["model.base"], "model.audio_tokenizer": tiny["model.audio_tokenizer"],
              "data.train_manifest": str(manifest), "data.codes_cache": str(tmp_path / "codes"),
              "train.output_dir": str(tmp_path / "run"), **more}
-    return load_config(None, [(k, v, "test") for k, v in pairs.items()])
+    return [f"{k}={v}" for k, v in pairs.items()]
 
 
 def test_prepare_skips_clicks_and_codec_failures_naming_the_file(tiny, tmp_path, capsys, monkeypatch):
@@ -269,18 +270,21 @@ def test_prepare_skips_clicks_and_codec_failures_naming_the_file(tiny, tmp_path,
         return real(self, wave, *a, **k)
 
     monkeypatch.setattr(HiggsAudioV2TokenizerModel, "encode", encode)
-    encoded, problems = prepare(_config(tiny, tmp_path, tmp_path / "m.jsonl"))
-    assert encoded == 1
-    assert [(p.line, p.reason) for p in problems] == [(2, "empty_audio"), (3, "empty_audio"), (4, "encode_failed")]
-    assert problems[2].detail == f"{tmp_path / 'boom.wav'}: RuntimeError: Kernel size can't be greater than actual " \
-                                 "input size"
-    assert "data train: 1 kept, 3 skipped (empty_audio: 2, encode_failed: 1)" in capsys.readouterr().err
-
-    with pytest.raises(ConfigError) as err:
-        prepare(_config(tiny, tmp_path, tmp_path / "m.jsonl", **{"data.strict": True}))
+    assert main(["prepare", *_overrides(tiny, tmp_path, tmp_path / "m.jsonl")]) == 0
     printed = capsys.readouterr().err
-    assert "c1.wav" not in printed and "skip " not in printed  # listed once: in the error
-    assert str(err.value).count("c1.wav") == 1 and "3 bad sample(s)" in str(err.value)
+    assert "(1 encoded by this process now" in printed
+    skips = [line for line in printed.splitlines() if line.startswith("skip ")]
+    expected = [(2, "empty_audio"), (3, "empty_audio"), (4, "encode_failed")]
+    assert [f"m.jsonl:{n}: {reason}: " in s for (n, reason), s in zip(expected, skips)] == [True] * 3
+    assert len(skips) == 3
+    assert skips[2].endswith(f"{tmp_path / 'boom.wav'}: RuntimeError: Kernel size can't be greater than actual "
+                             "input size")
+    assert "data train: 1 kept, 3 skipped (empty_audio: 2, encode_failed: 1)" in printed
+
+    assert main(["prepare", *_overrides(tiny, tmp_path, tmp_path / "m.jsonl", **{"data.strict": "true"})]) == 2
+    printed = capsys.readouterr().err
+    assert "skip " not in printed and printed.count("c1.wav") == 1  # listed once: in the error line
+    assert "3 bad sample(s)" in printed
 
 
 def test_tiny_preset_with_own_manifest_holds_out_its_val_fraction(tiny, tmp_path):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from higgs_accel.cli import _run_overrides, parse_args
+from higgs_accel.cli import parse_args
+from higgs_accel.commands import config_overrides
 from higgs_accel.config import load_config
 from tests.conftest import events_of
 
@@ -155,7 +156,7 @@ def test_engine_swap_and_deepspeed_without_cuda_are_refused_with_one_line():
 def test_original_trainer_flags_are_aliases_of_config_keys(tiny, tmp_path):
     args = parse_args(["train", "--train_manifest", tiny["data.train_manifest"], "--output_dir", str(tmp_path),
                        "--log_steps", "3", "--preset", "tiny"])
-    cfg = load_config(args.config, _run_overrides(args))
+    cfg = load_config(args.config, config_overrides(args))
     assert (cfg.data.train_manifest, cfg.train.output_dir, cfg.log.log_steps) == (
         tiny["data.train_manifest"], str(tmp_path), 3)
     with pytest.raises(SystemExit):

@@ -17,11 +17,9 @@ from higgs_accel.quality import (
     cosine,
     emit_round,
     error_rates,
-    evaluate_run,
     load_asr,
     load_speaker,
     normalize_text,
-    run_section,
     score_round,
     spell_number,
     summarize_round,
@@ -290,9 +288,6 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     run_dir = tmp_path / "run"
     train_run(run_dir, tiny, codes_cache, train__max_steps=1, train__eval_every=0, train__save_every=0,
               eval__asr_model=scorer_dirs["asr"])
-    # the run's eval section is what evaluate starts from; flags on top
-    cfg = run_section(run_dir, "eval", EvalConfig, speaker_model=scorer_dirs["speaker"], asr_language="")
-    assert (cfg.asr_model, cfg.speaker_model) == (scorer_dirs["asr"], scorer_dirs["speaker"])
     held_out = tmp_path / "held_out.jsonl"
     lines = Path(tiny["data.val_manifest"]).read_text().splitlines()[:2]
     rows = [json.loads(x) for x in lines]
@@ -302,10 +297,15 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     rows[1].update(ref_audio=rows[0]["audio"], ref_text=rows[0]["text"])  # the second one clones a voice
     held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    out, summary = evaluate_run(run_dir, held_out, cfg, max_new_tokens=20, progress=False)
+    from higgs_accel.cli import main
+
+    args = ["evaluate", "--run", str(run_dir), "--manifest", str(held_out), "--max-new-tokens", "20"]
+    # the run's eval section (asr_model) is what evaluate starts from; flags on top (an empty one changes nothing)
+    assert main([*args, "--speaker-model", scorer_dirs["speaker"], "--asr-language", ""]) == 0
     where = run_dir / "evaluate" / "held_out"
-    assert [json.loads(x) for x in (where / "quality.jsonl").read_text().splitlines()] == out
-    assert json.loads((where / "summary.json").read_text()) == summary
+    out = [json.loads(x) for x in (where / "quality.jsonl").read_text().splitlines()]
+    summary = json.loads((where / "summary.json").read_text())
+    assert (summary["asr_model"], summary["speaker_model"]) == (scorer_dirs["asr"], scorer_dirs["speaker"])
     assert [(r["prompt"], r["line"], r["text"]) for r in out] == [(0, 1, rows[0]["text"]), (1, 2, rows[1]["text"])]
     for r in out:  # the tiny model speaks until the limit: 20 steps = 12 frames at 25/s
         assert r["error"] is None and r["seconds"] == pytest.approx(12 / 25) and r["rtf"] > 0
@@ -321,10 +321,8 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     ref1, _ = sf.read(where / "ref-1.wav")
     np.testing.assert_array_equal(ref0, ref1)
 
-    # the command line: the run's asr_model, a flag's speaker model, the base model alone, the first sample only
-    from higgs_accel.cli import main
-
-    args = ["evaluate", "--run", str(run_dir), "--manifest", str(held_out), "--max-new-tokens", "20"]
+    # the base model alone, the first sample only
+    capsys.readouterr()
     assert main([*args, "--speaker-model", scorer_dirs["speaker"], "--baseline", "--limit", "1"]) == 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
     base = json.loads((run_dir / "evaluate" / "held_out-base" / "summary.json").read_text())
@@ -343,8 +341,14 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     (tmp_path / "empty.jsonl").write_text("\n")
     assert main(["evaluate", "--run", str(run_dir), "--manifest", str(tmp_path / "empty.jsonl")]) == 2
     assert "has no usable sample" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="evaluate needs a scorer"):
-        evaluate_run(run_dir, held_out, EvalConfig(), progress=False)
+    import yaml
+
+    bare = tmp_path / "no-scorer"  # a run whose eval section names no scorer, and no flag naming one
+    bare.mkdir()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    (bare / "config.yaml").write_text(yaml.safe_dump({**config, "eval": {}}))
+    assert main(["evaluate", "--run", str(bare), "--manifest", str(held_out), "--baseline"]) == 2
+    assert "evaluate needs a scorer" in capsys.readouterr().err
     # generate scores its speech with the run's scorers (eval.asr_model) and a flag's
     assert main(["generate", "--run", str(run_dir), "--text", "A lazy dog!", "--out", str(tmp_path / "g.wav"),
                  "--max-new-tokens", "20", "--speaker-model", scorer_dirs["speaker"], "--ref-audio", rows[0]["audio"],

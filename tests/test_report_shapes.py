@@ -185,7 +185,7 @@ def test_a_failing_report_is_a_log_error_not_an_exit_status(run20, tmp_path, mon
     import shutil
 
     import analysis.report
-    from higgs_accel.cli import write_run_report
+    from higgs_accel.commands.train import write_run_report
 
     out = tmp_path / "run"
     shutil.copytree(run20[0], out)

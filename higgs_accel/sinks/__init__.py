@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Fields every event carries: bookkeeping, not something to print or chart.
-COMMON_FIELDS = frozenset({"event", "ts", "run_id", "seq", "rank", "schema_version", "level"})
+from .console import ConsoleSink
+from .parquet import ParquetSink, compact
+from .tracker import TrackerSink
 
 
 class Sink(Protocol):
@@ -21,8 +22,4 @@ class Sink(Protocol):
         """Flush and release; the log is closing."""
 
 
-from .console import ConsoleSink  # noqa: E402 - the modules import COMMON_FIELDS from here
-from .parquet import ParquetSink, compact  # noqa: E402
-from .tracker import TrackerSink  # noqa: E402
-
-__all__ = ["COMMON_FIELDS", "ConsoleSink", "ParquetSink", "Sink", "TrackerSink", "compact"]
+__all__ = ["ConsoleSink", "ParquetSink", "Sink", "TrackerSink", "compact"]

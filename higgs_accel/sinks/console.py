@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
-from analysis.schema import CODEBOOK_METRIC
-
-from . import COMMON_FIELDS
+from analysis.schema import BOOKKEEPING, CODEBOOK_METRIC
 
 
 def summary_line(split: str, kept: int, by_reason: dict[str, int], duplicates: int = 0) -> str:
@@ -43,7 +41,7 @@ class ConsoleSink:
             handler(e)
         elif self.level <= 10 or e.get("level") in ("warning", "error") and name != "library_log":
             self._print(f"[{e.get('level', 'info')}] {name} " + " ".join(
-                f"{k}={v}" for k, v in e.items() if k not in COMMON_FIELDS))
+                f"{k}={v}" for k, v in e.items() if k not in BOOKKEEPING))
 
     def _on_run_start(self, e):
         if self.level <= 20:

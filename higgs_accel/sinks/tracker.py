@@ -7,7 +7,8 @@ markdown text (TensorBoard). Other trackers get the scalars only."""
 
 from __future__ import annotations
 
-from . import COMMON_FIELDS
+from analysis.schema import BOOKKEEPING
+
 from .console import slice_cells
 
 # Columns of the slice table, one row per pred_slice event: the targets shown as "pred/label" cells.
@@ -106,7 +107,7 @@ class TrackerSink:
         if e["event"] in self.FAMILIES:
             prefix = "eval/" if e["event"] == "eval" else "train/"
             values = {prefix + k: v for k, v in e.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COMMON_FIELDS | {"step"}}
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING | {"step"}}
             self.accelerator.log(values, step=e["step"])
         elif e["event"] in ("eval_audio", "generate_audio") and (items := audio_items(e)):
             self._each(lambda m: m.audio(items, e["step"]))

@@ -1,0 +1,58 @@
+"""``higgs-accel train``: fine-tune with LoRA (``loop.train``), then write the run's report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import error_line, load_config
+from . import add_config_parser, config_overrides
+
+
+def add_parser(subparsers):
+    p = add_config_parser(subparsers, "train", "fine-tune with LoRA")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, config_overrides(args))
+    from accelerate import PartialState
+
+    from ..loop import train
+
+    ended = train(cfg)
+    if not args.no_report and PartialState().is_main_process:
+        write_run_report(ended.run_dir)
+    return ended.exit_code  # stopping.EXIT_CODES: a requeue wrapper tells preempted (75) from failed
+
+
+def write_run_report(run_dir) -> None:
+    """The report at the end of a run. It can never change how the run ended: a failure is one warning line and a
+    ``log_error`` event (sink ``report``) appended to the run's log; the exit status stays the run's."""
+    from analysis.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run is over and its events are safe; only the report is missing
+        print(f"higgs-accel: warning: the run finished, but its report failed ({type(e).__name__}: {e}); "
+              f"try again with `higgs-accel report {run_dir}`", file=sys.stderr)
+        _append_log_error(run_dir, "report", e)
+        return
+    print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+
+
+def _append_log_error(run_dir, sink: str, error: BaseException) -> None:
+    """One ``log_error`` event appended to a closed run (JSON lines and Parquet), at the run's last step."""
+    from ..events import EventLog, last_event
+    from ..run_dir import EVENTS_DIR, EVENTS_FILE
+    from ..sinks.parquet import ParquetSink
+
+    try:
+        last = last_event(Path(run_dir) / EVENTS_FILE) or {}
+        log = EventLog(run_dir, str(last.get("run_id", "")), sinks=[ParquetSink(Path(run_dir) / EVENTS_DIR)])
+        log.bind(**{k: last[k] for k in ("step", "epoch") if isinstance(last.get(k), int)})
+        log.report_error(sink, error)
+        log.close()
+    except Exception as e:  # noqa: BLE001 - not even the log can be written: the warning line above stands
+        print(f"higgs-accel: warning: could not record that in the event log ({error_line(e)})", file=sys.stderr)
