@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -265,8 +266,9 @@ def workflow(root: Path, paths: dict) -> list[dict]:
         ",".join(str(e["step"]) for e in steps)
     phase("report", ["report", str(run_dir)])
     r = phase("export", ["export", "--run", str(run_dir), "--out", str(export)])
-    said = [line for line in r["log"].splitlines() if "peak" in line or "exported" in line]
-    r["note"] = said[0][:120] if said else ""
+    said = re.search(r"writes ([\d.]+ GiB).*peak memory at most ([\d.]+ GiB)", r["log"])
+    r["note"] = f"said before starting: writes {said[1]}, peak at most {said[2]}" if said else \
+        "said no size or peak before starting (the fp32 export before merge.py)"
     check = work / "check.json"
     r = phase("transformers loads the export",
               ["check-export", str(export), str(paths["model"]), str(run_dir / "adapter"), str(check)])
