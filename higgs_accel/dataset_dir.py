@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -192,10 +193,13 @@ def _cuts(pending: list[Source], s: CutSettings, clips: Path, workers: int):
         for source in pending:
             yield source, cut_source(source, s, clips)
         return
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init)
+    try:
         futures = {pool.submit(cut_source, source, s, clips): source for source in pending}
         for future in as_completed(futures):
             yield futures[future], future.result()
+    finally:  # an error in the main process (or Ctrl-C) stops the sources not started yet
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _clean_partial(out: Path) -> None:
@@ -232,12 +236,13 @@ def build(sources: list[Source], out: Path, opts: BuildOptions, log: EventLog,
     asr = _LazyTranscriber(opts)
     total = expected_seconds(pending)
     progress(0.0, total)
-    for source, cut in _cuts(pending, opts.cut, out / CLIPS_DIR, opts.workers):
-        record = _finish_source(source, cut, out, opts, asr)
-        _write_json_atomic(_record_path(out, source), json.dumps(record, ensure_ascii=False))
-        records[source.path] = record
-        _emit_source(log, record, "val" if source.path in val else "train")
-        progress(record["seconds"], total)
+    with closing(_cuts(pending, opts.cut, out / CLIPS_DIR, opts.workers)) as cuts:
+        for source, cut in cuts:
+            record = _finish_source(source, cut, out, opts, asr)
+            _write_json_atomic(_record_path(out, source), json.dumps(record, ensure_ascii=False))
+            records[source.path] = record
+            _emit_source(log, record, "val" if source.path in val else "train")
+            progress(record["seconds"], total)
     done = [records[s.path] for s in sources]
     skips = [(r["source"], r["skip"]["reason"], r["skip"]["detail"]) for r in done if r["skip"]]
     if opts.strict and skips:
