@@ -9,7 +9,7 @@ build (tiny ASR included) again over that many processes and reports its wall ti
 parameters, 128 mel bins, 51,866 tokens) is built from its configuration with random weights, no download; its
 decoding is capped at ``--tokens`` tokens a clip (a random decoder never ends; a 5 s transcript is about 20 tokens).
 Target: decode + VAD + normalise at least 50x real time on 2 CPU cores.
-Usage: python bench/dataset.py [--minutes 12] [--files 4] [--workers 2] [--whisper-clips 4] [--quick]
+Usage: python bench/dataset.py [--minutes 12] [--files 4] [--workers 2] [--whisper-clips 4] [--device cuda] [--quick]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def run_build(src: Path, out: Path, asr: Path, workers: int) -> tuple[float, dic
     return wall, built.summary["timing"], built.summary["clips"]
 
 
-def whisper_large_v3(folder: Path, tokens: int) -> Transcriber:
+def whisper_large_v3(folder: Path, tokens: int, device: str) -> Transcriber:
     """Whisper large-v3's shapes with random weights, in transformers' pipeline with a small tokenizer (ids it
     cannot spell are suppressed: the vocabulary projection still has all 51,866 rows)."""
     from transformers import (
@@ -100,7 +100,8 @@ def whisper_large_v3(folder: Path, tokens: int) -> Transcriber:
     gen.max_new_tokens, gen.max_length = tokens, None
     model.generation_config = gen
     pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=tokenizer,
-                    feature_extractor=WhisperFeatureExtractor(feature_size=128), device="cpu")
+                    feature_extractor=WhisperFeatureExtractor(feature_size=128), device=device,
+                    dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     return Transcriber(pipe, batch_size=4)
 
 
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--whisper-clips", type=int, default=4, help="clips transcribed by the large-v3 shapes (0: skip)")
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--device", default="cpu", help="device of the Whisper large-v3 shapes (cuda: bf16)")
     p.add_argument("--quick", action="store_true", help="1 minute, no workers run, no Whisper large-v3")
     a = p.parse_args()
     if a.quick:
@@ -138,13 +140,14 @@ def main() -> None:
             files = sorted((tmp / "out1" / "clips").iterdir())[: a.whisper_clips]
             waves = [sf.read(f, dtype="float32")[0] for f in files]
             seconds = sum(len(w) for w in waves) / OUT_RATE
-            asr = whisper_large_v3(tmp / "whisper", a.tokens)
+            asr = whisper_large_v3(tmp / "whisper", a.tokens, a.device)
             asr.transcribe(waves[:1], OUT_RATE)  # warm-up
             start = time.perf_counter()
             asr.transcribe(waves, OUT_RATE)
             t = time.perf_counter() - start
-            print(f"whisper large-v3 shapes (random, {a.tokens} tokens a clip, batch 4): {len(waves)} clips of "
-                  f"{seconds:.1f} s in {t:.1f} s: {t / len(waves):.1f} s a clip, {seconds / t:.2f}x real time")
+            print(f"whisper large-v3 shapes (random, {a.tokens} tokens a clip, batch 4, {a.device}): "
+                  f"{len(waves)} clips of {seconds:.1f} s in {t:.1f} s: {t / len(waves):.1f} s a clip, "
+                  f"{seconds / t:.2f}x real time")
         cut = sum(timing.get(s, 0.0) for s in ("decode", "vad", "normalise", "write"))
         print(f"decode+VAD+normalise+write: {audio / cut:.0f}x real time (target 50x)")
 
