@@ -11,7 +11,7 @@ tokenizer, whose special tokens are the ids the model config names (bench/throug
 Then, each phase a fresh process (`python -m higgs_accel ...`): prepare; train 3 steps with a checkpoint each step,
 SIGTERM once step 1's checkpoint is written (the run stops after step 2, status 75); train --resume latest; report;
 export; plain transformers loading the export, whose logits must equal the adapter model's on a fixed input (bf16
-tolerance); generate about 1 s. Per phase: exit status, wall time, peak RSS of the process (getrusage; with
+tolerance); generate about 1 s. Per phase: exit status, wall time, peak RSS of the process (VmHWM; with
 CUDA also torch.cuda.max_memory_allocated), disk written, and for train the memory plan's prediction
 (run_start.memory.predicted_gib) next to the measured peak. Prints a Markdown table (--out writes it too).
 
@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -42,7 +41,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 GIB = 2**30
-SMALL = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=512)
+SMALL_HIDDEN = 256
 RELEASED_CODEC = dict(target_bandwidths=[0.5, 1, 1.5, 2],
                       acoustic_model_config=dict(downsampling_ratios=[8, 5, 4, 2, 3],
                                                  upsampling_ratios=[8, 5, 4, 2, 3]))
@@ -58,7 +57,7 @@ LOGITS_TOLERANCE = 0.05  # max |export - adapter| / max |adapter| over both head
 
 
 def settings(args) -> dict:
-    return {"version": 1, "layers": args.layers, "small": args.small}
+    return {"version": 2, "layers": args.layers, "small": args.small}
 
 
 def build_assets(root: Path, args) -> dict[str, Path]:
@@ -69,6 +68,7 @@ def build_assets(root: Path, args) -> dict[str, Path]:
         paths["reused"] = True
         return paths
     import torch
+    from memory import narrow_widths
     from throughput import real_width_config, text_tokenizer
     from transformers import HiggsAudioV2ForConditionalGeneration
 
@@ -76,7 +76,7 @@ def build_assets(root: Path, args) -> dict[str, Path]:
         shutil.rmtree(p, ignore_errors=True)
     torch.manual_seed(0)
     tokenizer = text_tokenizer(paths["model"])  # saved there: the model dir is the tokenizer's too
-    config = real_width_config(tokenizer, args.layers, **(SMALL if args.small else {}))
+    config = real_width_config(tokenizer, args.layers, **(narrow_widths(SMALL_HIDDEN) if args.small else {}))
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # initialise straight into bf16: no fp32 copy of 5.77 B parameters
     try:
@@ -155,8 +155,10 @@ def child(result: Path, argv: list[str]) -> None:
             runpy.run_module("higgs_accel", run_name="__main__", alter_sys=True)
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    info = {"rc": rc, "peak_rss": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024}
+    from memory import _proc_status_kib
+
+    # VmHWM: this process's own peak since exec (getrusage's ru_maxrss would start from the parent's RSS at fork)
+    info = {"rc": rc, "peak_rss": _proc_status_kib("VmHWM") * 1024}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         info["device_peak"] = torch.cuda.max_memory_allocated()
@@ -295,6 +297,7 @@ def table(rows: list[dict], header: list[str]) -> list[str]:
 
 
 def main() -> None:
+    sys.path.insert(0, str(BENCH))
     if len(sys.argv) > 2 and sys.argv[1] == "--phase-child":
         child(Path(sys.argv[2]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -306,7 +309,6 @@ def main() -> None:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
     args.layers = args.layers or (2 if args.small else 28)
-    sys.path.insert(0, str(BENCH))
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
