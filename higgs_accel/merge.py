@@ -327,6 +327,9 @@ def write_weights(plan: MergePlan, out: Path) -> None:
     """The merged shards, one tensor at a time, and the index when the base has one."""
     from safetensors import safe_open
 
+    for stale in [*out.glob("*.safetensors"), out / INDEX]:  # an earlier export's, in another layout, would load
+        if stale.name not in plan.shards and stale.is_file():
+            stale.unlink()
     with safe_open(str(plan.adapter / ADAPTER_WEIGHTS), framework="pt") as adapter:
         for shard, keys in plan.shards.items():
             writer = ShardWriter(out / shard, keys, plan.shapes, plan.dtype)

@@ -85,6 +85,13 @@ def test_merge_equals_fp32_merge_then_cast(parts, tmp_path, base, dtype):
         assert not torch.equal(got[k].float(), base_weights[k].float())
 
 
+def test_merge_over_an_earlier_export_leaves_no_stale_shard(parts, tmp_path):
+    out = merge.merge(merge.plan_merge(parts["bf16"], parts["adapter"]), tmp_path / "out")
+    assert (out / merge.INDEX).is_file()
+    merge.merge(merge.plan_merge(parts["fp32"], parts["adapter"]), out)
+    assert [f.name for f in out.glob("*.safetensors")] == [merge.SINGLE] and not (out / merge.INDEX).exists()
+
+
 def test_rslora_scaling_matches_peft(parts, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(parts["adapter"], adapter)
