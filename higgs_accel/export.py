@@ -9,6 +9,10 @@ Layout of the export dir::
                             HiggsAudioV2Processor (its codec path is absolute: re-export, or edit it, after a move)
     DIR/higgs_accel_export.json   where it came from
 
+The merge is ``merge.py``'s: one tensor at a time (read in the base's dtype, the LoRA delta added in fp32, cast),
+so memory stays near one shard; the saved dtype is the base checkpoint's unless asked otherwise, and the codec is
+copied as it is.
+
 ``HiggsAudioV2ForConditionalGeneration.from_pretrained(DIR, use_text_head=True)`` then needs neither PEFT nor the
 base model (without ``use_text_head`` transformers drops the text head, which generation does not use).
 """
@@ -16,46 +20,42 @@ base model (without ``use_text_head`` transformers drops the text head, which ge
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from .config import ModelConfig
-from .convert import CODEC_DIR, save_processor
-from .loading import DTYPES, FLAG_NAMES, load_stack
+from .convert import CODEC_DIR, MODEL, save_processor, source_dir
+from .loading import DTYPES, FLAG_NAMES, load_tokenizer, resolve_checkpoints
+from .merge import MergePlan, check_disk, dtype_name, merge, plan_merge
 
 MANIFEST = "higgs_accel_export.json"
 
 
-def merge_adapter(model):
-    """A PeftModel's base + adapter merged into plain weights (load it in fp32, so the sum loses nothing before any
-    cast).
+def plan_export(base: str, adapter: str, out: str | Path, text_tokenizer: str | None = None,
+                audio_tokenizer: str | None = None, dtype: str | None = None) -> tuple[MergePlan, ModelConfig]:
+    """What the export will write and its peak memory, the disk checked, nothing written; and the resolved sources
+    (an original-layout base converted, the text tokenizer defaulting to the resolved base). ``dtype`` None: the
+    base checkpoint's."""
+    sources, _ = resolve_checkpoints(ModelConfig(base=base, audio_tokenizer=audio_tokenizer or "",
+                                                 text_tokenizer=text_tokenizer or ""),
+                                     FLAG_NAMES.base, FLAG_NAMES.audio_tokenizer)
+    # A hub id (transformers layout) stays an id after resolving: the merge reads files, so fetch its snapshot.
+    codec = source_dir(sources.audio_tokenizer, MODEL, FLAG_NAMES.audio_tokenizer) if audio_tokenizer else None
+    plan = plan_merge(source_dir(sources.base, MODEL, FLAG_NAMES.base), adapter, DTYPES[dtype] if dtype else None,
+                      codec)
+    check_disk(plan, out)
+    return plan, sources
 
-    ``merge_and_unload`` folds every LoRA delta into its layer and replaces each ``modules_to_save`` wrapper
-    (e.g. the fully trained audio_lm_head / text_lm_head) with the adapter's trained copy."""
-    merged = model.merge_and_unload()
-    if any("lora_" in n or "modules_to_save" in n or "original_module" in n for n, _ in merged.named_parameters()):
-        raise RuntimeError("merge_and_unload left adapter parameters behind")
-    return merged
 
-
-def export(base: str, adapter: str, out: str | Path, text_tokenizer: str | None = None,
-           audio_tokenizer: str | None = None, dtype: str = "fp32") -> Path:
-    """Write the merged model, its tokenizer and (if given) the codec to ``out``; return ``out``."""
+def export(plan: MergePlan, out: str | Path, text_tokenizer: str) -> Path:
+    """Write the merged model, the text tokenizer and the plan's codec to ``out``; return ``out``."""
     out = Path(out)
-    sources = ModelConfig(base=base, audio_tokenizer=audio_tokenizer or "", text_tokenizer=text_tokenizer or "",
-                          dtype="fp32")
-    stack = load_stack(sources, adapter, names=FLAG_NAMES)
-    merged = merge_adapter(stack.model).to(DTYPES[dtype])
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    stack.tokenizer.save_pretrained(out)
-    info = {"base": base, "adapter": adapter, "text_tokenizer": text_tokenizer or base,
-            "audio_tokenizer": audio_tokenizer, "dtype": dtype, "use_text_head": True, "processor": None}
-    if stack.codec is not None:
-        codec_dir = out / CODEC_DIR
-        if codec_dir.exists():
-            shutil.rmtree(codec_dir)
-        stack.codec.save_pretrained(codec_dir)
-        info["processor"] = save_processor(out, stack.tokenizer, codec_dir)
+    merge(plan, out, CODEC_DIR)
+    tokenizer = load_tokenizer(text_tokenizer, FLAG_NAMES.text_tokenizer)
+    tokenizer.save_pretrained(out)
+    info = {"base": str(plan.base), "adapter": str(plan.adapter), "text_tokenizer": text_tokenizer,
+            "audio_tokenizer": str(plan.codec) if plan.codec else None, "dtype": dtype_name(plan.dtype),
+            "use_text_head": True, "processor": None}
+    if plan.codec is not None:
+        info["processor"] = save_processor(out, tokenizer, out / CODEC_DIR)
     (out / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
     return out
