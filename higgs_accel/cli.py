@@ -7,12 +7,12 @@ import argparse
 import contextlib
 import sys
 
-from .commands import convert, dataset, evaluate, export, generate, logs, prepare, report, train
+from .commands import convert, dataset, diff, evaluate, export, generate, logs, prepare, report, train
 from .config import ConfigError, unknown_key
 from .events import quiet_libraries
 
 # The subcommands, in the order --help lists them (higgs_accel.commands says what a command module holds).
-COMMANDS = (train, prepare, generate, export, convert, evaluate, report, logs, dataset)
+COMMANDS = (train, prepare, generate, export, convert, evaluate, report, diff, logs, dataset)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,8 +22,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("higgs-accel")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="higgs-accel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parser(sub).set_defaults(quiet=getattr(module, "QUIET_LIBRARIES", False))

@@ -174,3 +174,43 @@ def test_unwritable_output_dir_is_refused_before_loading(tmp_path):
         ro.chmod(0o500)
         with pytest.raises(ConfigError, match="cannot write in"):
             load_config(None, [("preset", "tiny", "t"), ("train.output_dir", str(ro / "run"), "t")])
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """``higgs-accel ARGV`` in this process: (exit status, stdout, stderr)."""
+    from higgs_accel.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's --help, --version and usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [["report", "--help"], ["diff", "--help"]])
+def test_report_and_diff_help_are_the_analysis_options(argv, capsys):
+    code, out, _ = run_main(capsys, *argv)
+    assert code == 0 and f"usage: higgs-accel {argv[0]}" in out and "--audio-mb" in out
+    assert ("--fail-if-worse" in out) == (argv[0] == "diff")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run_main(capsys, "--version")
+    assert code == 0 and out.strip() == f"higgs-accel {version('higgs-accel')}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["logs", "rebuild", "{missing}"], "RUN_DIR: no such dir: {missing}"),
+    (["logs", "rebuild", "{empty}"], "RUN_DIR: {empty} is not a run dir (no events.jsonl)"),
+    (["report", "{empty}"], "RUN_DIR: {empty} is not a run dir (no events.jsonl)"),
+    (["diff", "{empty}", "{missing}"], "RUN_A: {empty} is not a run dir (no events.jsonl)"),
+])
+def test_a_dir_without_an_event_log_is_one_line_and_nothing_is_written(argv, message, tmp_path, capsys):
+    paths = {"missing": str(tmp_path / "nope"), "empty": str(tmp_path / "empty")}
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_main(capsys, *(a.format(**paths) for a in argv))
+    assert code == 2 and out == "" and err == f"higgs-accel: error: {message.format(**paths)}\n"
+    assert list((tmp_path / "empty").iterdir()) == []  # no events/, no report/

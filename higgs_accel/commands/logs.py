@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .report import check_run_dir
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser("logs", help="event-log maintenance")
@@ -17,6 +19,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     from ..rebuild import rebuild_parquet
 
+    check_run_dir(args.run_dir)  # before anything is written: no events/ beside nothing
     skipped = []
     n = rebuild_parquet(args.run_dir, skipped)
     for s in skipped:
