@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from analysis.schema import BOOKKEEPING
 
+from ..config import ConfigError, first_line
 from .console import slice_cells
 
 # Columns of the slice table, one row per pred_slice event: the targets shown as "pred/label" cells.
@@ -142,3 +143,32 @@ class TrackerSink:
             self._send_slices()
         finally:
             self.accelerator.end_training()
+
+
+def check_trackers_start(names: list[str]) -> None:
+    """A ConfigError (one line) for a tracker of ``log.log_with`` that would fail when the run starts trackers,
+    after the model has loaded: wandb online with no credentials (no ``WANDB_API_KEY``, no ``wandb login``) and no
+    terminal to ask on. Whether each is installed is the config's check (``config._check_trackers``)."""
+    if "wandb" in names or "all" in names:
+        _check_wandb_login()
+
+
+def _check_wandb_login() -> None:
+    import sys
+
+    try:  # wandb's own resolution of mode and credentials (env, settings files, netrc), asking nothing
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth import authenticate
+
+        settings = wandb_setup.singleton().settings
+        if settings.mode in ("offline", "dryrun", "disabled"):
+            return
+        auth = authenticate.authenticate_session(host=settings.base_url, source="higgs-accel", prompt=False,
+                                                 update_session=False)
+    except (ImportError, AttributeError, TypeError):  # another wandb version: wandb.init will say it itself
+        return
+    except Exception as e:  # noqa: BLE001 - wandb refuses the credentials it found (e.g. a malformed key)
+        raise ConfigError(f"'log.log_with': wandb cannot log in ({first_line(e) or type(e).__name__})") from None
+    if auth is None and not (sys.stdin.isatty() and sys.stderr.isatty()):  # on a terminal wandb asks
+        raise ConfigError("'log.log_with': wandb is not logged in and has no terminal to ask on (run `wandb "
+                          "login`, set WANDB_API_KEY, or log offline with WANDB_MODE=offline)")
