@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -522,45 +521,6 @@ def test_the_parquet_tables_of_a_real_run_have_the_declared_types(full_run):
         assert "superseded" in schema.names
         for field in schema:
             assert field.type == declared_type(field.name), (folder.name, field.name, field.type)
-
-
-def _slice_event(**fields) -> dict:
-    common = dict(ts="2025-01-01T00:00:00Z", level="info", step=5, epoch=0, phase="train", seq=0, run_id="r",
-                  rank=0, schema_version=1, event="pred_slice", sample=0, n_match=1, n_targets=3)
-    return {**common, **fields}
-
-
-def test_console_shows_slices_as_aligned_two_row_comparisons_and_hides_debug_noise():
-    text = _slice_event(modality="text", codebook=None, logits_shape=[9, 100], labels_shape=[1, 12],
-                        first_pred=[5, 6, 1234], first_label=[5, 7, 1234], last_pred=[8, 9], last_label=[8, 9],
-                        first_pred_text=["Hi", "!", "<|eot_id|>"], first_label_text=["Hi", "...", "<|eot_id|>"],
-                        last_pred_text=["a", "b"], last_label_text=["a", "b"])
-    audio = dict(modality="audio", logits_shape=[40, 8, 1026], labels_shape=[1, 20, 8], first_pred=[324, 324, 5],
-                 first_label=[171, 324, 5], last_pred=[1025], last_label=[1025])
-    noise = [_slice_event(**audio, codebook=1), dict(text, event="library_log", level="warning",
-                                                      logger="transformers.x", message="noisy"),
-             dict(text, event="probe", level="debug", note="details")]
-    shown = {}
-    for level in ("info", "debug"):
-        out = io.StringIO()
-        console = ConsoleSink(total_steps=10, log_steps=5, level=level, stream=out)
-        for e in [text, _slice_event(**audio, codebook=0), *noise]:
-            console.write(e)
-        shown[level] = out.getvalue()
-    lines = shown["info"].splitlines()
-    assert lines[0] == "train step 5 sample 0 text: 1/3 match | logits [9, 100] labels [1, 12]"
-    assert lines[1] == "  first pred  'Hi'   '!' '<|eot_id|>'"
-    assert lines[2] == "        label 'Hi' '...' '<|eot_id|>'   * mismatch"
-    assert lines[4] == "        label 'a' 'b'"  # no mismatch mark when all match
-    assert lines[5].startswith("train step 5 sample 0 audio codebook 0: 1/3 match")
-    for pred, label in ((lines[1], lines[2]), (lines[6], lines[7])):  # every cell ends in the same column
-        ends = [m.end() for m in re.finditer(r"\S+", pred)][2:]
-        assert ends == [m.end() for m in re.finditer(r"\S+", label)][1:len(ends) + 1]
-    assert lines[6] == "  first pred  324 324 5" and lines[7] == "        label 171 324 5   * mismatch"
-    assert len(lines) == 10 and "codebook 1" not in shown["info"] and "noisy" not in shown["info"]
-    assert "details" not in shown["info"]
-    assert "audio codebook 1" in shown["debug"] and "[transformers.x] noisy" in shown["debug"]
-    assert "[debug] probe" in shown["debug"]
 
 
 # ---------------------------------------------------------------- one schema for writer and reader

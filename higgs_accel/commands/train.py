@@ -24,6 +24,10 @@ def run(args) -> int:
     ended = train(cfg)
     if not args.no_report and PartialState().is_main_process:
         write_run_report(ended.run_dir)
+    if PartialState().is_main_process:
+        from ..sinks.console import run_summary_lines
+
+        print("\n".join(run_summary_lines(ended.run_dir)), flush=True)
     return ended.exit_code  # stopping.EXIT_CODES: a requeue wrapper tells preempted (75) from failed
 
 
