@@ -17,6 +17,7 @@ The conversion itself is in ``original_layout``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from . import original_layout
 from .codes import default_cache_dir as codes_cache_dir
-from .config import ConfigError, check_model_ref, first_line
+from .config import ConfigError, check_model_ref, error_line, first_line
 
 TRANSFORMERS, ORIGINAL = "transformers", "original"
 MODEL, CODEC = "model", "codec"
@@ -36,6 +37,9 @@ CODEC_DIR = "audio_tokenizer"  # the codec inside a model dir, which the process
 
 # The authors' codec config has no model_type; these keys are what every one of them carries.
 ORIGINAL_CODEC_KEYS = {"D", "bins", "n_q", "ratios"}
+
+# How long the one look at the hub endpoint waits for a connection before calling it unreachable.
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -111,20 +115,47 @@ def _hub_file(ref: str, filename: str, name: str) -> Path | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
 
+    down = _hub_down()
     try:
-        return Path(hf_hub_download(ref, filename))
+        # Without a connection, only the cache: the hub client would retry for half a minute before saying so.
+        return Path(hf_hub_download(ref, filename, local_files_only=bool(down)))
     except RemoteEntryNotFoundError:  # the repo is there, the file is not (not found in an offline cache: below)
         return None
     except HFValidationError:
         raise ConfigError(f"{name}: '{ref}' is neither a local dir nor a hub id") from None
     except Exception as e:  # noqa: BLE001 - offline, unreachable, missing, gated: all end the same way
-        raise _unreachable(name, ref, e) from None
+        raise _unreachable(name, ref, e, down) from None
 
 
-def _unreachable(name: str, ref: str, e: Exception) -> ConfigError:
-    reason = first_line(e) or type(e).__name__
-    return ConfigError(f"{name}: cannot get hub id '{ref}' ({type(e).__name__}: {reason[:160]}); without a network, "
-                       "give a local dir, or set HF_HUB_OFFLINE=1 with the repo already in the hub cache")
+@functools.cache
+def _hub_down() -> str | None:
+    """Why the hub endpoint cannot be reached (one connection, through the hub client's own session, proxies
+    included), or None when it answers or the hub is switched off (``HF_HUB_OFFLINE``: the cache alone)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - refused, timed out, no route, no name, TLS: no hub either way
+        return f"{constants.ENDPOINT} unreachable: {error_line(e)}"
+    return None
+
+
+def _unreachable(name: str, ref: str, e: Exception, down: str | None = None) -> ConfigError:
+    reason = down or _sentence(f"{type(e).__name__}: {first_line(e) or type(e).__name__}")
+    return ConfigError(f"{name}: cannot get hub id '{ref}' ({reason}); without a network, give a local dir, or set "
+                       "HF_HUB_OFFLINE=1 with the repo already in the hub cache")
+
+
+def _sentence(text: str, limit: int = 200) -> str:
+    """``text`` up to ``limit`` characters, cut after a sentence or a word, never inside one."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    end = head.rfind(". ")
+    return head[:end + 1] if end > 0 else head[:head.rfind(" ")] + " ..."
 
 
 def read_config(ref: str, name: str) -> dict | None:
@@ -149,10 +180,11 @@ def source_dir(ref: str, what: str, name: str) -> Path:
 
     patterns = (["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model", "*.txt"] if what == MODEL
                 else ["config.json", "model.pth"])
+    down = _hub_down()
     try:
-        return Path(snapshot_download(ref, allow_patterns=patterns))
+        return Path(snapshot_download(ref, allow_patterns=patterns, local_files_only=bool(down)))
     except Exception as e:  # noqa: BLE001 - see _hub_file
-        raise _unreachable(name, ref, e) from None
+        raise _unreachable(name, ref, e, down) from None
 
 
 # ---------------------------------------------------------------- the cache

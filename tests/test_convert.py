@@ -372,6 +372,32 @@ def test_an_unreachable_hub_id_is_one_line(monkeypatch, tmp_path, no_model_built
     assert "\n" not in str(e.value)
 
 
+def test_an_unreachable_hub_endpoint_fails_at_once_in_one_line(tmp_path):
+    """No hub (a closed loopback port): one look at the endpoint, then one line, without the hub client's retries."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-m", "higgs_accel", "convert", "nobody/no-such-model", "--out",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == ("higgs-accel: error: SRC: cannot get hub id 'nobody/no-such-model' (http://127.0.0.1:9 "
+                           "unreachable: ConnectError: [Errno 111] Connection refused); without a network, give a "
+                           "local dir, or set HF_HUB_OFFLINE=1 with the repo already in the hub cache\n"), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, cut", [
+    ("Short enough.", "Short enough."),
+    ("One sentence here. " + "word " * 60, "One sentence here."),
+    ("no sentence end " * 20, "no sentence end " * 12 + "no ..."),
+])
+def test_a_long_hub_reason_is_cut_after_a_sentence_or_a_word(text, cut):
+    assert convert._sentence(text) == cut
+
+
 def test_an_original_hub_repo_in_the_offline_hub_cache_converts(original_model, native, monkeypatch, tmp_path):
     """HF_HUB_OFFLINE=1 with the authors' repo already downloaded: read from the hub cache, converted once."""
     import hashlib
