@@ -95,7 +95,7 @@ def train(cfg: RunConfig) -> RunEnded:
             epoch, consumed, batches, data_wait = next(steps)
             for skip in (s for b in batches for s in b["skipped"]):
                 emit_skip(log, "train", skip)
-            done = train_step(state, batches, stats, params, t.max_grad_norm, guard, signals.requested)
+            done = train_step(state, batches, stats, params, t.max_grad_norm, guard, lambda: signals.requested)
             if done is None:  # every sample of the step vanished from the cache mid-run (one process): no step
                 continue
             out, batch, values, skipped = done
@@ -169,11 +169,12 @@ def step_batches(state: TrainState, epoch: int, consumed: int):
 
 
 def train_step(state: TrainState, batches: list[dict], stats: torch.Tensor, params: list, max_grad_norm: float,
-               guard: NonFiniteGuard, stop: bool = False):
+               guard: NonFiniteGuard, stop_requested=None):
     """One optimizer step: forward and backward of its micro-batches (``backward``), clipping, the step's one
-    all-reduce and device-to-host read (``reduce_step``), the update unless ``guard`` skips it, and the schedule.
-    Returns (the last output, its batch, the reduced values, whether the update was skipped), or None when the step
-    had nothing to train on. ``state`` needs only ``accelerator``, ``model``, ``optimizer``, ``scheduler`` and
+    all-reduce and device-to-host read (``reduce_step``, carrying ``stop_requested()``: asked after the backward, so
+    a stop signal that arrives during the step stops at this step), the update unless ``guard`` skips it, and the
+    schedule. Returns (the last output, its batch, the reduced values, whether the update was skipped), or None when
+    the step had nothing to train on. ``state`` needs only ``accelerator``, ``model``, ``optimizer``, ``scheduler`` and
     ``last_batch``: bench/throughput.py times this very function."""
     accelerator = state.accelerator
     out, batch = backward(state, batches, stats)
@@ -181,7 +182,7 @@ def train_step(state: TrainState, batches: list[dict], stats: torch.Tensor, para
         return None
     grad_norm = engine.grad_norm_tensor(accelerator.clip_grad_norm_(params, max_grad_norm or math.inf),
                                         accelerator.device)
-    values = reduce_step(state, stats, grad_norm, stop)
+    values = reduce_step(state, stats, grad_norm, bool(stop_requested and stop_requested()))
     # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same norm, so
     # all skip (or stop) the same step. A skipped step still advances the schedule and the data.
     skipped = guard.bad(values[-2])
