@@ -3,6 +3,9 @@ checkpointing and the LoRA settings; and the decision ``model.gradient_checkpoin
 
 The prediction is a sum of parts, each in bytes:
   weights      every parameter in the weights dtype (the LoRA adapters in fp32, as PEFT keeps them)
+  codec        the audio codec's parameters and buffers, in the dtype it is held in: the trainer moves it to the
+               device (it encodes what the codes cache lacks and decodes eval audio); fp32 as loaded, 0.75 GiB for
+               the released 200 M codec
   training     per trainable (LoRA) parameter: its fp32 gradient and AdamW's two fp32 moments
   layers       what each decoder layer keeps for backward, per token: ``layer_bytes_per_token`` below, the saved
                tensors of higgs-accel's lean step (higgs_accel.activations) counted one by one; with gradient
@@ -78,6 +81,7 @@ class Prediction:
     layers: int
     heads: int
     transient: int
+    codec: int = 0
 
     @property
     def activations(self) -> int:
@@ -87,7 +91,7 @@ class Prediction:
     @property
     def allocated(self) -> int:
         """The peak of live tensors: what torch.cuda.max_memory_allocated() reports."""
-        return self.weights + self.training + self.activations
+        return self.weights + self.codec + self.training + self.activations
 
     @property
     def total(self) -> int:
@@ -95,15 +99,15 @@ class Prediction:
         return math.ceil(self.allocated * ALLOCATOR_OVERHEAD)
 
     def to_dict(self) -> dict:
-        return {"weights_gib": self.weights / GIB, "training_gib": self.training / GIB,
+        return {"weights_gib": self.weights / GIB, "codec_gib": self.codec / GIB, "training_gib": self.training / GIB,
                 "activations_gib": self.activations / GIB, "total_gib": self.total / GIB}
 
 
 def predict(c, lora, tokens: int, *, dtype: str = "bf16", gradient_checkpointing: bool = False,
-            audio_targets: int | None = None, text_targets: int = 0) -> Prediction:
+            audio_targets: int | None = None, text_targets: int = 0, codec_bytes: int = 0) -> Prediction:
     """Peak memory of one training step over ``tokens`` positions (batch x padded length) of a model with config
-    ``c`` and LoRA settings ``lora`` (a LoraConfig). ``audio_targets`` defaults to every position (a TTS sample is
-    mostly target audio), which is the upper bound."""
+    ``c`` and LoRA settings ``lora`` (a LoraConfig), with a codec of ``codec_bytes`` on the same device.
+    ``audio_targets`` defaults to every position (a TTS sample is mostly target audio), which is the upper bound."""
     w, size = widths(c), DTYPE_BYTES[dtype]
     base, adapters = parameter_counts(c, lora)
     layer = layer_bytes_per_token(c, dtype)
@@ -115,7 +119,13 @@ def predict(c, lora, tokens: int, *, dtype: str = "bf16", gradient_checkpointing
     heads = HEAD_BYTES_PER_LOGIT * (audio_targets * c.num_codebooks * c.codebook_size + text_targets * c.vocab_size)
     transient = math.ceil(tokens * TRANSIENT_PER_TOKEN * w["hidden"]) + STEP_OVERHEAD
     return Prediction(weights=base * size + adapters * ADAPTER_BYTES, training=adapters * TRAINING_BYTES,
-                      layers=kept, heads=heads, transient=transient)
+                      layers=kept, heads=heads, transient=transient, codec=codec_bytes)
+
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers, each in its own dtype: what moving it to a device costs."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def step_tokens(cfg, longest: int | None = None) -> int:
@@ -130,17 +140,20 @@ def step_tokens(cfg, longest: int | None = None) -> int:
     return cfg.train.batch_size * longest
 
 
-def plan(cfg, model_config, device, longest: int | None = None, capacity: int | None = None) -> dict:
+def plan(cfg, model_config, device, longest: int | None = None, capacity: int | None = None, codec=None) -> dict:
     """The predicted peak of the configured step and whether to recompute activations: ``model.gradient_
     checkpointing`` true/false as set; auto turns it on only on a CUDA device whose memory (``capacity`` bytes,
-    read from the device when not given) the step without it would not fit, and never elsewhere. The dict goes
-    into run_start as it is."""
+    read from the device when not given) the step without it would not fit, and never elsewhere. ``codec``: the
+    codec the trainer holds on the device (its bytes are counted as they are held). The dict goes into run_start
+    as it is."""
     import torch
 
     device = torch.device(device)
     tokens = step_tokens(cfg, longest)
-    without = predict(model_config, cfg.lora, tokens, dtype=cfg.model.dtype)
-    with_ckpt = predict(model_config, cfg.lora, tokens, dtype=cfg.model.dtype, gradient_checkpointing=True)
+    codec_bytes = module_bytes(codec) if codec is not None else 0
+    without = predict(model_config, cfg.lora, tokens, dtype=cfg.model.dtype, codec_bytes=codec_bytes)
+    with_ckpt = predict(model_config, cfg.lora, tokens, dtype=cfg.model.dtype, gradient_checkpointing=True,
+                        codec_bytes=codec_bytes)
     if device.type != "cuda":
         capacity = None
     elif capacity is None:
@@ -151,7 +164,7 @@ def plan(cfg, model_config, device, longest: int | None = None, capacity: int | 
     else:
         on = setting == "true"
     return {"gradient_checkpointing": on, "setting": setting, "tokens_per_micro_batch": tokens,
-            "device_gib": capacity / GIB if capacity else None,
+            "device_gib": capacity / GIB if capacity else None, "codec_gib": codec_bytes / GIB,
             "predicted_gib": (with_ckpt if on else without).total / GIB,
             "predicted_without_checkpointing_gib": without.total / GIB,
             "predicted_with_checkpointing_gib": with_ckpt.total / GIB}
@@ -164,12 +177,35 @@ def real_model_config():
     return HiggsAudioV2Config(num_codebooks=8, codebook_size=1026)
 
 
-def table(c, lora, seqs=(1024, 2048, 4096), batches=(1, 2, 4), dtype: str = "bf16") -> list[str]:
-    """Markdown rows: predicted GPU memory per (sequence, batch), without and with gradient checkpointing."""
+def real_codec_config():
+    """The released codec's settings (25 frames/s, 8 quantizers of 1024 codes, 200 M parameters): transformers'
+    HiggsAudioV2TokenizerConfig defaults give 75 frames/s and other quantizers."""
+    from transformers import HiggsAudioV2TokenizerConfig
+
+    return HiggsAudioV2TokenizerConfig(target_bandwidths=[0.5, 1, 1.5, 2],
+                                       acoustic_model_config=dict(downsampling_ratios=[8, 5, 4, 2, 3],
+                                                                  upsampling_ratios=[8, 5, 4, 2, 3]))
+
+
+def codec_bytes_of(codec_config) -> int:
+    """Bytes of a codec built from ``codec_config`` as loaded (fp32), counted on the meta device: nothing allocated."""
+    import torch
+    from transformers import HiggsAudioV2TokenizerModel
+
+    with torch.device("meta"):
+        return module_bytes(HiggsAudioV2TokenizerModel(codec_config))
+
+
+def table(c, lora, seqs=(1024, 2048, 4096), batches=(1, 2, 4), dtype: str = "bf16",
+          codec_bytes: int | None = None) -> list[str]:
+    """Markdown rows: predicted GPU memory per (sequence, batch), without and with gradient checkpointing, the codec
+    included (``codec_bytes``; by default the released codec's, as loaded)."""
+    if codec_bytes is None:
+        codec_bytes = codec_bytes_of(real_codec_config())
     rows = ["| tokens per sample | batch | without checkpointing | with checkpointing |", "|---|---|---|---|"]
     for seq in seqs:
         for b in batches:
-            off, on = (predict(c, lora, seq * b, dtype=dtype, gradient_checkpointing=g).total / GIB
-                       for g in (False, True))
+            off, on = (predict(c, lora, seq * b, dtype=dtype, gradient_checkpointing=g,
+                               codec_bytes=codec_bytes).total / GIB for g in (False, True))
             rows.append(f"| {seq:,} | {b} | {off:.1f} GiB | {on:.1f} GiB |")
     return rows

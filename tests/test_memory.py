@@ -153,6 +153,25 @@ def test_plan_turns_checkpointing_on_only_where_the_step_does_not_fit_a_gpu():
     assert plan(cfg, c, "cpu")["tokens_per_micro_batch"] > 25 * cfg.data.max_seconds
 
 
+def test_the_plan_counts_the_codec_on_the_device_in_the_dtype_it_is_held_in(tiny):
+    from higgs_accel.config import RunConfig
+    from higgs_accel.loading import load_codec_dir
+    from higgs_accel.memory import ALLOCATOR_OVERHEAD, GIB, codec_bytes_of, real_codec_config, real_model_config
+
+    c, cfg = real_model_config(), RunConfig()
+    cfg.data.max_tokens_per_batch = 2048
+    codec = load_codec_dir(tiny["model.audio_tokenizer"])
+    held = sum(t.numel() * t.element_size() for t in [*codec.parameters(), *codec.buffers()])
+    alone, with_codec = plan(cfg, c, "cpu"), plan(cfg, c, "cpu", codec=codec)
+    assert alone["codec_gib"] == 0 and with_codec["codec_gib"] * GIB == held > 0
+    for key in ("predicted_gib", "predicted_without_checkpointing_gib", "predicted_with_checkpointing_gib"):
+        assert (with_codec[key] - alone[key]) * GIB == pytest.approx(held * ALLOCATOR_OVERHEAD, abs=2)
+    half = plan(cfg, c, "cpu", codec=codec.to(torch.bfloat16))["codec_gib"]
+    assert half * GIB < 0.51 * held  # bf16: every floating parameter and buffer at half its fp32 size
+    # The released codec (201 M parameters, loaded in fp32): about 0.75 GiB, counted without allocating it.
+    assert 0.74 < codec_bytes_of(real_codec_config()) / GIB < 0.76
+
+
 def test_gradient_checkpointing_takes_auto_and_yaml_booleans():
     from higgs_accel.config import ConfigError, load_config
 
