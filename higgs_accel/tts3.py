@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, first_line
 
 MODEL_TYPE = "higgs_multimodal_qwen3"
 ARCHITECTURE = "HiggsMultimodalQwen3ForConditionalGeneration"
@@ -93,7 +93,7 @@ class Tts3Config:
         try:
             cfg.qwen3()
         except (TypeError, ValueError) as e:
-            raise bad("text_config", f"is not a valid Qwen3 config: {str(e).splitlines()[0]}") from None
+            raise bad("text_config", f"is not a valid Qwen3 config: {first_line(e)}") from None
         return cfg
 
     @classmethod
@@ -343,7 +343,7 @@ def load_codec(source: str | Path):
         codec = HiggsAudioV2TokenizerModel(HiggsAudioV2TokenizerConfig.from_pretrained(ref))
     except OSError as e:
         raise ConfigError(f"{root}: cannot load the codec from audio_tokenizer_id '{ref}': "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{first_line(e)}") from None
     result = codec.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         names = result.missing_keys + result.unexpected_keys
