@@ -202,6 +202,12 @@ def _file_audio(root: Path):
     return lambda value, _column: FileAudio(root / value)
 
 
+def json_error(e: json.JSONDecodeError, line: str) -> str:
+    """What is wrong with one manifest line and where, as a column of that line (characters, counted from 1)."""
+    where = "the end of the line" if e.pos >= len(line.rstrip()) else f"column {e.pos + 1}"
+    return f"{e.msg.removesuffix(' at')} at {where}"
+
+
 def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
     """A JSONL manifest: one JSON object per line, audio paths relative to the manifest's folder."""
     path = Path(path)
@@ -215,10 +221,11 @@ def read_manifest(path: str | Path, fields) -> tuple[list[Sample], list[Skip]]:
                 continue
             if not text.strip():
                 continue
+            text = text.rstrip("\r\n")  # parsed alone, so a line cut short is an error at its end, not at "line 2"
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                skips.append(Skip(str(path), n, "invalid_json", f"{e.msg.removesuffix(' at')} at column {e.colno}"))
+                skips.append(Skip(str(path), n, "invalid_json", json_error(e, text)))
                 continue
             out = _row_to_sample(row, fields, str(path), n, _file_audio(path.parent))
             (samples if isinstance(out, Sample) else skips).append(out)
@@ -297,9 +304,17 @@ def read_source(path: str, fields) -> tuple[list[Sample], list[Skip]]:
     raise ConfigError(f"{path}: not found")
 
 
+def in_line_order(skips: list[Skip]) -> list[Skip]:
+    """Skips found by different checks (parsing, audio, screening) listed as a person reads the source: by line,
+    each source in the order it first appears."""
+    sources = {s.source: i for i, s in reversed(list(enumerate(skips)))}
+    return sorted(skips, key=lambda s: (sources[s.source], s.line))
+
+
 def strict_error(problems: list[Skip]) -> ConfigError:
     """``data.strict``: the one failure that lists every bad sample (so nothing else needs to print them)."""
-    return ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n" + "\n".join(f"  {p}" for p in problems))
+    return ConfigError(f"'data.strict': {len(problems)} bad sample(s):\n"
+                       + "\n".join(f"  {p}" for p in in_line_order(problems)))
 
 
 def load_splits(cfg, seed: int) -> tuple[list[Sample], list[Sample], list[Skip], list[Skip]]:

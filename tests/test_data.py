@@ -230,6 +230,35 @@ def test_bad_manifest_lines_are_named(tmp_path):
     assert all(s.source == str(manifest) for s in skips)
 
 
+def test_an_invalid_json_line_names_the_column_of_that_line(tmp_path):
+    good = json.dumps({"audio": "a.wav", "text": "fine"})
+    lines = ['{"audio": "a.wav", "text": "cut short"', '{"audio": "é.wav" "text": "no comma"}', "\tnot json",
+             '{"audio": "a.wav", "text": "two"}}', '{"audio": "a.wav", "text": "unterminated']
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(("\r\n".join([good, *lines]) + "\r\n").encode())
+    _, skips = read_manifest(manifest, DataConfig())
+    assert [(s.line, s.reason, s.detail) for s in skips] == [
+        (2, "invalid_json", "Expecting ',' delimiter at the end of the line"),
+        (3, "invalid_json", "Expecting ',' delimiter at column 19"),  # characters, not bytes: é is one
+        (4, "invalid_json", "Expecting value at column 2"),
+        (5, "invalid_json", "Extra data at column 34"),
+        (6, "invalid_json", "Unterminated string starting at column 28")]
+    assert lines[1][18] == '"' and lines[3][33] == "}" and lines[4][27] == '"'
+
+
+def test_skips_are_listed_in_line_order_whichever_check_found_them():
+    from higgs_accel.data import Skip, in_line_order, strict_error
+
+    found = [Skip("train.jsonl", 7, "invalid_json", "x"), Skip("val.jsonl", 2, "invalid_json", "x"),
+             Skip("train.jsonl", 3, "missing_file", "x"), Skip("val.jsonl", 1, "too_long", "x"),
+             Skip("train.jsonl", 5, "special_token", "x")]
+    assert [(s.source, s.line) for s in in_line_order(found)] == [
+        ("train.jsonl", 3), ("train.jsonl", 5), ("train.jsonl", 7), ("val.jsonl", 1), ("val.jsonl", 2)]
+    listed = str(strict_error(found)).splitlines()[1:]
+    assert [tuple(line.strip().split(":")[:2]) for line in listed] == [
+        ("train.jsonl", "3"), ("train.jsonl", "5"), ("train.jsonl", "7"), ("val.jsonl", "1"), ("val.jsonl", "2")]
+
+
 def test_audio_is_downmixed_and_resampled(tmp_path):
     t = np.arange(16000) / 16000
     mono = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
