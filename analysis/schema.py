@@ -106,9 +106,15 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     # checkpoint, adapter_saved, run_resume, log_error, library_log, run_end
     "adapter": STR, "checkpoint": STR, "from_step": INT, "sink": STR, "error_type": STR, "fragment": STR,
     "logger": STR, "message": STR, "status": STR, "elapsed_s": FLOAT, "completed_steps": INT, "checkpoint_seq": INT,
-    "start_seq": INT,
+    "start_seq": INT, "start_elapsed_s": FLOATS, "total_elapsed_s": FLOAT, "changed": STR,
     # run_lock_taken_over (checkpoint_skipped: path, reason)
     "holder_host": STR, "holder_pid": INT, "holder_started": STR, "holder_run_id": STR, "heartbeat_age_s": FLOAT,
+    # the dataset command's events (docs/dataset.md)
+    "out_dir": STR, "sources": INT, "pending": INT, "workers": INT, "settings": STR, "start": FLOAT, "end": FLOAT,
+    "avg_logprob": FLOAT, "compression_ratio": FLOAT, "speaker": STR, "clips": INT, "rejected": INT,
+    "clip_seconds": FLOAT, "timing": STR, "sources_skipped": INT, "hours_in": FLOAT, "hours_kept": FLOAT,
+    "train_clips": INT, "val_clips": INT, "speakers": STR, "rejected_by_reason": STR, "length_edges": FLOATS,
+    "length_counts": INTS,
 }
 CODEBOOK_METRIC = re.compile(r"audio_(loss|acc)_cb\d+")
 # An undeclared field is typed by the first of these that holds all its values (strings hold anything).
@@ -250,9 +256,41 @@ def drop_repeated_seq(table: pa.Table) -> pa.Table:
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """A complete Parquet file at ``path`` or none: written aside, then renamed over it."""
+    _replace_with(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """A complete text file at ``path`` or none (a reader on another process never sees half of it)."""
+    _replace_with(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def _replace_with(path: Path, write) -> None:
     tmp = path.with_name(f"_{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def umask_modes(root: Path) -> None:
+    """Give every file under ``root`` (or ``root`` itself) the mode a new file gets from the umask (0644 under the
+    usual 022). Writers that go through a private temporary file (safetensors, ``tempfile.mkstemp``) leave 0600,
+    which other users of a shared run dir or export cannot read."""
+    mode = 0o666 & ~_umask()
+    root = Path(root)
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` sets it: another thread creating a file meanwhile
+    would get the wrong mode)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def read_parts(family_dir: Path) -> pa.Table | None:
@@ -388,6 +426,39 @@ def _read_tail(path: Path, after_seq: int, skipped: list[Skipped],
 
 
 # ---------------------------------------------------------------- the superseded rule
+
+
+def start_seconds(events: list[dict]) -> list[float]:
+    """The wall time of each start (launch) of a run, in order, from its events: a start's ``run_end``
+    ``elapsed_s``, or for a start killed without one, the time from its first to its last event. A start begins
+    after the previous one's ``run_end``, or at a ``run_start`` following one that never ended."""
+    spans: list[float] = []
+    first = last = None
+    opened = False
+
+    def close() -> None:
+        spans.append((last - first).total_seconds() if first and last else 0.0)
+
+    for e in events:
+        name, ts = e.get("event"), parse_time(e.get("ts"))
+        if name == "run_start" and opened:  # the start before this one was killed: no run_end
+            close()
+            first = last = None
+            opened = False
+        first = first or ts
+        last = ts or last
+        opened = opened or name == "run_start"
+        if name == "run_end":
+            elapsed = e.get("elapsed_s")
+            if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool):
+                spans.append(float(elapsed))
+            else:
+                close()
+            first = last = None
+            opened = False
+    if first is not None:
+        close()
+    return spans
 
 
 class Superseded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -107,7 +108,8 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(2e-4, "peak learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup_steps: int = _opt(0, "linear warmup steps")
+    warmup_steps: int = _opt(0, "linear warmup steps: step k of them uses lr * k / warmup_steps (the first update "
+                             "is never at lr 0)")
     scheduler: str = _opt("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
     allow_engine_fallback: bool = _opt(False, "train with the engine accelerate runs even when it is not the one the "
@@ -118,8 +120,13 @@ class TrainConfig:
     audio_weight: float = _opt(1.0, "weight of the audio loss in the total loss")
     audio_reduction: str = _opt("sum", "how the per-codebook losses combine (sum: transformers)",
                                 choices=("sum", "mean"))
-    eval_every: int = _opt(0, "evaluate every N optimizer steps (0: only at the end)")
-    save_every: int = _opt(0, "checkpoint every N optimizer steps (0: never)")
+    eval_every: int = _opt(200, "evaluate every N optimizer steps (0: only at the end)")
+    save_every: int = _opt(500, "checkpoint every N optimizer steps, so a crash loses at most that many (0: never; a "
+                           "stop signal still saves)")
+    allow_config_change: bool = _opt(False, "let --resume change keys that decide what the run computes "
+                                     "(RESUME_FIXED: batch size, grad_accum, seed, data.*, model weights and dtype, "
+                                     "LoRA shape); off: such a change is refused, since the resumed run would no "
+                                     "longer continue the one it resumes")
     resume_any_run: bool = _opt(False, "let --resume continue a checkpoint written by another run (another run id), "
                                 "e.g. one copied in from elsewhere; without it such a checkpoint is refused")
     on_nonfinite: str = _opt("stop", "a step with a non-finite loss or gradient norm is never applied; stop: end the "
@@ -369,8 +376,11 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: list[tuple[str, object, str]] = ()) -> RunConfig:
-    """Build a RunConfig from an optional YAML file and ``(key, value, where)`` overrides, in order."""
+def load_config(path: str | None = None, overrides: list[tuple[str, object, str]] = (),
+                base: RunConfig | None = None) -> RunConfig:
+    """Build a RunConfig from an optional YAML file and ``(key, value, where)`` overrides, in order, on top of
+    ``base`` (a resumed run's saved config: then no preset fills anything, the saved values already hold it) or the
+    defaults."""
     values: dict[str, tuple[object, str]] = {}
     if path:
         p = Path(path)
@@ -395,12 +405,12 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
             values[k] = (v, path)
     for key, value, where in overrides:
         values[key] = (value, where)
-    if values.get("preset", ("", ""))[0] == "tiny":
+    if values.get("preset", ("", ""))[0] == "tiny" and base is None:
         for k, v in TINY_PRESET.items():
             values.setdefault(k, (v, "preset tiny"))
 
     keys = all_keys()
-    cfg = RunConfig()
+    cfg = copy.deepcopy(base) if base is not None else RunConfig()
     for key, (value, where) in values.items():
         if key not in keys:
             raise unknown_key(key, where)
@@ -409,6 +419,34 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
         setattr(target, key.split(".")[-1], value)
     validate(cfg)
     return cfg
+
+
+# What --resume may not change unless train.allow_config_change: keys that decide what the resumed steps compute
+# (batch composition, data, the model and the adapter's shape). A key ending in "." covers its whole section; the
+# keys in RESUME_FREE are exempt (where things are found, and memory or speed knobs that compute the same).
+RESUME_FIXED = ("train.batch_size", "train.grad_accum", "train.seed", "data.", "model.", "lora.r", "lora.alpha",
+                "lora.target_modules", "lora.modules_to_save")
+RESUME_FREE = ("data.codes_cache", "data.num_workers", "data.encode_batch_seconds", "model.gradient_checkpointing",
+               "model.compile")
+# Never a change: which checkpoint to resume is the resume itself, and a run dir may have moved.
+RESUME_IGNORED = ("resume", "train.output_dir")
+
+
+def resume_changes(saved: RunConfig, cfg: RunConfig, where: str) -> dict[str, list]:
+    """``{key: [saved value, new value]}`` for each key ``cfg`` changes from the run's ``saved`` config; one line
+    naming the first key --resume may not change (``RESUME_FIXED``), unless train.allow_config_change.
+    ``where``: the saved config's file, for the message."""
+    from analysis.schema import flatten
+
+    old, new = flatten(saved.to_dict()), flatten(cfg.to_dict())
+    changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v and k not in RESUME_IGNORED}
+    fixed = [k for k in changed if k.startswith(RESUME_FIXED) and k not in RESUME_FREE]
+    if fixed and not cfg.train.allow_config_change:
+        key = fixed[0]
+        raise ConfigError(f"'{key}': --resume cannot change it ({changed[key][0]!r} in {where}, now "
+                          f"{changed[key][1]!r}): the resumed steps would not continue the run; drop the override, "
+                          "or pass train.allow_config_change=true to change it anyway")
+    return changed
 
 
 def validate(cfg: RunConfig) -> None:
@@ -421,6 +459,7 @@ def validate(cfg: RunConfig) -> None:
         if tp is float and not math.isfinite(v):
             raise ConfigError(f"'{key}' must be a finite number, got {v}")
     _check_ranges(cfg)
+    _check_resume(cfg.resume)
     _check_signals(t.stop_signals)
     _check_trackers(cfg.log.log_with)
     check_output_dir(t.output_dir)
@@ -541,6 +580,52 @@ def validate_for_model(cfg: RunConfig, num_codebooks: int) -> None:
     if cfg.log.generate_max_new_tokens < num_codebooks + 1:
         raise ConfigError(f"'log.generate_max_new_tokens' must be at least {num_codebooks + 1} (stream BOS + "
                           f"{num_codebooks} delayed codebooks)")
+
+
+def _check_resume(resume: str) -> None:
+    """``resume`` is ``latest`` or an existing dir (whether it is a valid checkpoint is checked when resuming)."""
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        hint = " (did you mean 'latest'?)" if difflib.get_close_matches(resume.lower(), ["latest"], cutoff=0.6) else ""
+        raise ConfigError(f"'resume': {resume} is not a checkpoint dir{hint}; pass 'latest' or "
+                          "RUN_DIR/checkpoints/step-N")
+
+
+# Tokens the prompt layout needs from the text tokenizer, and the model-config id each one must equal.
+LAYOUT_TOKENS = {"<|AUDIO_OUT|>": "audio_token_id", "<|audio_out_bos|>": "audio_bos_token_id",
+                 "<|audio_eos|>": None, "<|reserved_special_token_6|>": "audio_delay_token_id"}
+
+
+def check_model_parts(sources: ModelConfig, config, tokenizer, codec_config) -> None:
+    """Refuse a model stack that cannot train, with one line naming the file and field, before any step: a
+    ``codebook_size`` not above the stream BOS/EOS ids (their embedding rows would not exist: an IndexError at step
+    0), a special token the text tokenizer lacks or that the model config numbers differently, and a codec whose
+    codebook count is not the model's. ``sources``: the resolved dirs (``loading.resolve_checkpoints``)."""
+    model_file = f"'model.base': {Path(sources.base) / 'config.json'}"
+    top = max(config.audio_stream_bos_id, config.audio_stream_eos_id)
+    if config.codebook_size <= top:
+        raise ConfigError(f"{model_file}: codebook_size {config.codebook_size} must be above the stream BOS/EOS ids "
+                          f"(audio_stream_bos_id {config.audio_stream_bos_id}, audio_stream_eos_id "
+                          f"{config.audio_stream_eos_id}): at least {top + 1} (released checkpoints: the codec's "
+                          "codes + 2)")
+    vocab = tokenizer.get_vocab()
+    tokenizer_name = f"'model.text_tokenizer': {sources.text_tokenizer or sources.base}"
+    for token, field_name in LAYOUT_TOKENS.items():
+        if token not in vocab:
+            raise ConfigError(f"{tokenizer_name}: the text tokenizer has no token {token} (the prompt layout needs it)")
+        if field_name and getattr(config, field_name, None) != vocab[token]:
+            raise ConfigError(f"{model_file}: {field_name} {getattr(config, field_name, None)} is not the text "
+                              f"tokenizer's id of {token} ({vocab[token]})")
+    for field_name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        values = getattr(config, field_name, None)
+        for v in values if isinstance(values, list) else [values]:
+            if v is not None and not 0 <= v < len(tokenizer):
+                raise ConfigError(f"{model_file}: {field_name} {v} is not a token of the text tokenizer "
+                                  f"({len(tokenizer)} tokens)")
+    if codec_config is not None and codec_config.num_quantizers != config.num_codebooks:
+        codec_file = Path(sources.audio_tokenizer) / "config.json"
+        raise ConfigError(f"'model.audio_tokenizer': {codec_file}: the codec has {codec_config.num_quantizers} "
+                          f"codebooks (target_bandwidths {codec_config.target_bandwidths}), the model "
+                          f"{config.num_codebooks} (num_codebooks in {Path(sources.base) / 'config.json'})")
 
 
 def _check_signals(names: list[str]) -> None:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from analysis.schema import flatten
+from analysis.schema import flatten, read_jsonl, start_seconds
 
 from . import checkpoint as ckpt
 from . import engine
 from .chat import SpecialIds
 from .codes import PreparedData, prepare_data
-from .config import ConfigError, RunConfig, validate_for_model
+from .config import ConfigError, RunConfig, check_model_parts, validate_for_model
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .encoding import across_processes
 from .events import EventLog, capture_library_logs
@@ -73,20 +73,23 @@ class TrainState:
     scorer: QualityScorer | None  # eval.asr_model / eval.speaker_model on the main process, when generating
     reference: tuple | None  # (voice the generations should speak in, its rate), for speaker similarity
     lock: RunLock | None  # held by the main process until the run ends
+    earlier_s: list[float]  # the wall time of each earlier start of this run (``start_seconds``), for run_end
     last_batch: dict | None = None  # the last batch trained on: redone at weight 0 when a step's batches vanish
 
 
-def train(cfg: RunConfig) -> RunEnded:
+def train(cfg: RunConfig, changed: dict | None = None) -> RunEnded:
     """Run (or resume) one fine-tuning run; return its run dir and how it ended. Every event goes through
-    ``state.log.emit``."""
-    state = setup(cfg)
+    ``state.log.emit``. ``changed``: the keys a resume changed from the run's saved config (``{key: [old, new]}``,
+    recorded in ``run_resume``)."""
+    started = time.time()
+    state = setup(cfg, changed or {}, started)
     accelerator, log, t = state.accelerator, state.log, cfg.train
     step = saved_at = state.start["step"]
     params = [p for p in state.model.parameters() if p.requires_grad]
     stats = torch.zeros(n_stats(state.ids.num_codebooks), device=accelerator.device)
     signals, guard = StopSignals(t.stop_signals), NonFiniteGuard(t.on_nonfinite, t.max_nonfinite_steps)
     steps = step_batches(state, state.start["epoch"], state.start["batches_in_epoch"])
-    started, tick, ended, message = time.time(), time.perf_counter(), None, None
+    tick, ended, message = time.perf_counter(), None, None
     status, error, totals = "crashed", None, Counter(dict.fromkeys(TOTALS, 0))
     try:
         score_baseline(state)
@@ -98,11 +101,11 @@ def train(cfg: RunConfig) -> RunEnded:
             done = train_step(state, batches, stats, params, t.max_grad_norm, guard, lambda: signals.requested)
             if done is None:  # every sample of the step vanished from the cache mid-run (one process): no step
                 continue
-            out, batch, values, skipped = done
+            out, batch, values, skipped, lr = done
             step += 1
             log.bind(step=step, epoch=epoch, phase="train")
             now = time.perf_counter()
-            counts, stop = log_train_step(state, values, skipped, guard, now - tick, data_wait, out, batch, step)
+            counts, stop = log_train_step(state, values, skipped, guard, now - tick, data_wait, out, batch, step, lr)
             totals.update(counts)
             stats.zero_()
             if guard.diverged:  # no eval, no save: the last checkpoint holds the last good weights
@@ -113,8 +116,11 @@ def train(cfg: RunConfig) -> RunEnded:
             if (t.save_every and step % t.save_every == 0) or (stop and saved_at != step):
                 save(state, step, epoch, consumed)
                 saved_at = step
-            if stop:  # every process got the same answer from the step's reduce: all stop at this step
-                ended, message = signals.status, stopped_line(signals, step, ckpt.checkpoint_dir(state.run_dir, step))
+            # Every process got the same answer from the step's reduce: all stop at this step. A stop in the last
+            # step stops nothing: the run finishes (final eval and adapter) as it would have.
+            if stop and step < state.total_steps:
+                ended, message = signals.status, stopped_line(signals, step, ckpt.checkpoint_dir(state.run_dir, step),
+                                                              state.run_dir)
             tick = time.perf_counter()
         if ended is None:
             evaluate(state, step)
@@ -129,18 +135,27 @@ def train(cfg: RunConfig) -> RunEnded:
         raise
     finally:
         signals.restore()
-        end_run(log, state.lock, status, error, time.time() - started, state.total_steps, step, message=message,
-                nonfinite_steps=guard.total, **totals)
+        end_run(log, state.lock, status, error, time.time() - started, state.earlier_s, state.total_steps, step,
+                message=message, nonfinite_steps=guard.total, **totals)
     return RunEnded(state.run_dir, status)
 
 
-def end_run(log: EventLog, lock: RunLock | None, status: str, error: str | None, elapsed_s: float, total_steps: int,
-            completed_steps: int, **trained) -> None:
-    """The one ``run_end`` of a start, then the log closes and the run-dir lock is released. ``trained`` (message,
-    nonfinite_steps and the ``TOTALS``) only from a start that reached training: a ``failed`` one has none
-    (docs/events.md)."""
+def end_run(log: EventLog, lock: RunLock | None, status: str, error: str | None, elapsed_s: float,
+            earlier_s: list[float], total_steps: int, completed_steps: int, **trained) -> None:
+    """The one ``run_end`` of a start, then the log closes and the run-dir lock is released. ``elapsed_s``: this
+    start's wall time; ``earlier_s``: each earlier start's, so the run's whole time is there too. A start that ends
+    with an ``error`` raises it afterwards: the console leaves it to the command to print. ``trained``
+    (message, nonfinite_steps and the ``TOTALS``) only from a start that reached training: a ``failed`` one has
+    none (docs/events.md)."""
+    if error is not None:
+        # The exception goes on to the command, which says it once (one line, or its traceback): not the console too.
+        for sink in [s for s in log.sinks if isinstance(s, ConsoleSink)]:
+            log.sinks.remove(sink)
+            sink.close()
+    starts = [*earlier_s, elapsed_s]
     log.emit("run_end", level="info" if status == "finished" else "error", status=status, error=error,
-             elapsed_s=elapsed_s, total_steps=total_steps, completed_steps=completed_steps, **trained)
+             elapsed_s=elapsed_s, start_elapsed_s=starts, total_elapsed_s=sum(starts), total_steps=total_steps,
+             completed_steps=completed_steps, **trained)
     log.close()
     if lock:
         lock.release()
@@ -173,9 +188,10 @@ def train_step(state: TrainState, batches: list[dict], stats: torch.Tensor, para
     """One optimizer step: forward and backward of its micro-batches (``backward``), clipping, the step's one
     all-reduce and device-to-host read (``reduce_step``, carrying ``stop_requested()``: asked after the backward, so
     a stop signal that arrives during the step stops at this step), the update unless ``guard`` skips it, and the
-    schedule. Returns (the last output, its batch, the reduced values, whether the update was skipped), or None when
-    the step had nothing to train on. ``state`` needs only ``accelerator``, ``model``, ``optimizer``, ``scheduler`` and
-    ``last_batch``: bench/throughput.py times this very function."""
+    schedule. Returns (the last output, its batch, the reduced values, whether the update was skipped, the lr of the
+    step's update, read before the schedule moves on), or None when the step had nothing to train on. ``state``
+    needs only ``accelerator``, ``model``, ``optimizer``, ``scheduler`` and ``last_batch``: bench/throughput.py
+    times this very function."""
     accelerator = state.accelerator
     out, batch = backward(state, batches, stats)
     if out is None:
@@ -186,11 +202,12 @@ def train_step(state: TrainState, batches: list[dict], stats: torch.Tensor, para
     # A non-finite loss makes the norm non-finite; after the gradient all-reduce every process has the same norm, so
     # all skip (or stop) the same step. A skipped step still advances the schedule and the data.
     skipped = guard.bad(values[-2])
+    lr = state.optimizer.param_groups[0]["lr"]
     if not skipped:
         state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
-    return out, batch, values, skipped
+    return out, batch, values, skipped, lr
 
 
 def backward(state: TrainState, batches: list[dict], stats: torch.Tensor):
@@ -247,13 +264,13 @@ def reduce_step(state: TrainState, stats, grad_norm, stop: bool) -> list[float]:
 
 
 def log_train_step(state: TrainState, values: list[float], skipped: bool, guard: NonFiniteGuard, step_time: float,
-                   data_wait: float, out, batch, step: int) -> tuple[dict, bool]:
-    """The step's event from ``reduce_step``'s values (plus slices on log steps); returns the step's counts for the
-    run's totals, and whether any process was asked to stop."""
+                   data_wait: float, out, batch, step: int, lr: float) -> tuple[dict, bool]:
+    """The step's event from ``reduce_step``'s values and the ``lr`` its update used (plus slices on log steps);
+    returns the step's counts for the run's totals, and whether any process was asked to stop."""
     cfg, accelerator = state.cfg, state.accelerator
     metrics = summarize(values[:-2], state.weights)
     level = "warning" if skipped or guard.stalled else "info"
-    state.log.emit("train_step", level=level, **metrics, lr=state.scheduler.get_last_lr()[0], grad_norm=values[-2],
+    state.log.emit("train_step", level=level, **metrics, lr=lr, grad_norm=values[-2],
                    step_skipped=skipped, nonfinite_steps=guard.total, step_time_s=step_time, data_wait_s=data_wait,
                    samples_per_s=metrics["samples"] / max(step_time, 1e-9),
                    tokens_per_s=metrics["tokens"] / max(step_time, 1e-9), peak_mem_mb=peak_memory_mb())
@@ -374,9 +391,12 @@ def peak_memory_mb() -> float:
 # ---------------------------------------------------------------- setup
 
 
-def setup(cfg: RunConfig) -> TrainState:
+def setup(cfg: RunConfig, changed: dict | None = None, started: float | None = None) -> TrainState:
     """The accelerator, the run-dir lock, the run dir and the event log first, so that whatever fails after them is
-    an event; then model, data and optimizer (torchtune's ``setup`` -> ``_setup_*``), and the run_start event."""
+    an event; then model, data and optimizer (torchtune's ``setup`` -> ``_setup_*``), and the run_start event.
+    ``changed``: what a resume changed in the run's config (``run_resume``); ``started``: the start's time.time(),
+    from which a failed start's run_end counts its time."""
+    started = time.time() if started is None else started
     from accelerate.utils import broadcast_object_list
 
     accelerator = _setup_accelerator(cfg)
@@ -389,6 +409,8 @@ def setup(cfg: RunConfig) -> TrainState:
         found = prepare_run_dir(cfg, run_dir, accelerator, existing)
         start = found.state if found else {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": run_id}
         start["run_id"] = broadcast_object_list([start["run_id"]])[0]
+        # Read before this start logs anything: empty for a new run (prepare_run_dir cleared the dir).
+        earlier = start_seconds(read_jsonl(run_dir / EVENTS_FILE)) if found else []
         log = _setup_log(cfg, accelerator, run_dir, start)
     except BaseException:
         if lock:
@@ -399,9 +421,10 @@ def setup(cfg: RunConfig) -> TrainState:
             log.emit("run_lock_taken_over", level="warning", **lock.taken_over.as_event())
         for path, reason in found.skipped if found else ():
             log.emit("checkpoint_skipped", level="warning", path=str(path), reason=reason)
-        return _setup_training(cfg, accelerator, run_dir, log, start, found.path if found else None, lock)
+        return _setup_training(cfg, accelerator, run_dir, log, start, found.path if found else None, lock,
+                               changed or {}, earlier)
     except BaseException as e:
-        end_run(log, lock, "failed", f"{type(e).__name__}: {e}", 0.0, 0, start["step"])
+        end_run(log, lock, "failed", f"{type(e).__name__}: {e}", time.time() - started, earlier, 0, start["step"])
         raise
 
 
@@ -437,7 +460,8 @@ def _setup_log(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, start: d
 
 
 def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log: EventLog, start: dict,
-                    resume_from: Path | None, lock: RunLock | None) -> TrainState:
+                    resume_from: Path | None, lock: RunLock | None, changed: dict, earlier: list[float]
+                    ) -> TrainState:
     """Model, data, optimizer and schedule, prepared by accelerate; then the run_start event."""
     from accelerate.utils import set_seed
 
@@ -481,13 +505,14 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],
-                 checkpoint_seq=ckpt.checkpoint_seq(run_dir, start["step"]), start_seq=log.first_seq)
+                 checkpoint_seq=ckpt.checkpoint_seq(run_dir, start["step"]), start_seq=log.first_seq,
+                 changed=changed)
     scorer = reference = None
     if accelerator.is_main_process and cfg.log.generate_every:
         scorer = QualityScorer.from_config(cfg.eval, accelerator.device)
         reference = training_reference(cfg, data.val, codec.config.sample_rate) if scorer else None
     return TrainState(cfg, run_dir, accelerator, log, model, tokenizer, optimizer, scheduler, train_loader,
-                      val_loader, total_steps, start, codec, ids, weights, generation, scorer, reference, lock)
+                      val_loader, total_steps, start, codec, ids, weights, generation, scorer, reference, lock, earlier)
 
 
 def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
@@ -495,6 +520,7 @@ def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
     first if in the authors' original layout); the config's codebook-dependent settings are checked against the
     model's own codebook count."""
     stack = load_stack(cfg.model, pad_required=True, state=accelerator)
+    check_model_parts(stack.sources, stack.config, stack.tokenizer, stack.codec.config)
     validate_for_model(cfg, stack.ids.num_codebooks)
     return stack
 
@@ -549,13 +575,26 @@ def _setup_distributed(accelerator: Accelerator, model, optimizer, train_loader,
 
 
 def _setup_scheduler(cfg: RunConfig, accelerator: Accelerator, optimizer, total_steps: int):
-    from transformers import get_scheduler
-
     t = cfg.train
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    factor = partial(lr_factor, kind=t.scheduler, warmup=t.warmup_steps, total=total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ckpt.keep_trainable_only(accelerator)
     return scheduler
+
+
+def lr_factor(done: int, kind: str, warmup: int, total: int) -> float:
+    """The multiplier of train.lr for the update of step ``done + 1`` (``done``: steps already taken). Warmup step k
+    (from 1) uses k / warmup, so the first update is never at lr 0 and the last warmup step reaches the peak; after
+    it, transformers' cosine / linear decay (or constant) over the remaining steps, from the peak at step
+    warmup + 1."""
+    if done < warmup:
+        return (done + 1) / warmup
+    progress = (done - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, accelerator, run_id: str | None) -> ckpt.Found | None:

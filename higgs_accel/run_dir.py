@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from analysis.schema import EVENTS_DIR, EVENTS_FILE, REPORT_DIR, SAMPLES_DIR
+from analysis.schema import EVENTS_DIR, EVENTS_FILE, REPORT_DIR, SAMPLES_DIR, write_text_atomic
 
-from .config import SECTIONS, ConfigError, DataConfig, ModelConfig, RunConfig
+from .config import SECTIONS, ConfigError, DataConfig, ModelConfig, RunConfig, load_config, resume_changes
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -37,9 +37,27 @@ LOCK_FILE = "run.lock"
 RUN_OUTPUTS = (EVENTS_FILE, EVENTS_DIR, CHECKPOINTS, ADAPTER, REPORT_DIR, SAMPLES_DIR)
 
 
-
 def write_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
-    (Path(run_dir) / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # Atomic: the other processes of a resumed run may be reading it (``resumed_config``) while the main one writes.
+    write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), Path(run_dir) / CONFIG_FILE)
+
+
+def resumed_config(cfg: RunConfig, path: str | None, overrides: list[tuple[str, object, str]]
+                   ) -> tuple[RunConfig, dict[str, list]]:
+    """The config a ``--resume`` trains with: the saved config.yaml of the run it continues (``train.output_dir``
+    for ``latest``, else the run dir holding the checkpoint), with the command's config file and ``overrides`` on
+    top, and what they changed (``{key: [saved, new]}``, checked by ``resume_changes``). ``cfg``: the command's
+    config on its own, which names the run dir. A checkpoint outside any run dir resumes with ``cfg`` as it is."""
+    run = Path(cfg.train.output_dir) if cfg.resume == "latest" else Path(cfg.resume).parent.parent
+    saved_file = run / CONFIG_FILE
+    if not saved_file.is_file():
+        if cfg.resume == "latest":
+            raise ConfigError(f"'resume': nothing to resume in {run} (no {CONFIG_FILE}: no run was started there); "
+                              "run the command without --resume to start one")
+        return cfg, {}
+    saved = read_run_config(run)
+    resumed = load_config(path, overrides, base=saved)
+    return resumed, resume_changes(saved, resumed, str(saved_file))
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:

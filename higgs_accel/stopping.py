@@ -12,6 +12,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from .run_dir import ADAPTER
+
 # How a run ended -> the process exit status (0 and 2 are also the CLI's: finished, bad input).
 EXIT_CODES = {"finished": 0, "diverged": 3, "preempted": 75, "interrupted": 130}
 # 75 is EX_TEMPFAIL ("try again later"): a requeue wrapper resubmits with --resume latest on 75 only.
@@ -92,9 +94,12 @@ class NonFiniteGuard:
                 f"{kept}; no adapter saved")
 
 
-def stopped_line(signals: StopSignals, step: int, checkpoint: Path) -> str:
-    return (f"stopped by {signals.name} at step {step}: checkpoint {checkpoint.name} saved; "
-            "continue with --resume latest")
+def stopped_line(signals: StopSignals, step: int, checkpoint: Path, run_dir: Path) -> str:
+    """The message of a stopped run: where its work is (the checkpoint holds the step's adapter, usable as it is)
+    and how to continue it."""
+    return (f"stopped by {signals.name} at step {step}: checkpoint {checkpoint.name} saved, its adapter in "
+            f"{checkpoint / ADAPTER}; to continue, run the same command with --resume latest, or just "
+            f"`higgs-accel train --resume latest --output-dir {run_dir}`")
 
 
 @dataclass

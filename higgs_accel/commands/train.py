@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..config import error_line, load_config
+from ..run_dir import resumed_config
 from . import add_config_parser, config_overrides
 
 
@@ -16,12 +17,19 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, config_overrides(args))
+    overrides = config_overrides(args)
+    cfg = load_config(args.config, overrides)
+    changed = {}
+    if cfg.resume:  # the run's own settings, with what this command sets on top
+        cfg, changed = resumed_config(cfg, args.config, overrides)
     from accelerate import PartialState
 
     from ..loop import train
 
-    ended = train(cfg)
+    if PartialState().is_main_process:
+        for key, (old, new) in changed.items():
+            print(f"resume: {key} changed from {old!r} to {new!r}")
+    ended = train(cfg, changed)
     if not args.no_report and PartialState().is_main_process:
         write_run_report(ended.run_dir)
     if PartialState().is_main_process:
