@@ -62,8 +62,10 @@ def build_accelerator(allow_fallback: bool = False, **kwargs):
     # Never allowed: the processes would each train alone into one run dir.
     if launched != accelerator.num_processes:
         raise ConfigError(f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: each "
-                          "would train alone and write the same run dir. Without GPUs use `ACCELERATE_USE_CPU=1 "
-                          "accelerate launch --multi_gpu --num_processes N --num_machines 1 ...`")
+                          "would train alone and write the same run dir. Without GPUs set ACCELERATE_USE_CPU=1: "
+                          f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} -m higgs_accel train ...` or "
+                          f"`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
+                          "--num_machines 1 -m higgs_accel train ...`")
     check(accelerator, want, allow_fallback)
     return accelerator
 

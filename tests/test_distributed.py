@@ -186,6 +186,21 @@ def test_torchrun_with_the_original_trainers_flags_logs_each_step_once(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plain torchrun is right where there are GPUs")
+def test_plain_torchrun_on_a_cpu_machine_is_refused_with_the_command_that_works(tmp_path, tiny):
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "higgs_accel",
+                        "train", "--preset", "tiny", "--output-dir", str(tmp_path / "run"),
+                        *(f"{k}={v}" for k, v in tiny.items())],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode != 0
+    refusals = [line for line in r.stderr.splitlines() if line.startswith("higgs-accel: error: launched as 2")]
+    assert len(refusals) == 2  # each process says it once, in one line
+    assert "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m higgs_accel train ...`" in refusals[0]
+    assert not (tmp_path / "run" / "events.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_the_training_loop_under_fsdp2_checkpoints_resumes_exactly_and_writes_a_full_adapter(tmp_path, tiny,
                                                                                                codes_cache):
     """``higgs-accel train`` itself (loop, checkpoints, eval, final adapter) under the shipped fsdp2.yaml on 2 CPU
