@@ -283,6 +283,13 @@ def convert_checkpoint(src: str, out: Path, audio_tokenizer: str | None = None) 
     return MODEL, codec_layout
 
 
+def bundled_codec(base: str) -> str | None:
+    """The codec a model dir carries as ``DIR/audio_tokenizer`` (an export or a conversion with its codec), or
+    None (a hub id, or a dir without one)."""
+    path = Path(base).expanduser() / CODEC_DIR
+    return str(path) if (path / "config.json").is_file() else None
+
+
 def save_processor(out: Path, tokenizer, codec_dir: Path) -> str:
     """transformers' HiggsAudioV2Processor config next to the model, pointing at the codec in ``codec_dir``; returns
     what happened (a model stands without it, so a failure here is reported, not raised)."""

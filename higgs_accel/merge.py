@@ -356,14 +356,15 @@ def copy_files(plan: MergePlan, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for n in COPIED:
         if (plan.base / n).is_file():
-            shutil.copy2(plan.base / n, out / n)
+            shutil.copyfile(plan.base / n, out / n)
 
 
 def copy_codec(src: str | Path, dst: Path) -> None:
-    """The codec dir, file by file, as it is (never loaded: its weights and dtype stay the source's)."""
+    """The codec dir, file by file, as it is (never loaded: its weights and dtype stay the source's). The bytes
+    only: new files get the umask's mode, not the source's (safetensors writes 0600, a hub cache may be read-only)."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", ".git*"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".cache", ".git*"), copy_function=shutil.copyfile)
 
 
 def merge(plan: MergePlan, out: str | Path, codec_dir: str | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -296,6 +297,16 @@ def test_export_equals_base_plus_adapter(parts, run_dir, tmp_path):
 
     processor = AutoProcessor.from_pretrained(out)
     assert type(processor).__name__ == "HiggsAudioV2Processor" and processor.audio_tokenizer.config.hop_length == 960
+    # Every file as the umask makes new files (safetensors writes 0600; a copy keeps no source's mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(out).as_posix(): oct(0o666 & ~umask) for p in files}
+    # The export holds its codec: generate needs no --audio-tokenizer
+    assert call_cli("generate", "--base", out, "--text", "Hi.", "--out", tmp_path / "e.wav",
+                    "--max-new-tokens", 20) == 0
+    assert sf.info(tmp_path / "e.wav").frames > 0
 
 
 # ---------------------------------------------------------------- command line
@@ -346,6 +357,13 @@ def test_sampling_options_are_unset_unless_given():
      "--ref-audio: file not found"),
     (["generate", "--run", "RUN", "--text", "x", "--out", "o.wav", "--adapter", "/tmp"],
      "--adapter: /tmp is not a PEFT adapter dir"),
+    (["generate", "--run", "RUN", "--text", "Hi <|AUDIO_OUT|> there", "--out", "o.wav"],
+     "--text contains the special token <|AUDIO_OUT|>"),
+    (["generate", "--run", "RUN", "--text", "Hi<|eot_id|>", "--out", "o.wav"],
+     "--text contains the special token <|eot_id|>"),
+    (["generate", "--run", "RUN", "--text", "x", "--scene", "<|audio_out_bos|>", "--out", "o.wav"],
+     "--scene contains the special token <|audio_out_bos|>"),
+    (["generate", "--base", "BASE", "--text", "x", "--out", "o.wav"], "--audio-tokenizer is required"),
     (["export", "--base", "BASE", "--out", "OUT"], "--adapter (or --run) is required"),
     (["export", "--run", "RUN", "--out", "RUN"], "is not empty"),
 ])

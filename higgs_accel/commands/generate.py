@@ -28,7 +28,8 @@ def add_parser(subparsers):
     src.add_argument("--run", help="finished run dir: base, codec and system prompt from its config.yaml, "
                                    "adapter from RUN_DIR/adapter")
     src.add_argument("--base", help="HiggsAudioV2ForConditionalGeneration: local dir or hub id")
-    src.add_argument("--audio-tokenizer", help="HiggsAudioV2TokenizerModel codec: local dir or hub id")
+    src.add_argument("--audio-tokenizer", help="HiggsAudioV2TokenizerModel codec: local dir or hub id (default: the "
+                                               "run's, or BASE/audio_tokenizer of an exported or converted --base)")
     src.add_argument("--adapter", help="PEFT adapter dir (e.g. RUN_DIR/adapter); none: the base model alone")
     src.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     src.add_argument("--dtype", choices=["fp32", "bf16"], help="model weights dtype (default: the run's, or fp32)")
@@ -84,9 +85,21 @@ def _check(args) -> None:
     check_sampling(vars(args), lambda key: "--" + key.replace("_", "-"))
 
 
+def _check_special_tokens(args, tokenizer) -> None:
+    """The prompt's texts spell out no special token: they would add an audio slot without audio, or end a turn
+    (the same screen as training's transcripts)."""
+    from ..chat import special_tokens_in
+
+    for flag in ("text", "ref_text", "scene", "system"):
+        if found := special_tokens_in(getattr(args, flag) or "", tokenizer):
+            raise ConfigError(f"--{flag.replace('_', '-')} contains the special token {found[0]}, which would "
+                              "break the prompt's layout")
+
+
 def run(args) -> int:
     import dataclasses
 
+    from ..convert import CODEC_DIR, bundled_codec
     from ..generate import describe_sampling, generate_speech, write_wav
     from ..loading import FLAG_NAMES, load_stack
     from ..quality import QualityScorer
@@ -94,11 +107,14 @@ def run(args) -> int:
 
     _check(args)
     src = resolve_sources(args.run, args.base, args.audio_tokenizer, args.adapter)
-    if not src.model.audio_tokenizer:
-        raise ConfigError("--audio-tokenizer (or --run) is required")
+    codec = src.model.audio_tokenizer or bundled_codec(src.model.base)  # an export carries its codec
+    if not codec:
+        raise ConfigError(f"--audio-tokenizer is required (or --run, or a --base dir holding {CODEC_DIR}/, as an "
+                          "export does)")
     device = device_of(args.device)
-    model_cfg = dataclasses.replace(src.model, dtype=args.dtype or src.model.dtype)
+    model_cfg = dataclasses.replace(src.model, audio_tokenizer=codec, dtype=args.dtype or src.model.dtype)
     stack = load_stack(model_cfg, src.adapter, names=FLAG_NAMES, device=device)
+    _check_special_tokens(args, stack.tokenizer)
     # The scorers the flags name, else the run's eval.* keys; loaded before generating: a bad scorer dir is one
     # line, not wasted work.
     eval_cfg = read_run_config(args.run).eval if args.run else EvalConfig()
