@@ -77,11 +77,11 @@ def _change(s: pd.Series) -> str:
 
 def summary(run: Run, found: list[str]) -> list[str]:
     """The report in a few lines: how the run ended, how its losses and accuracy moved, what to look at."""
-    end, total = run.end or {}, run.start.get("total_steps")
+    total = run.start.get("total_steps")
     steps = max(run.steps) if run.steps else 0
-    elapsed = end.get("elapsed_s")
+    elapsed = run.elapsed_text()
     out = [f"**{run.status}** after {steps}" + (f" of {total}" if total else "") + " steps"
-           + (f" in {elapsed:.1f} s" if isinstance(elapsed, (int, float)) else "")]
+           + (f" in {elapsed}" if elapsed else "")]
     train, ev = run.metrics("train"), run.metrics("eval")
     if "loss" in train:
         out.append(f"train loss {_change(train['loss'])}")
@@ -134,7 +134,7 @@ def header(doc: Doc, run: Run) -> None:
         ["run dir", str(run.path)],
         ["steps", f"{max(steps) if steps else 0} of {_fmt_int(s.get('total_steps'))} "
                   f"({s.get('steps_per_epoch', '-')} per epoch)"],
-        ["elapsed", f"{end['elapsed_s']:.1f} s" if isinstance(end.get("elapsed_s"), (int, float)) else "-"],
+        ["elapsed", run.elapsed_text() or "-"],
         ["resumed", "yes" if s.get("resumed") or not run.frame("run_resume").empty else "no"],
         ["world size", _fmt_int(s.get("world_size"))],
         ["device", f"{s.get('device', '-')}, mixed precision {s.get('mixed_precision', '-')}"],

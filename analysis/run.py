@@ -140,6 +140,27 @@ class Run:
         trained = [e for e in ends if e.get("status") != "failed"]
         return (trained or ends or [None])[-1]
 
+    @property
+    def start_seconds(self) -> list[float]:
+        """The wall time of each start of the run, in order (from the latest run_end's ``start_elapsed_s``; a log
+        written before that field: its ``elapsed_s`` alone); empty when the launch has not ended."""
+        end = self.end or {}
+        times = end.get("start_elapsed_s")
+        if times is not None and not isinstance(times, str) and len(times):  # a list, or an array from Parquet
+            return [float(t) for t in times]
+        elapsed = end.get("elapsed_s")
+        return [float(elapsed)] if isinstance(elapsed, (int, float)) else []
+
+    def elapsed_text(self) -> str:
+        """The run's training time over all its starts, as a report says it ("" when unknown):
+        ``12.3 s`` for one start, ``100.4 s over 2 starts (94.6 s + 5.8 s)`` for a resumed run."""
+        times = self.start_seconds
+        if not times:
+            return ""
+        if len(times) == 1:
+            return f"{times[0]:.1f} s"
+        return f"{sum(times):.1f} s over {len(times)} starts ({' + '.join(f'{t:.1f} s' for t in times)})"
+
     @cached_property
     def last_event_time(self) -> datetime | None:
         latest = None

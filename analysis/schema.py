@@ -77,7 +77,7 @@ FIELD_TYPES: dict[str, pa.DataType] = {
     "config": STR, "run_dir": STR, "versions": STR, "git_commit": STR, "device": STR, "hardware": STR,
     "world_size": INT, "mixed_precision": STR, "trainable_params": INT, "total_params": INT, "total_steps": INT,
     "steps_per_epoch": INT, "train_samples": INT, "val_samples": INT, "resumed": BOOL, "checkpoints": STR,
-    "memory": STR, "engine": STR,
+    "memory": STR, "engine": STR, "eval_note": STR,
     # data_skip, data_summary
     "split": STR, "source": STR, "line": INT, "reason": STR, "detail": STR, "kept": INT, "skipped": INT,
     "skipped_by_reason": STR, "codec_encodes": INT, "longest_tokens": INT, "duplicates": INT, "encode_speed": FLOAT,

@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analysis.schema import EVENTS_FILE, read_jsonl, step_dir_name
+from analysis.schema import EVENTS_FILE, read_jsonl, step_dir_name, umask_modes
 
 from . import engine
 from .config import ConfigError, error_line
@@ -123,6 +123,7 @@ def save_checkpoint(accelerator, module, scheduler, run_dir: Path, state: dict) 
     ok = _all_ok(accelerator, error is not None)
     if ok and accelerator.is_main_process:
         try:
+            umask_modes(tmp)  # safetensors writes 0600: others sharing the run dir could not read it
             write_manifest(tmp, state)
             _replace_dir(tmp, final)
         except OSError as e:
@@ -163,6 +164,7 @@ def save_adapter(accelerator, module, run_dir: Path) -> Path:
     try:
         engine.save_adapter(accelerator, accelerator.unwrap_model(module).peft, tmp)  # every process: a gather
         if accelerator.is_main_process:
+            umask_modes(tmp)
             _replace_dir(tmp, final)
     except OSError as e:
         error = e

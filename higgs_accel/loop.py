@@ -501,7 +501,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
              mixed_precision=accelerator.mixed_precision, trainable_params=trainable, total_params=total,
              total_steps=total_steps, steps_per_epoch=steps_per_epoch, train_samples=len(data.train),
              val_samples=len(data.val), resumed=bool(resume_from), checkpoints=stack.checkpoints,
-             memory=memory_plan, engine=engine.describe(accelerator))
+             memory=memory_plan, engine=engine.describe(accelerator), eval_note=eval_note(cfg, data))
     if resume_from:
         ckpt.load_checkpoint(accelerator, resume_from, scheduler)
         log.emit("run_resume", checkpoint=str(resume_from), from_step=start["step"],
@@ -513,6 +513,16 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
         reference = training_reference(cfg, data.val, codec.config.sample_rate) if scorer else None
     return TrainState(cfg, run_dir, accelerator, log, model, tokenizer, optimizer, scheduler, train_loader,
                       val_loader, total_steps, start, codec, ids, weights, generation, scorer, reference, lock, earlier)
+
+
+def eval_note(cfg: RunConfig, data: PreparedData) -> str | None:
+    """Why no eval will ever run, when the config asked for no validation data at all (a manifest of one's own
+    with neither data.val_manifest nor data.val_fraction); None otherwise (a val split that screening emptied is
+    data_summary's to say)."""
+    if data.val or cfg.data.val_manifest or cfg.data.val_fraction > 0:
+        return None
+    return ("no validation data (data.val_manifest is empty and data.val_fraction is 0): no eval loss, eval audio "
+            "or generations; hold some out with data.val_fraction=0.05 or pass data.val_manifest")
 
 
 def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
