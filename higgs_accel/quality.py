@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,11 +127,6 @@ def load_asr(ref: str, device: torch.device | str = "cpu", key: str = "'eval.asr
     a missing dir or a failed load is one ConfigError line naming ``key``."""
     from transformers import pipeline
 
-    try:
-        import jiwer  # noqa: F401 - checked before the run, not at its first generation round
-    except ImportError:
-        raise ConfigError(f"{key}: WER/CER need jiwer: pip install 'higgs-accel[quality]'") from None
-
     device = torch.device(device)
     # The pipeline loads a checkpoint in its stored dtype (Whisper's is float16), which a CPU runs badly or not at all.
     dtype = "auto" if device.type == "cuda" else torch.float32
@@ -190,6 +186,11 @@ class QualityScorer:
         (a run without scorers does exactly what it did before)."""
         if not (cfg.asr_model or cfg.speaker_model):
             return None
+        if cfg.asr_model:
+            try:
+                import jiwer  # noqa: F401 - checked before the run, not at its first scoring round
+            except ImportError:
+                raise ConfigError("'eval.asr_model': WER/CER need jiwer: pip install 'higgs-accel[quality]'") from None
         asr = load_asr(cfg.asr_model, device) if cfg.asr_model else None
         if cfg.asr_language and getattr(asr, "type", None) != "seq2seq_whisper":
             raise ConfigError("'eval.asr_language' applies to a Whisper 'eval.asr_model' only, not to "
@@ -215,7 +216,10 @@ class QualityScorer:
         features, model = self.speaker
         inputs = features(wave, sampling_rate=features.sampling_rate, return_tensors="pt")
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # transformers' WavLM attention passes torch masks of two types: torch's notice of it says nothing
+            # about the scores, and would be the only line of `evaluate` besides its result.
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask", category=UserWarning)
             return model(**inputs).embeddings[0].float().cpu().numpy()
 
     def _reference_embedding(self, u: Utterance, waves_seen: dict) -> np.ndarray:

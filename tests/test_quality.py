@@ -346,9 +346,17 @@ def test_evaluate_speaks_a_held_out_manifest_and_scores_it(tmp_path, tiny, codes
     bare = tmp_path / "no-scorer"  # a run whose eval section names no scorer, and no flag naming one
     bare.mkdir()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    (bare / "config.yaml").write_text(yaml.safe_dump({**config, "eval": {}}))
+    (bare / "config.yaml").write_text(yaml.safe_dump({**config, "eval": {}, "preset": ""}))
     assert main(["evaluate", "--run", str(bare), "--manifest", str(held_out), "--baseline"]) == 2
     assert "evaluate needs a scorer" in capsys.readouterr().err
+    # ... unless it is a --preset tiny run: the tiny scorers, said to be rigged
+    (bare / "config.yaml").write_text(yaml.safe_dump({**config, "eval": {}, "preset": "tiny"}))
+    assert main(["evaluate", "--run", str(bare), "--manifest", str(held_out), "--baseline", "--limit", "1",
+                 "--max-new-tokens", "20"]) == 0
+    assert "scoring with rigged tiny models" in capsys.readouterr().err
+    tiny_scored = json.loads((bare / "evaluate" / "held_out-base" / "summary.json").read_text())
+    assert (tiny_scored["asr_model"], tiny_scored["speaker_model"]) == (
+        str(bare / "tiny" / "scorers" / "asr"), str(bare / "tiny" / "scorers" / "speaker"))
     # generate scores its speech with the run's scorers (eval.asr_model) and a flag's
     assert main(["generate", "--run", str(run_dir), "--text", "A lazy dog!", "--out", str(tmp_path / "g.wav"),
                  "--max-new-tokens", "20", "--speaker-model", scorer_dirs["speaker"], "--ref-audio", rows[0]["audio"],
@@ -387,3 +395,22 @@ def test_training_scores_each_generation_round_from_the_base_model_on(tmp_path, 
     # the base model's speech is kept apart and is not a generate_audio event of the fine-tune
     assert (run_dir / "samples" / "step-00000000" / "base" / "gen-0.wav").is_file()
     assert [e["step"] for e in of(events, "generate_audio")] == [1, 2]
+
+
+def test_jiwer_is_needed_for_word_error_rates_only(scorer_dirs, monkeypatch):
+    """Transcription alone (the dataset command) loads an ASR model without jiwer; scoring WER/CER refuses up front."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jiwer", None)  # as if it were not installed
+    assert load_asr(scorer_dirs["asr"]).feature_extractor is not None
+    with pytest.raises(ConfigError, match=r"^'eval.asr_model': WER/CER need jiwer: pip install 'higgs-accel\[quality"):
+        QualityScorer.from_config(EvalConfig(asr_model=scorer_dirs["asr"]))
+    assert QualityScorer.from_config(EvalConfig(speaker_model=scorer_dirs["speaker"])).asr is None
+
+
+def test_speaker_similarity_prints_no_torch_notice(scorer):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scorer.embed(np.random.default_rng(0).standard_normal(16000).astype(np.float32)).shape == (8,)
