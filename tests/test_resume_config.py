@@ -213,3 +213,32 @@ def test_an_impossible_model_config_is_refused_before_training(tmp_path, tiny, c
     assert err.count(line) == 1
     end = of(events_of(run_dir), "run_end")[-1]
     assert end["status"] == "failed" and not of(events_of(run_dir), "train_step")
+
+
+def test_an_error_after_the_start_is_printed_once_with_its_real_time(tmp_path, tiny, codes_cache, capsys):
+    """data.strict's list of problems: once (the command's line), not again in the console's run_end line; the
+    failed start's run_end counts its time from the launch."""
+    manifest = tmp_path / "train.jsonl"
+    source = Path(tiny["data.train_manifest"])
+    lines = source.read_text().splitlines()
+    lines = [json.dumps({**json.loads(x), "audio": str(source.parent / json.loads(x)["audio"])}) for x in lines]
+    manifest.write_text("\n".join([*lines, json.dumps({"audio": "missing.wav", "text": "Gone."})]) + "\n")
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert cli_train(run_dir, {**tiny, "data.train_manifest": str(manifest)}, codes_cache, "data.strict=true",
+                     "train.max_steps=1") == 2
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert printed.count("missing.wav") == 1 and "higgs-accel: error: 'data.strict': 1 bad sample(s):" in printed
+    end = of(events_of(run_dir), "run_end")[-1]
+    assert end["status"] == "failed" and "missing.wav" in end["error"] and end["elapsed_s"] > 0
+    assert end["start_elapsed_s"] == [end["elapsed_s"]]
+
+
+def test_no_validation_data_is_said_in_run_start(tmp_path, tiny, codes_cache):
+    run_dir = tmp_path / "run"
+    assert cli_train(run_dir, {**tiny, "data.val_manifest": ""}, codes_cache, "train.max_steps=1",
+                     "data.val_fraction=0") == 0
+    note = of(events_of(run_dir), "run_start")[0]["eval_note"]
+    assert "no validation data" in note and "data.val_fraction=0.05" in note
+    assert not of(events_of(run_dir), "eval")
