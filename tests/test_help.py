@@ -42,3 +42,14 @@ def test_generate_prints_no_loading_bars_or_library_warnings(tiny, tmp_path):
     assert done.stdout == "" or done.stdout.startswith("wrote"), done.stdout
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wrote ") and out.is_file(), done.stderr[-2000:]
+
+
+def test_prepare_prints_its_summary_alone(tiny, tmp_path):
+    """As quiet as train: no weight-loading bar or library notice in redirected output, only what prepare says."""
+    assets = [f"{k}={v}" for k, v in tiny.items()]
+    done = subprocess.run([sys.executable, "-m", "higgs_accel", "prepare", "--preset", "tiny", "--output-dir",
+                           str(tmp_path / "run"), f"data.codes_cache={tmp_path / 'codes'}", *assets], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert [x.split(":")[0] for x in lines] == ["data train", "data val", "codes cache"], lines

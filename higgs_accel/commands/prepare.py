@@ -10,6 +10,9 @@ from pathlib import Path
 from ..config import load_config
 from . import add_config_parser, config_overrides
 
+# Its output is the summary lines; training captures the same library notices as events.
+QUIET_LIBRARIES = True
+
 
 def add_parser(subparsers):
     p = add_config_parser(subparsers, "prepare",
