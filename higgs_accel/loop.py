@@ -105,7 +105,7 @@ def train(cfg: RunConfig, changed: dict | None = None) -> RunEnded:
             step += 1
             log.bind(step=step, epoch=epoch, phase="train")
             now = time.perf_counter()
-            counts, stop = log_train_step(state, values, skipped, guard, now - tick, data_wait, out, batch, step, lr)
+            counts, stop = log_train_step(state, values, skipped, guard, now - tick, data_wait, out, batch, lr, step)
             totals.update(counts)
             stats.zero_()
             if guard.diverged:  # no eval, no save: the last checkpoint holds the last good weights
@@ -264,7 +264,7 @@ def reduce_step(state: TrainState, stats, grad_norm, stop: bool) -> list[float]:
 
 
 def log_train_step(state: TrainState, values: list[float], skipped: bool, guard: NonFiniteGuard, step_time: float,
-                   data_wait: float, out, batch, step: int, lr: float) -> tuple[dict, bool]:
+                   data_wait: float, out, batch, lr: float, step: int) -> tuple[dict, bool]:
     """The step's event from ``reduce_step``'s values and the ``lr`` its update used (plus slices on log steps);
     returns the step's counts for the run's totals, and whether any process was asked to stop."""
     cfg, accelerator = state.cfg, state.accelerator
