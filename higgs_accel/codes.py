@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.schema import write_text_atomic
+
 from .config import error_line
 from .data import FileAudio, Sample, Skip, audio_error, decode_audio, load_splits, screen, strict_error, token_limit
 from .encoding import EncodeStats, encode_all, encode_waves, unencodable
@@ -159,7 +161,7 @@ class CodeCache:
 
     def _store_skip(self, digest: str, reason: str, detail: str) -> dict:
         entry = {"reason": reason, "detail": detail}
-        self._atomic(self.dir / f"{digest}.skip.json", lambda f: f.write(json.dumps(entry).encode()))
+        write_text_atomic(json.dumps(entry), self.dir / f"{digest}.skip.json")
         return entry
 
     @staticmethod

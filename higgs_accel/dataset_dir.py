@@ -32,7 +32,8 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from .codes import CodeCache
+from analysis.schema import write_text_atomic
+
 from .config import ConfigError
 from .events import EventLog
 from .recordings import OUT_RATE, Cut, CutSettings, Rejected, Source, cut_source
@@ -101,10 +102,6 @@ def _finished(out: Path, source: Source, fingerprint: dict) -> dict | None:
     same = record.get("settings") == fingerprint and {k: record.get(k) for k in ("size", "mtime_ns")} == \
         _file_id(source.path) and record.get("speaker") == source.speaker and record.get("given_text") == source.text
     return record if same else None
-
-
-def _write_json_atomic(path: Path, text: str) -> None:
-    CodeCache._atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _rejected_row(r: Rejected) -> dict:
@@ -203,9 +200,9 @@ def _cuts(pending: list[Source], s: CutSettings, clips: Path, workers: int):
 
 
 def _clean_partial(out: Path) -> None:
-    """Files a killed run was writing when it died (``.name.pid.tmp``): never complete, never referenced."""
+    """Files a killed run was writing when it died (``*.pid.tmp``): never complete, never referenced."""
     for folder in (out / CLIPS_DIR, out / RECORDS_DIR):
-        for tmp in folder.glob(".*.tmp"):
+        for tmp in folder.glob("*.tmp"):
             tmp.unlink()
 
 
@@ -214,7 +211,7 @@ def run_id(out: Path) -> str:
     path = out / RUN_ID_FILE
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(path, uuid.uuid4().hex[:12])
+        write_text_atomic(uuid.uuid4().hex[:12], path)
     return path.read_text().strip()
 
 
@@ -239,7 +236,7 @@ def build(sources: list[Source], out: Path, opts: BuildOptions, log: EventLog,
     with closing(_cuts(pending, opts.cut, out / CLIPS_DIR, opts.workers)) as cuts:
         for source, cut in cuts:
             record = _finish_source(source, cut, out, opts, asr)
-            _write_json_atomic(_record_path(out, source), json.dumps(record, ensure_ascii=False))
+            write_text_atomic(json.dumps(record, ensure_ascii=False), _record_path(out, source))
             records[source.path] = record
             _emit_source(log, record, "val" if source.path in val else "train")
             progress(record["seconds"], total)
@@ -250,10 +247,10 @@ def build(sources: list[Source], out: Path, opts: BuildOptions, log: EventLog,
                           "\n".join(f"  {src}: {reason}: {detail}" for src, reason, detail in skips))
     for name, split in ((TRAIN_FILE, False), (VAL_FILE, True)):
         lines = [line for s, r in zip(sources, done) if (s.path in val) == split for line in r["clips"]]
-        _write_json_atomic(out / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+        write_text_atomic("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), out / name)
     summary = summarize(done, val)
     log.emit("dataset_summary", **summary)
-    _write_json_atomic(out / SUMMARY_FILE, summary_markdown(summary, out))
+    write_text_atomic(summary_markdown(summary, out), out / SUMMARY_FILE)
     return Built(len(pending), len(sources) - len(pending), summary, skips)
 
 

@@ -19,6 +19,7 @@ COMMANDS = {
     "memory": ["memory.py", "--quick"],
     "memory_per_layer": ["memory.py", "--per-layer", "--quick"],
     "gpu": ["gpu_real_size.py"],
+    "dataset": ["dataset.py", "--quick"],
 }
 
 
@@ -91,6 +92,13 @@ def test_memory_model_predicts_the_measured_step_within_10_percent():
     for m in rows:
         measured, predicted = int(m[2]), int(m[3])
         assert abs(predicted - measured) <= 0.1 * measured, m[0]
+
+
+def test_dataset_quick_prints_the_real_time_factor_and_every_stage(launched):
+    lines = finished(launched, "dataset")
+    assert re.fullmatch(r"decode\+VAD\+normalise\+write: \d+x real time \(target 50x\)", lines[-1]), lines[-1]
+    stages = [m[1] for m in map(re.compile(r"  (\w+) +\d+\.\d+ s +\d+x real time").match, lines) if m]
+    assert stages[:2] == ["decode", "vad"] and "asr" in stages and "write" in stages, lines
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
