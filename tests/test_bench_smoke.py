@@ -133,3 +133,15 @@ def test_throughput_times_the_loops_own_step(monkeypatch, tmp_path):
     assert len(throughput.time_loop(dual, batches, warmup=1, steps=1)) == 2
     assert len(throughput.time_loop(peft_model, batches, warmup=1, steps=1, model_forward=True)) == 2
     assert calls == [1] * 4
+
+
+@pytest.mark.slow
+def test_real_size_small_runs_the_readme_workflow_through_the_cli(tmp_path):
+    """bench/real_size.py --small (a few minutes): every phase of the workflow exits as expected, each in its row."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "real_size.py"), "--dir", str(tmp_path), "--small"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = re.findall(r"^\| ([^|]+?) \| (\d+) \((\d+)\) \|", done.stdout, re.M)
+    assert [r[0] for r in rows] == ["prepare", "train (SIGTERM in step 2)", "train --resume latest", "report", "export",
+                                    "transformers loads the export", "generate 1 s"], done.stdout
+    assert all(got == want for _, got, want in rows), rows
