@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,13 +23,13 @@ def run(args) -> int:
     changed = {}
     if cfg.resume:  # the run's own settings, with what this command sets on top
         cfg, changed = resumed_config(cfg, args.config, overrides)
+        if os.environ.get("RANK", "0") == "0":  # the launcher's main process (accelerate's state is not built yet)
+            for key, (old, new) in changed.items():
+                print(f"resume: {key} changed from {old!r} to {new!r}")
     from accelerate import PartialState
 
     from ..loop import train
 
-    if PartialState().is_main_process:
-        for key, (old, new) in changed.items():
-            print(f"resume: {key} changed from {old!r} to {new!r}")
     ended = train(cfg, changed)
     if not args.no_report and PartialState().is_main_process:
         write_run_report(ended.run_dir)
