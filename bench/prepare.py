@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+from transformers import HiggsAudioV2TokenizerModel
 
 from higgs_accel.codes import CodeCache, encode_missing
 from higgs_accel.config import ModelConfig, load_config
@@ -37,18 +37,18 @@ from higgs_accel.data import FileAudio, Sample
 from higgs_accel.encoding import encode_waves
 from higgs_accel.loading import load_codec
 from higgs_accel.loop import train
+from higgs_accel.memory import real_codec_config
 from higgs_accel.tiny import ensure_tiny_assets, speech_like
 
 
 def full_size_codec() -> HiggsAudioV2TokenizerModel:
-    """The real architecture with random weights: 25 frames/s and 8 codebooks need hop 960 and 2 kbps."""
-    cfg = HiggsAudioV2TokenizerConfig(
-        target_bandwidths=[0.5, 1, 1.5, 2],
-        acoustic_model_config={"downsampling_ratios": [8, 5, 4, 2, 3], "upsampling_ratios": [8, 5, 4, 2, 3]})
+    """The released codec's architecture (``memory.real_codec_config``: 25 frames/s, 8 codebooks) with random
+    weights, its codebooks spread out: zero codebooks would map every frame to code 0."""
     torch.manual_seed(0)
-    codec = HiggsAudioV2TokenizerModel(cfg).eval()
-    for q in codec.quantizer.quantizers:  # zero codebooks would map every frame to code 0: nothing to compare
+    codec = HiggsAudioV2TokenizerModel(real_codec_config()).eval()
+    for q in codec.quantizer.quantizers:
         q.codebook.embed.normal_(0.0, 0.02)
+        q.codebook.embed_avg.copy_(q.codebook.embed)
     return codec
 
 

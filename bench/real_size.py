@@ -42,9 +42,6 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 GIB = 2**30
 SMALL_HIDDEN = 256
-RELEASED_CODEC = dict(target_bandwidths=[0.5, 1, 1.5, 2],
-                      acoustic_model_config=dict(downsampling_ratios=[8, 5, 4, 2, 3],
-                                                 upsampling_ratios=[8, 5, 4, 2, 3]))
 UTTERANCES = ["The quick brown fox jumps over the lazy dog.", "Seven bright stars hum softly above quiet rivers.",
               "Small birds sing every morning in the old green hills.", "Please call Stella and ask her to bring "
               "these things with her from the store.", "A lazy dog sleeps while the river runs by.",
@@ -98,12 +95,9 @@ def build_codec(out: Path, small: bool) -> None:
     if small:
         tiny_codec(out)
         return
-    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+    from prepare import full_size_codec
 
-    codec = HiggsAudioV2TokenizerModel(HiggsAudioV2TokenizerConfig(**RELEASED_CODEC)).eval()
-    for q in codec.quantizer.quantizers:  # random codebooks start at zero: every frame would be code 0
-        q.codebook.embed.normal_(0.0, 0.02)
-        q.codebook.embed_avg.copy_(q.codebook.embed)
+    codec = full_size_codec()
     codec.save_pretrained(out)
 
 

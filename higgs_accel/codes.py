@@ -21,7 +21,18 @@ import torch
 from analysis.schema import write_text_atomic
 
 from .config import error_line
-from .data import FileAudio, Sample, Skip, audio_error, decode_audio, load_splits, screen, strict_error, token_limit
+from .data import (
+    FileAudio,
+    Sample,
+    Skip,
+    audio_error,
+    decode_audio,
+    in_line_order,
+    load_splits,
+    screen,
+    strict_error,
+    token_limit,
+)
 from .encoding import EncodeStats, encode_all, encode_waves, unencodable
 
 MEMORY_BYTES = 256 * 2**20  # codes kept in memory per process once read: about 180 hours of audio
@@ -273,7 +284,7 @@ def prepare_data(cfg, state, codec, tokenizer, num_codebooks: int, max_positions
     for split, samples, skips in (("train", train, train_skips), ("val", val, val_skips)):
         resolved, more = resolve(samples, cache, data.min_seconds, data.max_seconds)
         screened = screen(resolved, tokenizer, num_codebooks, data, limit)
-        splits[split] = (screened.kept, skips + more + screened.skips, screened)
+        splits[split] = (screened.kept, in_line_order(skips + more + screened.skips), screened)
     (train, train_skips, train_screen), (val, val_skips, val_screen) = splits["train"], splits["val"]
     return PreparedData(cache, train, val, train_skips, val_skips, encoding.encoded,
                         {"train": train_screen.longest_tokens, "val": val_screen.longest_tokens},
