@@ -2,15 +2,12 @@
 
 Two families: Higgs Audio v2 (transformers' ``HiggsAudioV2ForConditionalGeneration``, the Llama-3 chat layout of
 ``chat``) and Higgs TTS 3 (``tts3.HiggsTts3``, the TTS layout of ``tts3_prompt``). The family is read from the
-checkpoint's ``config.json`` (``model_type``). Data, the codes cache, events, slices, reports, checkpoints, resume,
-engines and the command line are one code path: where they meet a difference they ask this module, which tells the
-families apart by their special ids (``chat.SpecialIds`` or ``tts3_prompt.Tts3Ids``, built once per model stack).
-"""
+checkpoint's ``config.json`` (``model_type``: ``family_of``). Data, the codes cache, events, slices, reports,
+checkpoints, resume, engines and the command line are one code path: where they meet a difference they ask this
+module, which tells the families apart by their special ids (``chat.SpecialIds`` or ``tts3_prompt.Tts3Ids``, built
+once per model stack)."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 from . import chat, tts3_prompt
 from .tts3 import MODEL_TYPE as V3_MODEL_TYPE
@@ -18,27 +15,11 @@ from .tts3 import MODEL_TYPE as V3_MODEL_TYPE
 V2, V3 = "v2", "v3"
 
 
-def model_type(ref: str) -> str | None:
-    """The ``model_type`` of the checkpoint ``ref`` (a local dir, or a hub id whose config.json is fetchable);
-    None when it cannot be read (the family's own loader then says why in one line)."""
-    path = Path(ref) / "config.json"
-    if not Path(ref).is_dir():
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(ref, "config.json"))
-        except Exception:  # noqa: BLE001 - not a hub id, offline, absent: the loader reports it
-            return None
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def family_of(ref: str) -> str:
-    """V3 for a Higgs TTS 3 checkpoint (``model_type: higgs_multimodal_qwen3``), else V2: the v2 path resolves,
-    converts (the authors' original layout) or refuses everything else, as it always has."""
-    return V3 if ref and model_type(ref) == V3_MODEL_TYPE else V2
+def family_of(config: dict | None) -> str:
+    """V3 for a Higgs TTS 3 checkpoint's config.json (``model_type: higgs_multimodal_qwen3``), else V2: the v2 path
+    resolves, converts (the authors' original layout) or refuses everything else, as it always has. Reading the
+    file (local dir or hub) is ``loading.model_family``'s."""
+    return V3 if config and config.get("model_type") == V3_MODEL_TYPE else V2
 
 
 def is_v3(ids) -> bool:

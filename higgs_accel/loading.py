@@ -14,8 +14,8 @@ import torch
 
 from .chat import SpecialIds
 from .config import ConfigError, ModelConfig, check_model_ref, first_line
-from .convert import resolve_base, resolve_codec
-from .family import V3, family_of
+from .convert import read_config, resolve_base, resolve_codec
+from .family import V2, V3, family_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -28,6 +28,15 @@ def load_ref(name: str, what: str, ref: str, loader):
         return loader(ref)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{name}: cannot load {what} from '{ref}': {first_line(e) or type(e).__name__}") from None
+
+
+def model_family(ref: str, name: str = "'model.base'") -> str:
+    """``family.V3`` for a Higgs TTS 3 checkpoint (local dir or hub id), else ``family.V2``; a ref whose config
+    cannot be read is V2's, whose loading then says why in one line."""
+    try:
+        return family_of(read_config(ref, name)) if ref else V2
+    except ConfigError:
+        return V2
 
 
 def load_model(ref: str, adapter: str | None = None, dtype: str = "fp32", attn_implementation: str = "sdpa",
@@ -53,10 +62,12 @@ def with_adapter(model, adapter: str | None):
     return PeftModel.from_pretrained(model, adapter)
 
 
-def load_tokenizer(ref: str, name: str = "--base"):
+def load_tokenizer(ref: str, name: str = "--base", model_config=None):
+    """``model_config``: the config the tokenizer belongs to, for a checkpoint whose own config.json transformers
+    cannot read (Higgs TTS 3: its Qwen3 backbone's)."""
     from transformers import AutoTokenizer
 
-    return load_ref(name, "the text tokenizer", ref, AutoTokenizer.from_pretrained)
+    return load_ref(name, "the text tokenizer", ref, lambda r: AutoTokenizer.from_pretrained(r, config=model_config))
 
 
 def load_codec_dir(ref: str, name: str = "--audio-tokenizer"):
@@ -122,7 +133,7 @@ def load_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = 
     ids. ``pad_required``: the tokenizer must have a pad token (``load_text_tokenizer``). ``device``: where
     codec and model go. ``state`` (an Accelerator or PartialState): its main process resolves first, since
     resolving may convert into the shared cache."""
-    if family_of(cfg.base) == V3:
+    if model_family(cfg.base, names.base) == V3:
         return load_tts3_stack(cfg, adapter, weights=weights, names=names, pad_required=pad_required, device=device)
     with state.main_process_first() if state is not None else contextlib.nullcontext():
         sources, checkpoints = resolve_checkpoints(cfg, names.base, names.audio_tokenizer)
@@ -155,9 +166,10 @@ def load_tts3_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bo
     own_tokenizer = cfg.text_tokenizer if cfg.text_tokenizer != cfg.base else ""
     sources = dataclasses.replace(cfg, base=base, text_tokenizer=own_tokenizer or base)
     checkpoints = {"model.base": {"source": cfg.base, "layout": "released", "path": base, "converted": None}}
-    tokenizer = load_text_tokenizer(sources, names.text_tokenizer, pad_required)
+    config = Tts3Config.from_file(Path(base) / "config.json")
+    tokenizer = load_text_tokenizer(sources, names.text_tokenizer, pad_required, config.qwen3())
     codec = None
-    if cfg.audio_tokenizer and family_of(cfg.audio_tokenizer) == V3:
+    if cfg.audio_tokenizer and model_family(cfg.audio_tokenizer, names.audio_tokenizer) == V3:
         codec = load_ref(names.audio_tokenizer, "the bundled codec", cfg.audio_tokenizer, load_codec)
         codec = codec.requires_grad_(False)
         checkpoints["model.audio_tokenizer"] = {"source": cfg.audio_tokenizer, "layout": "bundled",
@@ -167,7 +179,6 @@ def load_tts3_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bo
         checkpoints["model.audio_tokenizer"] = found.event()
         sources = dataclasses.replace(sources, audio_tokenizer=found.path)
         codec = load_codec_dir(found.path, names.audio_tokenizer)
-    config = Tts3Config.from_file(Path(base) / "config.json")
     model = None
     if weights:
         model = load_ref(names.base, "Higgs TTS 3", base,
@@ -179,11 +190,12 @@ def load_tts3_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bo
     return ModelStack(sources, checkpoints, tokenizer, codec, model, config, Tts3Ids.from_parts(tokenizer, config))
 
 
-def load_text_tokenizer(cfg: ModelConfig, name: str = CONFIG_NAMES.text_tokenizer, pad_required: bool = True):
+def load_text_tokenizer(cfg: ModelConfig, name: str = CONFIG_NAMES.text_tokenizer, pad_required: bool = True,
+                        model_config=None):
     """The text tokenizer ``cfg`` names (its base model's by default); ``pad_required``: it must have a pad token,
-    since training pads batches with it."""
+    since training pads batches with it. ``model_config``: as ``load_tokenizer`` takes it."""
     ref = cfg.text_tokenizer or cfg.base
-    tokenizer = load_tokenizer(ref, name)
+    tokenizer = load_tokenizer(ref, name, model_config)
     if pad_required and tokenizer.pad_token_id is None:
         raise ConfigError(f"{name}: the tokenizer at '{ref}' has no pad token")
     return tokenizer

@@ -18,8 +18,9 @@ from analysis.schema import declared_type
 from higgs_accel.cli import main
 from higgs_accel.config import LoraConfig
 from higgs_accel.data import FileAudio, Sample, sequence_lengths
-from higgs_accel.family import V2, V3, build_example, family_of
+from higgs_accel.family import V2, V3, build_example
 from higgs_accel.generate import generate_speech, generated_codes
+from higgs_accel.loading import model_family
 from higgs_accel.memory import parameter_counts
 from higgs_accel.tiny import build_tiny_tts3, ensure_tiny_assets
 from higgs_accel.tts3 import HiggsTts3, Tts3Config, load_codec
@@ -49,10 +50,11 @@ def v3_run(tmp_path_factory):
 
 
 def test_the_family_is_read_from_the_checkpoint_config(tiny_v3, tmp_path):
-    assert family_of(str(tiny_v3)) == V3
+    assert model_family(str(tiny_v3)) == V3
     v2 = ensure_tiny_assets(tmp_path / "v2")
-    assert family_of(v2["model.base"]) == V2
-    assert family_of(str(tmp_path / "nothing-here")) == V2  # the v2 path refuses it, with its own line
+    assert model_family(v2["model.base"]) == V2
+    assert model_family(v2["model.audio_tokenizer"]) == V2  # a codec: the v2 path refuses it as a base
+    assert model_family(str(tmp_path / "nothing-here")) == V2  # the v2 path refuses it, with its own line
 
 
 def test_v3_sequence_lengths_are_the_built_lengths(tiny_v3):
@@ -220,3 +222,17 @@ def test_v3_export_is_the_released_layout_with_the_adapter_merged(v3_run, tmp_pa
         got = exported.model(*args).audio_logits
     assert not torch.allclose(want, base, atol=1e-3)  # the adapter changed the model ...
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # ... and the export is the adapted model
+
+
+def test_a_v3_run_resumes_exactly(v3_run, tmp_path):
+    """Steps 3 and 4 resumed from the step-2 checkpoint in a fresh dir equal the uninterrupted run's."""
+    resumed = tmp_path / "resumed"
+    checkpoint = v3_run / "checkpoints" / "step-00000002"
+    assert main(["train", "--preset", "tiny-v3", "--output-dir", str(resumed), "--resume", str(checkpoint),
+                 "--no-report"]) == 0
+    straight = {e["step"]: e for e in of(events_of(v3_run), "train_step")}
+    again = {e["step"]: e for e in of(events_of(resumed), "train_step")}
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "audio_loss", "lr", "grad_norm"):
+            assert abs(straight[step][key] - again[step][key]) < 1e-6, (step, key)

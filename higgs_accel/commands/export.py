@@ -37,7 +37,8 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from ..export import MANIFEST, export, export_tts3, plan_export
-    from ..family import V3, family_of
+    from ..family import V3
+    from ..loading import model_family
     from ..run_dir import resolve_sources
 
     src = resolve_sources(args.run, args.base, args.audio_tokenizer, args.adapter)
@@ -45,7 +46,7 @@ def run(args) -> int:
         raise ConfigError("--adapter (or --run) is required: there is nothing to merge without one")
     out = check_out_dir(args.out, args.overwrite)
     m = src.model
-    if family_of(m.base) == V3:
+    if model_family(m.base, "--base") == V3:
         export_tts3(m.base, src.adapter, out, m.text_tokenizer, m.audio_tokenizer or None, args.dtype)
         print(f"exported {m.base} + {src.adapter} to {out} (Higgs TTS 3, released layout, codec bundled)",
               file=sys.stderr)
