@@ -105,7 +105,7 @@ def events(n_events: int, seed: int = 0):
     clock = Clock()
     per_step = 1 + SAMPLES * (1 + CODEBOOKS) / LOG_STEPS
     total = max(1, int(n_events / per_step))
-    config = {"preset": "", "model": {"base": "bosonai/higgs-audio-v2-generation-3B-base"}, "lora": {"r": 16},
+    config = {"preset": "", "model": {"base": "bosonai/higgs-tts-2-3b-base"}, "lora": {"r": 16},
               "train": {"max_steps": total, "lr": 3e-3, "eval_every": EVAL_EVERY}, "log": {"log_steps": LOG_STEPS}}
     emitted = 0
 

@@ -483,7 +483,8 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, stack.config.max_position_embeddings)
     weights = LossWeights.of(t)
     # Recompute activations only when the step is predicted not to fit (model.gradient_checkpointing: auto).
-    memory_plan = plan_memory(cfg, stack.config, accelerator.device, longest=data.longest_tokens["train"] or None)
+    memory_plan = plan_memory(cfg, stack.config, accelerator.device, longest=data.longest_tokens["train"] or None,
+                              codec=codec)
     # Seeded again: the new LoRA weights must not depend on how much randomness loading and the encode step drew
     # (a cold codes cache draws more than a warm one, each process its own share).
     set_seed(t.seed)

@@ -235,10 +235,15 @@ def test_an_error_after_the_start_is_printed_once_with_its_real_time(tmp_path, t
     assert end["start_elapsed_s"] == [end["elapsed_s"]]
 
 
-def test_no_validation_data_is_said_in_run_start(tmp_path, tiny, codes_cache):
+def test_no_validation_data_is_said_in_run_start_and_on_the_console(tmp_path, tiny, codes_cache, capsys):
     run_dir = tmp_path / "run"
+    capsys.readouterr()
     assert cli_train(run_dir, {**tiny, "data.val_manifest": ""}, codes_cache, "train.max_steps=1",
                      "data.val_fraction=0") == 0
-    note = of(events_of(run_dir), "run_start")[0]["eval_note"]
+    start = of(events_of(run_dir), "run_start")[0]
+    note = start["eval_note"]
     assert "no validation data" in note and "data.val_fraction=0.05" in note
     assert not of(events_of(run_dir), "eval")
+    assert capsys.readouterr().err.count("no validation data") == 1  # said once, as a warning
+    # the codec the trainer moves to the device is in the memory plan (the tiny one: a few MB in fp32)
+    assert 0 < start["memory"]["codec_gib"] < 0.01

@@ -53,3 +53,15 @@ def test_wandb_with_a_netrc_login_may_start(tmp_path):
 def test_a_malformed_key_is_one_line(tmp_path):
     assert check_in(tmp_path, WANDB_API_KEY="short").startswith("'log.log_with': wandb cannot log in (")
 
+
+
+def test_train_with_wandb_and_no_login_stops_before_anything_loads(tmp_path):
+    """The command a newcomer types: one line, exit 2, and no run dir (nothing was built or loaded)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "higgs_accel", "train", "--preset", "tiny", "--output-dir", str(out),
+                           "log.log_with=wandb"], env={**clean, "HOME": str(tmp_path)}, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "wandb is not logged in" in done.stderr
+    assert not out.exists()

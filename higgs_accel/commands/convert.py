@@ -20,10 +20,12 @@ def add_parser(subparsers):
                     "codec under DIR/audio_tokenizer and the processor config; an audio tokenizer (config.json + "
                     "model.pth) becomes HiggsAudioV2TokenizerModel with its feature extractor. Training converts "
                     "on its own (once, into the cache); this command is for a copy of your own.",
-        epilog="Examples:\n  higgs-accel convert bosonai/higgs-audio-v2-generation-3B-base "
-               "--audio-tokenizer bosonai/higgs-audio-v2-tokenizer --out higgs-v2-hf\n"
-               "  higgs-accel convert ./my-finetune --audio-tokenizer ./higgs-v2-hf/audio_tokenizer --out my-hf\n"
-               "  higgs-accel convert bosonai/higgs-audio-v2-tokenizer --out codec-hf",
+        epilog="Today's bosonai repositories (bosonai/higgs-tts-2-3b-base, bosonai/higgs-audio-v2-tokenizer) are in "
+               "transformers' layout already; the original layout is in their snapshots from before April 2026 and "
+               "in fine-tunes made with the authors' own trainer.\nExamples:\n"
+               "  higgs-accel convert ./my-finetune --audio-tokenizer bosonai/higgs-audio-v2-tokenizer --out my-hf\n"
+               "  higgs-accel convert ./higgs-audio-v2-original --audio-tokenizer ./codec-original --out higgs-v2-hf\n"
+               "  higgs-accel convert ./codec-original --out codec-hf",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="original-format model or audio tokenizer: local dir or hub id")
     p.add_argument("--out", required=True, help="output dir")

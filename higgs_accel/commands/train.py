@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import error_line, load_config
 from ..run_dir import resumed_config
+from ..sinks.tracker import check_trackers_start
 from . import add_config_parser, config_overrides
 
 
@@ -26,6 +27,7 @@ def run(args) -> int:
         if os.environ.get("RANK", "0") == "0":  # the launcher's main process (accelerate's state is not built yet)
             for key, (old, new) in changed.items():
                 print(f"resume: {key} changed from {old!r} to {new!r}")
+    check_trackers_start(cfg.log.log_with)  # a tracker that cannot start stops the run before anything loads
     from accelerate import PartialState
 
     from ..loop import train
@@ -46,13 +48,12 @@ def write_run_report(run_dir) -> None:
     from analysis.report import write_report
 
     try:
-        paths = write_report(run_dir)
+        write_report(run_dir)  # the run's summary lines name it
     except Exception as e:  # noqa: BLE001 - the run is over and its events are safe; only the report is missing
         print(f"higgs-accel: warning: the run finished, but its report failed ({type(e).__name__}: {e}); "
               f"try again with `higgs-accel report {run_dir}`", file=sys.stderr)
         _append_log_error(run_dir, "report", e)
         return
-    print(f"report: {', '.join(str(p) for p in paths)}", file=sys.stderr)
 
 
 def _append_log_error(run_dir, sink: str, error: BaseException) -> None:

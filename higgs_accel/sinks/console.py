@@ -79,6 +79,8 @@ class ConsoleSink:
             self._print(f"run {e['run_id']} | {e['world_size']} process(es) on {e['device']} | "
                         f"trainable {e['trainable_params']:,} of {e['total_params']:,} parameters "
                         f"({100 * e['trainable_params'] / max(e['total_params'], 1):.2f}%) | {e['run_dir']}")
+        if e.get("eval_note"):
+            self._print(f"[warning] {e['eval_note']}", problem=True)
 
     def _on_data_summary(self, e):
         if self.level <= 20 or _is_problem(e):
