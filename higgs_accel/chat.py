@@ -160,3 +160,14 @@ def special_tokens_in(text: str, tokenizer) -> list[str]:
     layout: such a sample is refused, never built."""
     pattern = _special_pattern(tokenizer)
     return pattern.findall(text) if pattern and text else []
+
+
+def sequence_lengths(samples: list, tokenizer, num_codebooks: int, system_prompt: str) -> list[int]:
+    """Positions of each sample's full sequence as ``build_example`` lays it out (a test holds them equal), without
+    building it: the text tokens between its audios, plus per audio its frames, stream BOS and EOS and the delay
+    frames. Needs the frame counts ``codes.resolve`` sets."""
+    pieces = [(sample_prompt(s, system_prompt) + TARGET).split(AUDIO_PLACEHOLDER) for s in samples]
+    flat = [p for ps in pieces for p in ps]
+    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    return [sum(next(counts) for _ in ps) + s.frames + (len(ps) - 1) * (num_codebooks + 1)
+            for s, ps in zip(samples, pieces)]

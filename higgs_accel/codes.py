@@ -267,11 +267,11 @@ class PreparedData:
             raise strict_error(problems)
 
 
-def prepare_data(cfg, state, codec, tokenizer, num_codebooks: int, max_positions: int) -> PreparedData:
+def prepare_data(cfg, state, codec, tokenizer, ids, max_positions: int) -> PreparedData:
     """Read both manifests, encode what the cache lacks (each process of ``state`` its share, in parallel), check
-    every sample against the now complete cache, then screen the texts and lengths (``max_positions``: the model's
-    ``max_position_embeddings``). ``higgs-accel prepare`` and training's setup both call this, so they keep and skip
-    the same samples."""
+    every sample against the now complete cache, then screen the texts and lengths (``ids``: the family's special
+    ids, which lay the samples out; ``max_positions``: the model's ``max_position_embeddings``). ``higgs-accel
+    prepare`` and training's setup both call this, so they keep and skip the same samples."""
     data = cfg.data
     cache = CodeCache(data.codes_cache or default_cache_dir(), codec.to(state.device))
     train, val, train_skips, val_skips = load_splits(data, cfg.train.seed)
@@ -283,7 +283,7 @@ def prepare_data(cfg, state, codec, tokenizer, num_codebooks: int, max_positions
     splits = {}
     for split, samples, skips in (("train", train, train_skips), ("val", val, val_skips)):
         resolved, more = resolve(samples, cache, data.min_seconds, data.max_seconds)
-        screened = screen(resolved, tokenizer, num_codebooks, data, limit)
+        screened = screen(resolved, tokenizer, ids, data, limit)
         splits[split] = (screened.kept, in_line_order(skips + more + screened.skips), screened)
     (train, train_skips, train_screen), (val, val_skips, val_screen) = splits["train"], splits["val"]
     return PreparedData(cache, train, val, train_skips, val_skips, encoding.encoded,

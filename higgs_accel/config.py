@@ -192,7 +192,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    preset: str = _opt("", "embedded default to run without downloads", choices=("", "tiny"))
+    preset: str = _opt("", "embedded default to run without downloads: tiny (Higgs Audio v2) or tiny-v3 (Higgs TTS 3)",
+                       choices=("", "tiny", "tiny-v3"))
     resume: str = _opt("", "continue from a checkpoint: 'latest' or a checkpoint dir")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -222,6 +223,10 @@ TINY_PRESET = {
     "lora.modules_to_save": ["audio_lm_head", "text_lm_head"],
     "log.log_steps": 20,
 }
+# `--preset tiny-v3`: the same run on a tiny Higgs TTS 3, whose fused audio embedding (and the head tied to it) is
+# random: trained in full beside the LoRA. Its audio layout has no text targets.
+TINY_PRESETS = {"tiny": TINY_PRESET,
+                "tiny-v3": {**TINY_PRESET, "lora.modules_to_save": ["audio_embedding"]}}
 
 
 def all_keys() -> dict[str, tuple[dataclasses.Field, object]]:
@@ -405,9 +410,10 @@ def load_config(path: str | None = None, overrides: list[tuple[str, object, str]
             values[k] = (v, path)
     for key, value, where in overrides:
         values[key] = (value, where)
-    if values.get("preset", ("", ""))[0] == "tiny" and base is None:
-        for k, v in TINY_PRESET.items():
-            values.setdefault(k, (v, "preset tiny"))
+    preset = values.get("preset", ("", ""))[0]
+    if preset in TINY_PRESETS and base is None:
+        for k, v in TINY_PRESETS[preset].items():
+            values.setdefault(k, (v, f"preset {preset}"))
 
     keys = all_keys()
     cfg = copy.deepcopy(base) if base is not None else RunConfig()
@@ -621,11 +627,16 @@ def check_model_parts(sources: ModelConfig, config, tokenizer, codec_config) -> 
             if v is not None and not 0 <= v < len(tokenizer):
                 raise ConfigError(f"{model_file}: {field_name} {v} is not a token of the text tokenizer "
                                   f"({len(tokenizer)} tokens)")
-    if codec_config is not None and codec_config.num_quantizers != config.num_codebooks:
+    check_codec_codebooks(sources, config.num_codebooks, codec_config)
+
+
+def check_codec_codebooks(sources: ModelConfig, num_codebooks: int, codec_config) -> None:
+    """The codec must have the model's codebook count (``num_codebooks`` of the model's config.json)."""
+    if codec_config is not None and codec_config.num_quantizers != num_codebooks:
         codec_file = Path(sources.audio_tokenizer) / "config.json"
         raise ConfigError(f"'model.audio_tokenizer': {codec_file}: the codec has {codec_config.num_quantizers} "
                           f"codebooks (target_bandwidths {codec_config.target_bandwidths}), the model "
-                          f"{config.num_codebooks} (num_codebooks in {Path(sources.base) / 'config.json'})")
+                          f"{num_codebooks} (num_codebooks in {Path(sources.base) / 'config.json'})")
 
 
 def _check_signals(names: list[str]) -> None:

@@ -19,8 +19,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .chat import AUDIO_PLACEHOLDER, IGNORE, TARGET, build_example, sample_prompt, special_tokens_in
+from .chat import IGNORE, special_tokens_in
 from .config import ConfigError
+from .family import build_example, sequence_lengths
 
 MANIFEST_SUFFIXES = (".jsonl", ".json")
 AUDIOFOLDER_METADATA = ("metadata.jsonl", "metadata.csv")
@@ -341,17 +342,6 @@ def token_limit(cfg, max_positions: int) -> int:
     return min((n for n in (cfg.max_tokens or max_positions, cfg.max_tokens_per_batch) if n), default=0)
 
 
-def sequence_lengths(samples: list[Sample], tokenizer, num_codebooks: int, system_prompt: str) -> list[int]:
-    """Positions of each sample's full sequence as ``build_example`` lays it out (a test holds them equal), without
-    building it: the text tokens between its audios, plus per audio its frames, stream BOS and EOS and the delay
-    frames. Needs the frame counts ``codes.resolve`` sets."""
-    pieces = [(sample_prompt(s, system_prompt) + TARGET).split(AUDIO_PLACEHOLDER) for s in samples]
-    flat = [p for ps in pieces for p in ps]
-    counts = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
-    return [sum(next(counts) for _ in ps) + s.frames + (len(ps) - 1) * (num_codebooks + 1)
-            for s, ps in zip(samples, pieces)]
-
-
 def special_token_skip(sample: Sample, tokenizer) -> Skip | None:
     """A Skip when a text of the sample (transcript, reference transcript, scene, system prompt) spells out a special
     token, naming the field and the token."""
@@ -376,11 +366,11 @@ class Screened:
     duplicates: int         # lines repeating an earlier line's audio content and texts (dropped or not)
 
 
-def screen(samples: list[Sample], tokenizer, num_codebooks: int, cfg, limit: int) -> Screened:
+def screen(samples: list[Sample], tokenizer, ids, cfg, limit: int) -> Screened:
     """The checks after ``codes.resolve`` (which knows the audio's content and frames): special tokens in the texts,
     sequences over ``limit`` positions (``token_limit``), and repeated lines (dropped with ``data.drop_duplicates``)."""
     kept, skips, seen, duplicates = [], [], {}, 0
-    lengths = sequence_lengths(samples, tokenizer, num_codebooks, cfg.system_prompt)
+    lengths = sequence_lengths(samples, tokenizer, ids, cfg.system_prompt)
     longest = 0
     for s, n in zip(samples, lengths):
         if problem := special_token_skip(s, tokenizer):
@@ -425,8 +415,7 @@ class HiggsDataset(torch.utils.data.Dataset):
         if problem := special_token_skip(s, self.tokenizer):  # screened before training; checked again for safety
             return problem
         try:
-            example = build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg.system_prompt,
-                                    self.cfg.train_on_prompt, self.cfg.train_audio_eos, self.cfg.train_audio_out_bos)
+            example = build_example(s, codes, ref, self.tokenizer, self.ids, self.cfg)
         except Exception as e:  # noqa: BLE001 - StopIteration included: see the class doc
             return Skip(s.source, s.line, "build_failed", f"{type(e).__name__}: {e}")
         limit = token_limit(self.cfg, 0)
@@ -436,7 +425,7 @@ class HiggsDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> list[int]:
         """Sequence length of each sample, exactly as built, without building it."""
-        return sequence_lengths(self.samples, self.tokenizer, self.ids.num_codebooks, self.cfg.system_prompt)
+        return sequence_lengths(self.samples, self.tokenizer, self.ids, self.cfg.system_prompt)
 
 
 class EpochSampler(torch.utils.data.Sampler):

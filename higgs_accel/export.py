@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter into its base model and save a standalone model dir that transformers loads directly.
+"""Merge a LoRA adapter into its base model and save a standalone model dir that transformers loads directly (a
+Higgs TTS 3 base: the released layout the runtimes load, ``export_tts3``).
 
 Layout of the export dir::
 
@@ -57,5 +58,30 @@ def export(plan: MergePlan, out: str | Path, text_tokenizer: str) -> Path:
             "use_text_head": True, "processor": None}
     if plan.codec is not None:
         info["processor"] = save_processor(out, tokenizer, out / CODEC_DIR)
+    (out / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def export_tts3(base: str, adapter: str, out: str | Path, text_tokenizer: str | None = None,
+                audio_tokenizer: str | None = None, dtype: str | None = None) -> Path:
+    """The Higgs TTS 3 export: base + adapter merged (PEFT's ``merge_and_unload``, trained ``modules_to_save``
+    included) and written in the released layout and key names (``tts3.HiggsTts3.save_pretrained``) with the codec
+    bundled under the release's prefix and the text tokenizer beside it, which is what SGLang-Omni and vLLM-Omni
+    load. ``dtype`` None: the base checkpoint's. The whole model is held in memory once (8 GB in bf16 for the 4B
+    release); the bounded, tensor-by-tensor merge of ``merge.py`` is v2's alone so far."""
+    from .loading import load_tts3_stack, with_adapter
+    from .tts3 import HiggsTts3
+    from .tts3 import load_codec as bundled_codec
+
+    sources = ModelConfig(base=base, audio_tokenizer=audio_tokenizer or "", text_tokenizer=text_tokenizer or base)
+    stack = load_tts3_stack(sources, weights=False, names=FLAG_NAMES)
+    codec = stack.codec if stack.codec is not None else bundled_codec(stack.sources.base)
+    model = HiggsTts3.from_pretrained(stack.sources.base, dtype=DTYPES[dtype] if dtype else None)
+    merged = with_adapter(model, adapter).merge_and_unload()
+    out = merged.save_pretrained(out, codec=codec)
+    stack.tokenizer.save_pretrained(out)
+    info = {"base": str(base), "adapter": str(adapter), "text_tokenizer": stack.sources.text_tokenizer,
+            "audio_tokenizer": audio_tokenizer or f"{base} (bundled)", "dtype": dtype or "the base's",
+            "layout": "released (Higgs TTS 3)", "use_text_head": None, "processor": None}
     (out / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -11,6 +11,7 @@ repetition-aware sampling, as the authors tune it); every knob of ``SAMPLING_KEY
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from .chat import SpecialIds, chat_prompt, lay_out
 from .config import SAMPLING_KEYS, DataConfig, error_line
 from .data import load_audio
+from .family import is_v3
 
 DEFAULT_SYSTEM_PROMPT = DataConfig().system_prompt
 DEFAULT_MAX_NEW_TOKENS = 750  # generation steps (one delayed audio frame each) of the generate and evaluate commands
@@ -161,17 +163,22 @@ def generate_speech(model, tokenizer, codec, ids: SpecialIds, text: str, ref_aud
     try:
         if ref_audio is not None and ref_codes is None:
             ref_codes = encode_reference(codec, ref_audio)
-        prompt = build_prompt(tokenizer, ids, text, ref_codes, ref_text, scene, system_prompt)
-        kwargs = sampling_kwargs(lm, sampling)
-        result["sampling"] = effective_sampling(lm, kwargs)
+        if is_v3(ids):
+            from .tts3_generate import effective_sampling as tts3_sampling
+
+            knobs = tts3_sampling(sampling)
+            result["sampling"] = knobs
+            run = partial(_generate_tts3, lm, tokenizer, ids, text, ref_codes, ref_text, max_new_tokens, knobs)
+        else:
+            prompt = build_prompt(tokenizer, ids, text, ref_codes, ref_text, scene, system_prompt)
+            kwargs = sampling_kwargs(lm, sampling)
+            result["sampling"] = effective_sampling(lm, kwargs)
+            run = partial(_generate_v2, lm, prompt, max_new_tokens, kwargs)
         with torch.random.fork_rng(devices=_cuda_devices(lm)):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = _generate(lm, prompt, max_new_tokens, kwargs)
-        n_ref = 0 if prompt["audio_input_ids"] is None else len(prompt["audio_input_ids"])
-        frames = out.audio_sequences[0, n_ref:].cpu()
-        result["new_tokens"] = len(frames)
-        result["stopped"] = "eos" if int(out.sequences[0, -1]) == lm.config.eos_token_id else "max_length"
+            frames, result["stopped"] = run()
+        result["new_tokens"] = len(frames) - is_v3(ids)  # v3: the all-BOS frame in front was not generated
         codes = generated_codes(frames, ids)
         result["n_frames"] = codes.shape[1]
         if codes.shape[1] == 0:
@@ -197,6 +204,26 @@ def describe_sampling(sampling: dict) -> str:
     if sampling["ras_win_len"] is not None:
         return f"{how}, repetition-aware: {sampling['ras_win_max_num_repeat']} in {sampling['ras_win_len']} frames"
     return how
+
+
+def _generate_v2(lm, prompt: dict, max_new_tokens: int, kwargs: dict) -> tuple[torch.Tensor, str]:
+    """(delayed frames (F, K) from the all-BOS frame on, stopped) through transformers' ``generate``."""
+    out = _generate(lm, prompt, max_new_tokens, kwargs)
+    n_ref = 0 if prompt["audio_input_ids"] is None else len(prompt["audio_input_ids"])
+    stopped = "eos" if int(out.sequences[0, -1]) == lm.config.eos_token_id else "max_length"
+    return out.audio_sequences[0, n_ref:].cpu(), stopped
+
+
+def _generate_tts3(lm, tokenizer, ids, text: str, ref_codes, ref_text: str, max_new_tokens: int,
+                   knobs: dict) -> tuple[torch.Tensor, str]:
+    """The same for Higgs TTS 3 (``tts3_generate``): its rows lack v2's leading all-BOS frame, which is put in front
+    so ``generated_codes`` reads both families' frames alike. The layout has no system prompt or scene."""
+    from .tts3_generate import generate_rows
+    from .tts3_prompt import build_example
+
+    prompt = build_example(tokenizer, ids, text, None, ref_codes, ref_text or None)
+    rows, stopped = generate_rows(lm, ids, prompt, max_new_tokens, knobs)
+    return torch.cat([rows.new_full((1, ids.num_codebooks), ids.stream_bos), rows]), stopped
 
 
 def _generate(lm, prompt: dict, max_new_tokens: int, sampling: dict):

@@ -14,7 +14,8 @@ import torch
 
 from .chat import SpecialIds
 from .config import ConfigError, ModelConfig, check_model_ref, first_line
-from .convert import resolve_base, resolve_codec
+from .convert import read_config, resolve_base, resolve_codec
+from .family import V2, V3, family_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,6 +30,15 @@ def load_ref(name: str, what: str, ref: str, loader):
         raise ConfigError(f"{name}: cannot load {what} from '{ref}': {first_line(e) or type(e).__name__}") from None
 
 
+def model_family(ref: str, name: str = "'model.base'") -> str:
+    """``family.V3`` for a Higgs TTS 3 checkpoint (local dir or hub id), else ``family.V2``; a ref whose config
+    cannot be read is V2's, whose loading then says why in one line."""
+    try:
+        return family_of(read_config(ref, name)) if ref else V2
+    except ConfigError:
+        return V2
+
+
 def load_model(ref: str, adapter: str | None = None, dtype: str = "fp32", attn_implementation: str = "sdpa",
                name: str = "--base"):
     """HiggsAudioV2ForConditionalGeneration with its text head (so a text loss exists; never trust_remote_code),
@@ -38,19 +48,26 @@ def load_model(ref: str, adapter: str | None = None, dtype: str = "fp32", attn_i
     model = load_ref(name, "HiggsAudioV2ForConditionalGeneration", ref,
                      lambda r: HiggsAudioV2ForConditionalGeneration.from_pretrained(
                          r, use_text_head=True, dtype=DTYPES[dtype], attn_implementation=attn_implementation))
-    if adapter:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter dir (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
+    return with_adapter(model, adapter).eval()
 
 
-def load_tokenizer(ref: str, name: str = "--base"):
+def with_adapter(model, adapter: str | None):
+    """``model`` with the PEFT adapter at ``adapter`` on top (a PeftModel); ``model`` itself when None."""
+    if not adapter:
+        return model
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter dir (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter)
+
+
+def load_tokenizer(ref: str, name: str = "--base", model_config=None):
+    """``model_config``: the config the tokenizer belongs to, for a checkpoint whose own config.json transformers
+    cannot read (Higgs TTS 3: its Qwen3 backbone's)."""
     from transformers import AutoTokenizer
 
-    return load_ref(name, "the text tokenizer", ref, AutoTokenizer.from_pretrained)
+    return load_ref(name, "the text tokenizer", ref, lambda r: AutoTokenizer.from_pretrained(r, config=model_config))
 
 
 def load_codec_dir(ref: str, name: str = "--audio-tokenizer"):
@@ -116,6 +133,8 @@ def load_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = 
     ids. ``pad_required``: the tokenizer must have a pad token (``load_text_tokenizer``). ``device``: where
     codec and model go. ``state`` (an Accelerator or PartialState): its main process resolves first, since
     resolving may convert into the shared cache."""
+    if model_family(cfg.base, names.base) == V3:
+        return load_tts3_stack(cfg, adapter, weights=weights, names=names, pad_required=pad_required, device=device)
     with state.main_process_first() if state is not None else contextlib.nullcontext():
         sources, checkpoints = resolve_checkpoints(cfg, names.base, names.audio_tokenizer)
     tokenizer = load_text_tokenizer(sources, names.text_tokenizer, pad_required)
@@ -134,11 +153,49 @@ def load_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = 
     return ModelStack(sources, checkpoints, tokenizer, codec, model, config, SpecialIds.from_parts(tokenizer, config))
 
 
-def load_text_tokenizer(cfg: ModelConfig, name: str = CONFIG_NAMES.text_tokenizer, pad_required: bool = True):
+def load_tts3_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = True,
+                    names: Names = CONFIG_NAMES, pad_required: bool = False,
+                    device: torch.device | str | None = None) -> ModelStack:
+    """``load_stack`` for a Higgs TTS 3 checkpoint (``family.V3``): the released layout is read as it is (no
+    conversion); the codec is the one bundled in ``model.audio_tokenizer`` when that names a Higgs TTS 3 checkpoint
+    (the base itself, usually), else a ``HiggsAudioV2TokenizerModel`` dir or hub id as for v2."""
+    from .tts3 import HiggsTts3, Tts3Config, load_codec, resolve_dir
+    from .tts3_prompt import Tts3Ids
+
+    base = str(load_ref(names.base, "Higgs TTS 3", cfg.base, resolve_dir))
+    own_tokenizer = cfg.text_tokenizer if cfg.text_tokenizer != cfg.base else ""
+    sources = dataclasses.replace(cfg, base=base, text_tokenizer=own_tokenizer or base)
+    checkpoints = {"model.base": {"source": cfg.base, "layout": "released", "path": base, "converted": None}}
+    config = Tts3Config.from_file(Path(base) / "config.json")
+    tokenizer = load_text_tokenizer(sources, names.text_tokenizer, pad_required, config.qwen3())
+    codec = None
+    if cfg.audio_tokenizer and model_family(cfg.audio_tokenizer, names.audio_tokenizer) == V3:
+        codec = load_ref(names.audio_tokenizer, "the bundled codec", cfg.audio_tokenizer, load_codec)
+        codec = codec.requires_grad_(False)
+        checkpoints["model.audio_tokenizer"] = {"source": cfg.audio_tokenizer, "layout": "bundled",
+                                                "path": str(resolve_dir(cfg.audio_tokenizer)), "converted": None}
+    elif cfg.audio_tokenizer:  # a v2 codec of its own (converted if in the authors' layout)
+        found = resolve_codec(cfg.audio_tokenizer, name=names.audio_tokenizer)
+        checkpoints["model.audio_tokenizer"] = found.event()
+        sources = dataclasses.replace(sources, audio_tokenizer=found.path)
+        codec = load_codec_dir(found.path, names.audio_tokenizer)
+    model = None
+    if weights:
+        model = load_ref(names.base, "Higgs TTS 3", base,
+                         lambda r: HiggsTts3.from_pretrained(r, dtype=DTYPES[sources.dtype]))
+        model = with_adapter(model, adapter).eval()
+    if device is not None:
+        codec = codec.to(device) if codec is not None else None
+        model = model.to(device) if model is not None else None
+    return ModelStack(sources, checkpoints, tokenizer, codec, model, config, Tts3Ids.from_parts(tokenizer, config))
+
+
+def load_text_tokenizer(cfg: ModelConfig, name: str = CONFIG_NAMES.text_tokenizer, pad_required: bool = True,
+                        model_config=None):
     """The text tokenizer ``cfg`` names (its base model's by default); ``pad_required``: it must have a pad token,
-    since training pads batches with it."""
+    since training pads batches with it. ``model_config``: as ``load_tokenizer`` takes it."""
     ref = cfg.text_tokenizer or cfg.base
-    tokenizer = load_tokenizer(ref, name)
+    tokenizer = load_tokenizer(ref, name, model_config)
     if pad_required and tokenizer.pad_token_id is None:
         raise ConfigError(f"{name}: the tokenizer at '{ref}' has no pad token")
     return tokenizer

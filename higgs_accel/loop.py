@@ -21,10 +21,17 @@ import torch
 from analysis.schema import flatten, read_jsonl, start_seconds
 
 from . import checkpoint as ckpt
-from . import engine
+from . import engine, family
 from .chat import SpecialIds
 from .codes import PreparedData, prepare_data
-from .config import ConfigError, RunConfig, check_model_parts, validate_for_model
+from .config import (
+    TINY_PRESETS,
+    ConfigError,
+    RunConfig,
+    check_codec_codebooks,
+    check_model_parts,
+    validate_for_model,
+)
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .encoding import across_processes
 from .events import EventLog, capture_library_logs
@@ -466,17 +473,17 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     from accelerate.utils import set_seed
 
     t = cfg.train
-    if cfg.preset == "tiny":
+    if cfg.preset in TINY_PRESETS:
         with accelerator.main_process_first():
             apply_tiny_preset(cfg, run_dir / TINY_DIR)
     set_seed(t.seed)
     stack = _setup_model(cfg, accelerator)
     tokenizer, codec, base, ids = stack.tokenizer, stack.codec, stack.model, stack.ids
     generation = generation_options(cfg.log, codec) if accelerator.is_main_process else {}
-    data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, base.config.max_position_embeddings)
+    data = _setup_data(cfg, accelerator, log, codec, tokenizer, ids, stack.config.max_position_embeddings)
     weights = LossWeights.of(t)
     # Recompute activations only when the step is predicted not to fit (model.gradient_checkpointing: auto).
-    memory_plan = plan_memory(cfg, base.config, accelerator.device, longest=data.longest_tokens["train"] or None,
+    memory_plan = plan_memory(cfg, stack.config, accelerator.device, longest=data.longest_tokens["train"] or None,
                               codec=codec)
     # Seeded again: the new LoRA weights must not depend on how much randomness loading and the encode step drew
     # (a cold codes cache draws more than a warm one, each process its own share).
@@ -484,7 +491,7 @@ def _setup_training(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, log
     model = DualLossModel(add_lora(base, cfg.lora, memory_plan["gradient_checkpointing"]), ids, weights)
     trainable, total = count_parameters(model)
     if cfg.model.compile:
-        model.lm.model.compile(dynamic=True)  # the backbone only: the heads run on data-dependent positions
+        family.backbone(model.lm).compile(dynamic=True)  # the backbone only: the heads run on data-dependent positions
     train_loader, val_loader = _setup_loaders(cfg, data, tokenizer, ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay, fused=torch.cuda.is_available() or None)
@@ -531,7 +538,10 @@ def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
     first if in the authors' original layout); the config's codebook-dependent settings are checked against the
     model's own codebook count."""
     stack = load_stack(cfg.model, pad_required=True, state=accelerator)
-    check_model_parts(stack.sources, stack.config, stack.tokenizer, stack.codec.config)
+    if family.is_v3(stack.ids):
+        check_codec_codebooks(stack.sources, stack.config.num_codebooks, stack.codec.config)
+    else:
+        check_model_parts(stack.sources, stack.config, stack.tokenizer, stack.codec.config)
     validate_for_model(cfg, stack.ids.num_codebooks)
     return stack
 
@@ -540,7 +550,7 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, 
                 max_positions: int) -> PreparedData:
     """Both splits against a complete codes cache (``prepare_data``, as ``higgs-accel prepare`` does), reported as
     events; strict data checks and an empty training set stop here."""
-    data = prepare_data(cfg, accelerator, codec, tokenizer, ids.num_codebooks, max_positions)
+    data = prepare_data(cfg, accelerator, codec, tokenizer, ids, max_positions)
     data.check_strict(cfg.data.strict)  # before the skips are reported: the error lists them, once
     # Summed over the processes: each encoded its share.
     encodes = int(accelerator.reduce(torch.tensor(data.cache.encode_calls, device=accelerator.device), "sum"))

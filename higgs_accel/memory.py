@@ -39,7 +39,7 @@ FITS_MARGIN = 0.95               # auto turns checkpointing on above this fracti
 
 
 def widths(c) -> dict[str, int]:
-    """The widths the formulas use, from a HiggsAudioV2Config (or anything with its attribute names)."""
+    """The widths the formulas use, from a HiggsAudioV2Config or a Tts3Config (or anything with their names)."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return {"hidden": c.hidden_size, "attn": c.num_attention_heads * head_dim,
             "kv": c.num_key_value_heads * head_dim, "inter": c.intermediate_size, "heads": c.num_attention_heads}
@@ -59,18 +59,29 @@ def layer_bytes_per_token(c, dtype: str = "bf16") -> int:
 
 
 def parameter_counts(c, lora) -> tuple[int, int]:
-    """(base model parameters, LoRA parameters) of HiggsAudioV2ForConditionalGeneration with its text head."""
+    """(base model parameters, LoRA parameters) of HiggsAudioV2ForConditionalGeneration with its text head, or of
+    Higgs TTS 3 (a ``Tts3Config``: one MLP per layer, q/k norms, the fused audio embedding, heads tied as its config
+    says)."""
+    from .tts3 import Tts3Config
+
+    v3 = isinstance(c, Tts3Config)
     w = widths(c)
     h, inter = w["hidden"], w["inter"]
     audio_vocab = c.num_codebooks * c.codebook_size
     attention = [(h, w["attn"]), (h, w["kv"]), (h, w["kv"]), (w["attn"], h)]
     mlp = [(h, inter), (h, inter), (inter, h)]
-    per_layer = sum(i * o for i, o in attention) + 2 * sum(i * o for i, o in mlp) + 4 * h
-    base = c.num_hidden_layers * per_layer + 2 * c.vocab_size * h + 2 * audio_vocab * h + h
+    mlps = 1 if v3 else 2  # v2's DualFFN: a text and an audio MLP per layer
+    norms = 2 * h + 2 * (w["attn"] // w["heads"]) if v3 else 4 * h
+    per_layer = sum(i * o for i, o in attention) + mlps * sum(i * o for i, o in mlp) + norms
+    if v3:
+        heads = c.vocab_size * h * (not c.tie_word_embeddings) + audio_vocab * h * (not c.tie_audio_head)
+        base = c.num_hidden_layers * per_layer + c.vocab_size * h + audio_vocab * h + heads + h
+    else:
+        base = c.num_hidden_layers * per_layer + 2 * c.vocab_size * h + 2 * audio_vocab * h + h
     targets = set(lora.target_modules)
     names = ["q_proj", "k_proj", "v_proj", "o_proj"]
     adapted = [(i, o) for (i, o), n in zip(attention, names) if n in targets]
-    adapted += 2 * [(i, o) for (i, o), n in zip(mlp, ["gate_proj", "up_proj", "down_proj"]) if n in targets]
+    adapted += mlps * [(i, o) for (i, o), n in zip(mlp, ["gate_proj", "up_proj", "down_proj"]) if n in targets]
     return base, c.num_hidden_layers * lora.r * sum(i + o for i, o in adapted)
 
 

@@ -1,4 +1,5 @@
-"""The trained module: PEFT LoRA adapters on transformers' own Higgs Audio v2, and the dual loss around it."""
+"""The trained module: PEFT LoRA adapters on the family's model (transformers' own Higgs Audio v2, or Higgs TTS 3 on
+transformers' Qwen3), and the dual loss around it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 
 from .chat import SpecialIds
 from .config import ConfigError, LoraConfig
+from .family import audio_slot_ids, forward_hidden
 from .losses import (
     FRAMES,
     PADDED,
@@ -18,6 +20,7 @@ from .losses import (
     dual_loss,
     target_counts,
 )
+from .tts3_prompt import Tts3Ids
 
 
 def add_lora(model, cfg: LoraConfig, gradient_checkpointing: bool | str = False):
@@ -51,15 +54,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 class DualLossModel(nn.Module):
     """The PEFT-wrapped model plus the dual loss, as one module so DDP sees a single forward."""
 
-    def __init__(self, peft_model, ids: SpecialIds, weights: LossWeights | None = None):
+    def __init__(self, peft_model, ids: SpecialIds | Tts3Ids, weights: LossWeights | None = None):
         super().__init__()
         self.peft = peft_model
         self.weights = weights or LossWeights()
-        self.register_buffer("audio_token_ids", torch.tensor([ids.audio, ids.delay]), persistent=False)
+        self.register_buffer("audio_token_ids", torch.tensor(audio_slot_ids(ids)), persistent=False)
 
     @property
     def lm(self):
-        """The underlying HiggsAudioV2ForConditionalGeneration (with LoRA layers injected)."""
+        """The underlying model (HiggsAudioV2ForConditionalGeneration or HiggsTts3, LoRA layers injected)."""
         return self.peft.get_base_model()
 
     def audio_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -73,12 +76,9 @@ class DualLossModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], counts: list[float] | None = None) -> LossOutput:
         """``counts``: the optimizer step's target counts (``count_targets`` summed over its micro-batches and
         processes), which makes ``loss`` this micro-batch's share of the step's loss; None: the batch's own."""
-        lm = self.lm
-        hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          audio_input_ids=batch["audio_input_ids"],
-                          audio_input_ids_mask=batch["audio_input_ids_mask"]).last_hidden_state
-        out = dual_loss(hidden, lm.text_lm_head, lm.audio_lm_head, batch["labels"], self.audio_labels(batch),
-                        self.weights, counts)
+        hidden, text_head, audio_head = forward_hidden(self.lm, batch)
+        out = dual_loss(hidden, text_head, audio_head, batch["labels"], self.audio_labels(batch), self.weights,
+                        counts)
         out.stats[TOKENS] = batch["attention_mask"].sum()
         out.stats[FRAMES] = batch["audio_input_ids_mask"].sum()
         out.stats[SAMPLES] = len(batch["input_ids"])

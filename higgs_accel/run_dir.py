@@ -24,7 +24,7 @@ import yaml
 
 from analysis.schema import EVENTS_DIR, EVENTS_FILE, REPORT_DIR, SAMPLES_DIR, write_text_atomic
 
-from .config import SECTIONS, ConfigError, DataConfig, ModelConfig, RunConfig, load_config, resume_changes
+from .config import SECTIONS, TINY_PRESETS, ConfigError, DataConfig, ModelConfig, RunConfig, load_config, resume_changes
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -102,8 +102,8 @@ def run_sources(run_dir: str | Path, need_adapter: bool = True) -> Sources:
     run = Path(run_dir)
     cfg = read_run_config(run)
     model = cfg.model
-    if cfg.preset == "tiny" and not (model.base and model.audio_tokenizer):
-        tiny = ensure_tiny_assets(run / TINY_DIR)
+    if cfg.preset in TINY_PRESETS and not (model.base and model.audio_tokenizer):
+        tiny = ensure_tiny_assets(run / TINY_DIR, preset=cfg.preset)
         model.base = model.base or tiny["model.base"]
         model.audio_tokenizer = model.audio_tokenizer or tiny["model.audio_tokenizer"]
     model.text_tokenizer = model.text_tokenizer or model.base

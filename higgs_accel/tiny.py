@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,36 @@ def build_model(out_dir: Path, tokenizer):
     model = HiggsAudioV2ForConditionalGeneration(cfg, use_text_head=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def build_tiny_tts3(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Higgs TTS 3 in the released layout: Qwen3 widths scaled down, the tiny v2 tokenizer plus the
+    v3 special tokens, the tiny codec bundled (its config in ``audio_tokenizer/``, named by ``audio_tokenizer_id``).
+    ``text_config.rope_theta`` is null, as in the release."""
+    from torch import nn
+
+    from .tts3 import ARCHITECTURE, MODEL_TYPE, STREAM_EOS, WEIGHTS, HiggsTts3, Tts3Config
+    from .tts3_prompt import SPECIAL_TOKENS as TTS3_TOKENS
+
+    out = Path(out_dir)
+    tokenizer = build_text_tokenizer(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TTS3_TOKENS)})
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    codec = build_codec(out / "audio_tokenizer")
+    (out / "audio_tokenizer" / WEIGHTS).unlink()  # the weights travel in the bundle; only the config stays here
+    text = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer),
+                max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=None, tie_word_embeddings=True,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    audio = dict(encoder_type="discrete", num_codebooks=8, vocab_size=STREAM_EOS + 1, out_dim=64,
+                 tie_word_embeddings=True, use_delay_pattern=True)
+    config = Tts3Config.from_dict(dict(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], text_config=text,
+                                       audio_encoder_config=audio, audio_token_id=-100,
+                                       audio_tokenizer_id="audio_tokenizer"))
+    model = HiggsTts3(config)
+    nn.init.normal_(model.audio_embedding.weight, std=0.02)
+    return model.save_pretrained(out, codec=codec)
 
 
 SCORER_RATE = 16000
@@ -264,18 +295,24 @@ def build_data(out_dir: Path, n_train: int = 16, n_val: int = 4, seed: int = 0) 
     return manifests["train"], manifests["val"]
 
 
-def ensure_tiny_assets(root: Path, seed: int = 0) -> dict[str, str]:
-    """Build the assets under ``root`` once (reused by resume and by later runs); return their paths."""
-    paths = {"model.base": root / "model", "model.audio_tokenizer": root / "codec",
+def ensure_tiny_assets(root: Path, seed: int = 0, preset: str = "tiny") -> dict[str, str]:
+    """Build the assets of ``preset`` under ``root`` once (reused by resume and by later runs); return their paths.
+    ``tiny-v3``: a tiny Higgs TTS 3 whose codec is bundled in its checkpoint (the model dir is the codec's too)."""
+    v3 = preset == "tiny-v3"
+    paths = {"model.base": root / "model", "model.audio_tokenizer": root / ("model" if v3 else "codec"),
              "data.train_manifest": root / "data" / "train.jsonl", "data.val_manifest": root / "data" / "val.jsonl"}
-    ready = root / "READY"
-    if not (ready.is_file() and ready.read_text() == ASSETS_VERSION):
+    ready, version = root / "READY", ASSETS_VERSION + ("-v3" if v3 else "")
+    if not (ready.is_file() and ready.read_text() == version):
         torch.manual_seed(seed)
-        tok = build_text_tokenizer(root / "model")
-        build_model(root / "model", tok)
-        build_codec(root / "codec")
+        if v3:
+            shutil.rmtree(root / "model", ignore_errors=True)  # another preset's model must not linger beside it
+            build_tiny_tts3(root / "model", seed)
+        else:
+            tok = build_text_tokenizer(root / "model")
+            build_model(root / "model", tok)
+            build_codec(root / "codec")
         build_data(root / "data", seed=seed)
-        ready.write_text(ASSETS_VERSION)
+        ready.write_text(version)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -297,7 +334,7 @@ def apply_tiny_preset(cfg, root: Path) -> None:
     validation set goes only with its own training set: with the user's data, ``data.val_manifest`` or
     ``data.val_fraction`` of that data is the validation set (or there is none)."""
     own_data = bool(cfg.data.train_manifest)
-    for key, value in ensure_tiny_assets(root).items():
+    for key, value in ensure_tiny_assets(root, preset=cfg.preset).items():
         section, name = key.split(".")
         if own_data and key == "data.val_manifest":
             continue

@@ -38,6 +38,9 @@ CODEC = "tied.embedding.modality_embeddings.0.model."
 RENAMES = (("backbone.embed_tokens.", TEXT_EMBEDDING), ("backbone.", BODY), ("audio_embedding.", AUDIO_EMBEDDING),
            ("audio_head.", AUDIO_HEAD), ("text_head.", TEXT_HEAD))
 WEIGHTS = "model.safetensors"
+# The backbone fields a Tts3Config reads through from its text_config.
+BACKBONE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
@@ -107,6 +110,15 @@ class Tts3Config:
     def to_dict(self) -> dict:
         return {**self.extra, "text_config": self.text_config, "audio_encoder_config": self.audio_encoder_config,
                 "audio_token_id": self.audio_token_id}
+
+    def __getattr__(self, name: str):
+        """The backbone's widths (``hidden_size``, ``num_hidden_layers``, ...) read through from ``text_config``,
+        so code that sizes a model from its config (``memory``, the data's position limit) reads either family."""
+        text = self.__dict__.get("text_config")
+        if name in BACKBONE_FIELDS and text is not None:
+            return text.get(name) if name != "head_dim" else text.get(name) or (
+                text["hidden_size"] // text["num_attention_heads"])
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     @property
     def num_codebooks(self) -> int:
@@ -204,14 +216,24 @@ class HiggsTts3(nn.Module):
             raise ValueError(f"{int(slots.sum())} audio slots in input_ids but {len(rows)} audio rows")
         return embeds.masked_scatter(slots.unsqueeze(-1), self.embed_audio(rows).to(embeds.dtype))
 
+    def hidden_states(self, input_ids: torch.Tensor, audio_input_ids: torch.Tensor | None = None,
+                      audio_input_ids_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, positions, hidden) after the backbone's final norm, no logits (the loss maps only the
+        positions that have targets)."""
+        embeds = self.embed(input_ids, audio_input_ids, audio_input_ids_mask)
+        return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+
     def forward(self, input_ids: torch.Tensor, audio_input_ids: torch.Tensor | None = None,
                 audio_input_ids_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, with_text_logits: bool = False) -> Tts3Output:
-        embeds = self.embed(input_ids, audio_input_ids, audio_input_ids_mask)
-        out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
-        hidden = out.last_hidden_state
+        hidden = self.hidden_states(input_ids, audio_input_ids, audio_input_ids_mask, attention_mask, position_ids)
         return Tts3Output(hidden, self.audio_logits(hidden), self.text_logits(hidden) if with_text_logits else None)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Recompute the backbone's layers in backward (transformers' own checkpointing of ``Qwen3Model``)."""
+        self.backbone.gradient_checkpointing_enable(**kwargs)
 
     # ------------------------------------------------------------ the released layout
 
@@ -352,30 +374,3 @@ def load_codec(source: str | Path):
                           f"first '{names[0]}')")
     return codec.eval()
 
-
-def build_tiny_tts3(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random Higgs TTS 3 in the released layout: Qwen3 widths scaled down, the tiny v2 tokenizer plus the
-    v3 special tokens, the tiny codec bundled (its config in ``audio_tokenizer/``, named by ``audio_tokenizer_id``).
-    ``text_config.rope_theta`` is null, as in the release."""
-    from .tiny import build_codec, build_text_tokenizer
-    from .tts3_prompt import SPECIAL_TOKENS
-
-    out = Path(out_dir)
-    tokenizer = build_text_tokenizer(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(seed)
-    codec = build_codec(out / "audio_tokenizer")
-    (out / "audio_tokenizer" / WEIGHTS).unlink()  # the weights travel in the bundle; only the config stays here
-    text = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer),
-                max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=None, tie_word_embeddings=True,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    audio = dict(encoder_type="discrete", num_codebooks=8, vocab_size=STREAM_EOS + 1, out_dim=64,
-                 tie_word_embeddings=True, use_delay_pattern=True)
-    config = Tts3Config.from_dict(dict(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], text_config=text,
-                                       audio_encoder_config=audio, audio_token_id=-100,
-                                       audio_tokenizer_id="audio_tokenizer"))
-    model = HiggsTts3(config)
-    nn.init.normal_(model.audio_embedding.weight, std=0.02)
-    return model.save_pretrained(out, codec=codec)

@@ -42,6 +42,7 @@ class Tts3Ids:
     stream_bos: int
     stream_eos: int
     num_codebooks: int
+    pad: int | None = None  # the tokenizer's pad token: what batches are padded with
 
     @classmethod
     def from_parts(cls, tokenizer, config) -> Tts3Ids:
@@ -51,7 +52,7 @@ class Tts3Ids:
             raise ConfigError(f"tokenizer: lacks the Higgs TTS 3 special token(s) {', '.join(missing)}")
         return cls(tts=vocab[TTS], ref_text=vocab.get(REF_TEXT), ref_audio=vocab[REF_AUDIO], text=vocab[TEXT],
                    audio=vocab[AUDIO], slot=config.audio_token_id, stream_bos=config.stream_bos,
-                   stream_eos=config.stream_eos, num_codebooks=config.num_codebooks)
+                   stream_eos=config.stream_eos, num_codebooks=config.num_codebooks, pad=tokenizer.pad_token_id)
 
 
 def delayed_rows(codes: np.ndarray, ids: Tts3Ids) -> np.ndarray:
@@ -103,3 +104,19 @@ def build_example(tokenizer, ids: Tts3Ids, text: str, codes: np.ndarray | None,
         "audio_input_ids": torch.from_numpy(np.concatenate(rows) if rows else empty),
         "audio_labels": torch.from_numpy(np.concatenate(labels) if labels else empty),
     }
+
+
+def sequence_lengths(samples: list, tokenizer, ids: Tts3Ids) -> list[int]:
+    """Positions of each training sample's sequence as ``build_example`` lays it out (a test holds them equal),
+    without building it: the prompt's tokens, plus T + K - 1 slots per audio (``sample.frames`` holds the frames of
+    target and reference together, as ``codes.resolve`` sets them)."""
+    texts = [t for s in samples for t in (s.text, s.ref_text)]
+    counts = iter(len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    out = []
+    for s in samples:
+        text, ref_text = next(counts), next(counts)
+        ref = s.ref_audio is not None
+        prompt = 3 + text + (1 if ref else 0) + (1 + ref_text if ref and s.ref_text and ids.ref_text is not None
+                                                  else 0)
+        out.append(prompt + s.frames + (1 + ref) * (ids.num_codebooks - 1))
+    return out

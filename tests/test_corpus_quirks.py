@@ -115,7 +115,7 @@ def _checked(manifest, parts, cache_dir, **data):
     cfg = DataConfig(train_manifest=str(manifest), max_tokens=MAX_TOKENS, **data)
     samples, skips = read_source(cfg.train_manifest, cfg)
     kept, more = resolve(samples, CodeCache(cache_dir, codec), cfg.min_seconds, cfg.max_seconds)
-    screened = screen(kept, tok, ids.num_codebooks, cfg, token_limit(cfg, config.max_position_embeddings))
+    screened = screen(kept, tok, ids, cfg, token_limit(cfg, config.max_position_embeddings))
     return cfg, screened, skips + more + screened.skips
 
 
@@ -176,7 +176,7 @@ def test_sequence_lengths_are_the_built_lengths(quirks, parts, tmp_path):
     built = [len(build_example(s, cache.load(s.codes), cache.load(s.ref_codes) if s.ref_audio else None, tok, ids,
                                cfg.system_prompt, False, True)["input_ids"]) for s in screened.kept]
     assert any(s.ref_audio for s in screened.kept)
-    assert sequence_lengths(screened.kept, tok, ids.num_codebooks, cfg.system_prompt) == built
+    assert sequence_lengths(screened.kept, tok, ids, cfg.system_prompt) == built
 
 
 def test_an_epoch_with_a_bad_sample_yields_every_good_sample(quirks, parts, tmp_path, monkeypatch):
@@ -216,7 +216,7 @@ def test_batches_never_exceed_max_tokens_per_batch(quirks, parts, tmp_path):
     tok, ids, _, codec = parts
     manifest, _, _ = quirks
     cfg, screened, _ = _checked(manifest, parts, tmp_path / "codes", max_tokens_per_batch=150)
-    lengths = sequence_lengths(screened.kept, tok, ids.num_codebooks, cfg.system_prompt)
+    lengths = sequence_lengths(screened.kept, tok, ids, cfg.system_prompt)
     assert screened.kept and max(lengths) <= 150 < MAX_TOKENS
     batches = list(LengthGroupedBatches(EpochSampler(len(lengths), 1), lengths, 4, max_tokens=150))
     assert all(len(b) * max(lengths[i] for i in b) <= 150 for b in batches)

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from higgs_accel.chat import IGNORE
 from higgs_accel.config import ConfigError
+from higgs_accel.tiny import build_tiny_tts3
 from higgs_accel.tts3 import (
     CODEC,
     QWEN3_ROPE_THETA,
     HiggsTts3,
     Tts3Config,
-    build_tiny_tts3,
     load_codec,
 )
 from higgs_accel.tts3_prompt import Tts3Ids, build_example, delayed_rows

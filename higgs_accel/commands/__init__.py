@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ..config import SECTIONS, ConfigError, all_keys, parse_override, type_name
+from ..config import SECTIONS, TINY_PRESETS, ConfigError, all_keys, parse_override, type_name
 
 CONFIG_EPILOG = """\
 Values apply in this order: --config YAML, then key=value overrides, then --section.key flags.
@@ -40,7 +40,9 @@ def add_config_parser(subparsers, name: str, help: str) -> argparse.ArgumentPars
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               description=f"{help[0].upper()}{help[1:]}. Every config key is an option.")
     p.add_argument("--config", help="YAML file with sections model, lora, data, train, log")
-    p.add_argument("--preset", choices=["tiny"], help="embedded tiny model, codec and data (no download)")
+    p.add_argument("--preset", choices=list(TINY_PRESETS),
+                   help="embedded tiny model, codec and data (no download): tiny (Higgs Audio v2), tiny-v3 "
+                        "(Higgs TTS 3)")
     p.add_argument("--output-dir", help="same as --train.output_dir")
     p.add_argument("--resume", help="'latest' or a checkpoint dir")
     p.add_argument("--log-level", choices=["debug", "info", "warning"], help="same as --log.level")

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, with_set
+from ..config import TINY_PRESETS, ConfigError, with_set
 from ..generate import DEFAULT_MAX_NEW_TOKENS
 from . import device_of
 
@@ -89,7 +89,7 @@ def _evaluate(args) -> dict:
     run_cfg = read_run_config(run_dir)
     eval_cfg = with_set(run_cfg.eval, asr_model=args.asr_model, speaker_model=args.speaker_model,
                         asr_language=args.asr_language, batch_size=args.batch_size)
-    if not (eval_cfg.asr_model or eval_cfg.speaker_model) and run_cfg.preset == "tiny":
+    if not (eval_cfg.asr_model or eval_cfg.speaker_model) and run_cfg.preset in TINY_PRESETS:
         # The demo: scorers as tiny as its model, so the whole pipeline runs; their scores mean nothing.
         from ..tiny import ensure_tiny_scorers
 

@@ -17,7 +17,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "export", help="merge a LoRA adapter into the base model and save it",
         description="Merge a PEFT LoRA adapter (and its fully trained modules_to_save) into the base model and save "
-                    "a standalone HiggsAudioV2ForConditionalGeneration dir with the text tokenizer and the codec.",
+                    "a standalone HiggsAudioV2ForConditionalGeneration dir with the text tokenizer and the codec (a "
+                    "Higgs TTS 3 base: its released layout, codec bundled).",
         epilog="Examples:\n  higgs-accel export --run runs/demo --out exported/demo\n"
                "  higgs-accel export --base BASE --adapter runs/demo/adapter --audio-tokenizer CODEC --out DIR",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +36,9 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..export import MANIFEST, export, plan_export
+    from ..export import MANIFEST, export, export_tts3, plan_export
+    from ..family import V3
+    from ..loading import model_family
     from ..run_dir import resolve_sources
 
     src = resolve_sources(args.run, args.base, args.audio_tokenizer, args.adapter)
@@ -43,6 +46,11 @@ def run(args) -> int:
         raise ConfigError("--adapter (or --run) is required: there is nothing to merge without one")
     out = check_out_dir(args.out, args.overwrite)
     m = src.model
+    if model_family(m.base, "--base") == V3:
+        export_tts3(m.base, src.adapter, out, m.text_tokenizer, m.audio_tokenizer or None, args.dtype)
+        print(f"exported {m.base} + {src.adapter} to {out} (Higgs TTS 3, released layout, codec bundled)",
+              file=sys.stderr)
+        return 0
     plan, sources = plan_export(m.base, src.adapter, out, m.text_tokenizer, m.audio_tokenizer or None, args.dtype)
     print(f"export: {plan.summary()}", file=sys.stderr, flush=True)
     export(plan, out, sources.text_tokenizer)

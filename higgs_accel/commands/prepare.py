@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..config import load_config
+from ..config import TINY_PRESETS, load_config
 from . import add_config_parser, config_overrides
 
 # Its output is the summary lines; training captures the same library notices as events.
@@ -32,11 +32,11 @@ def run(args) -> int:
 
     cfg = load_config(args.config, config_overrides(args))
     state = PartialState()
-    if cfg.preset == "tiny":
+    if cfg.preset in TINY_PRESETS:
         with state.main_process_first():
             apply_tiny_preset(cfg, Path(cfg.train.output_dir) / TINY_DIR)
     stack = load_stack(cfg.model, weights=False, pad_required=True, state=state)
-    data = prepare_data(cfg, state, stack.codec, stack.tokenizer, stack.ids.num_codebooks,
+    data = prepare_data(cfg, state, stack.codec, stack.tokenizer, stack.ids,
                         stack.config.max_position_embeddings)
     if state.is_main_process:
         for skip in [] if cfg.data.strict else data.train_skips + data.val_skips:  # strict: the error lists them
