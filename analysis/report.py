@@ -11,7 +11,7 @@ from . import checks, plots, quality
 from .audio import AUDIO_MB, report_section
 from .document import Doc
 from .run import Run, better, load_run, spread
-from .schema import flatten
+from .schema import REPORT_DIR, flatten
 from .slices import MARKS, step_grids, step_summary
 
 FORMATS = ("md", "html")
@@ -25,7 +25,7 @@ def write_report(run_dir, out=None, formats=FORMATS, steps=None, audio_mb: float
     ``steps`` chooses the steps whose prediction slices are shown (default: first, middle, last); ``audio_mb``
     caps the eval audio inlined into report.html (MB of WAV: all eval steps when they fit, else spread ones)."""
     run = load_run(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "report"
+    out = Path(out) if out is not None else Path(run_dir) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     unknown = set(formats) - set(FORMATS)
     if unknown:
