@@ -15,12 +15,18 @@ tolerance); generate about 1 s. Per phase: exit status, wall time, peak RSS of t
 CUDA also torch.cuda.max_memory_allocated), disk written, and for train the memory plan's prediction
 (run_start.memory.predicted_gib) next to the measured peak. Prints a Markdown table (--out writes it too).
 
-The full run needs about 13 GB of RAM (24 GB machine), 30 GB of disk and, on 2 CPU cores, about an hour (the
-first one also builds the model: a few minutes). --small checks the script in a few minutes: 2 layers of hidden
-256 (real vocabulary and codebooks) and the tiny codec.
+--family v3 runs the same workflow on Higgs TTS 3 at the released size (`QWEN3_4B`: Qwen3-4B's widths, 36 layers,
+vocabulary 151,936, the fused audio embedding of 8 x 1026 rows tied to its head: 4.04 B parameters) in the released
+layout (bf16 shards, the codec bundled in fp32, the model dir its own `model.audio_tokenizer`); the export check
+then loads the export with `tts3.HiggsTts3` and compares its audio logits on the v3 prompt of PROBE_TEXT.
+
+The full v2 run needs about 13 GB of RAM (24 GB machine), 30 GB of disk and, on 2 CPU cores, about 10 minutes (the
+first one also builds the model: a few minutes); v3 about 10 GB and 20 GB. --small checks the script in a few
+minutes: 2 layers of hidden 256 (real vocabulary and codebooks) and the tiny codec.
 
     python bench/real_size.py --dir /data/real_size [--out bench/real_size.md]
-    python bench/real_size.py --dir /tmp/real_size_small --small
+    python bench/real_size.py --dir /data/real_size_v3 --family v3
+    python bench/real_size.py --dir /tmp/real_size_small --small [--family v3]
 """
 
 from __future__ import annotations
@@ -48,18 +54,23 @@ UTTERANCES = ["The quick brown fox jumps over the lazy dog.", "Seven bright star
               "Every morning the birds sing above the hills."]
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 LOGITS_TOLERANCE = 0.05  # max |export - adapter| / max |adapter| over both heads: bf16 rounding, not a wrong merge
+# Higgs TTS 3's backbone at the released size: Qwen3-4B's widths (the config's text_config)
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960)
 
 
 # ---------------------------------------------------------------- assets, built once
 
 
 def settings(args) -> dict:
-    return {"version": 2, "layers": args.layers, "small": args.small}
+    return {"version": 2, "layers": args.layers, "small": args.small, "family": args.family}
 
 
 def build_assets(root: Path, args) -> dict[str, Path]:
     """The model, codec and data under ``root`` (reused when READY names the same settings)."""
-    paths = {"model": root / "model", "codec": root / "codec", "manifest": root / "data" / "train.jsonl"}
+    v3 = args.family == "v3"
+    paths = {"model": root / "model", "codec": root / ("model" if v3 else "codec"),
+             "manifest": root / "data" / "train.jsonl"}
     ready = root / "READY"
     if ready.is_file() and json.loads(ready.read_text()) == settings(args):
         paths["reused"] = True
@@ -71,6 +82,11 @@ def build_assets(root: Path, args) -> dict[str, Path]:
 
     for p in (paths["model"], paths["codec"], root / "data"):
         shutil.rmtree(p, ignore_errors=True)
+    if v3:
+        build_v3(paths["model"], args)
+        build_speech(root / "data")
+        ready.write_text(json.dumps(settings(args)))
+        return paths
     torch.manual_seed(0)
     tokenizer = text_tokenizer(paths["model"])  # saved there: the model dir is the tokenizer's too
     config = real_width_config(tokenizer, args.layers, **(narrow_widths(SMALL_HIDDEN) if args.small else {}))
@@ -87,6 +103,25 @@ def build_assets(root: Path, args) -> dict[str, Path]:
     build_speech(root / "data")
     ready.write_text(json.dumps(settings(args)))
     return paths
+
+
+def build_v3(out: Path, args) -> None:
+    """Higgs TTS 3 in the released layout: random bf16 weights straight from ``tiny.build_tts3`` at QWEN3_4B's
+    widths (--small: hidden 256), the codec bundled."""
+    import torch
+    from memory import narrow_widths
+    from prepare import full_size_codec
+
+    from higgs_accel.tiny import build_tts3
+
+    widths = {**QWEN3_4B, "num_hidden_layers": args.layers, **(narrow_widths(SMALL_HIDDEN) if args.small else {})}
+    build_tts3(out, widths, codec=None if args.small else full_size_codec(), dtype=torch.bfloat16,
+               max_shard_size="200MB" if args.small else "5GB")
+    from higgs_accel.tts3 import HiggsTts3, Tts3Config
+
+    with torch.device("meta"):
+        model = HiggsTts3(Tts3Config.from_file(out / "config.json"))
+    print(f"built the model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
 
 
 def build_codec(out: Path, small: bool) -> None:
@@ -161,28 +196,46 @@ def child(result: Path, argv: list[str]) -> None:
 
 
 def check_export(export: str, base: str, adapter: str, out: str) -> None:
-    """Plain transformers loads the export; its text and audio logits on PROBE_TEXT against the adapter model's
-    (base + PEFT adapter, bf16), one model in memory at a time. Exits 1 past LOGITS_TOLERANCE."""
+    """Plain transformers (v3: ``tts3.HiggsTts3``) loads the export; its text and audio logits on PROBE_TEXT against
+    the adapter model's (base + PEFT adapter, bf16), one model in memory at a time. Exits 1 past LOGITS_TOLERANCE."""
     import gc
 
     import torch
     from transformers import AutoTokenizer, HiggsAudioV2ForConditionalGeneration
 
-    from higgs_accel.loading import load_model
+    from higgs_accel.config import ModelConfig
+    from higgs_accel.family import V3
+    from higgs_accel.loading import load_model, load_stack, model_family
+    from higgs_accel.tts3_prompt import build_example
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ids = AutoTokenizer.from_pretrained(export)(PROBE_TEXT, return_tensors="pt").input_ids.to(device)
+    if model_family(export) == V3:
+        stack = load_stack(ModelConfig(base=export, dtype="bf16"), weights=False)
+        ids = build_example(stack.tokenizer, stack.ids, PROBE_TEXT, None)["input_ids"][None].to(device)
 
-    def logits(model):
-        with torch.no_grad():
-            hidden = model.model(input_ids=ids).last_hidden_state
-            return [head(hidden).float().cpu() for head in (model.text_lm_head, model.audio_lm_head)]
+        def logits(model):
+            with torch.no_grad():
+                result = model(ids, with_text_logits=True)
+                return [result.text_logits.float().cpu(), result.audio_logits.float().cpu()]
 
-    plain = HiggsAudioV2ForConditionalGeneration.from_pretrained(export, use_text_head=True, dtype=torch.bfloat16)
-    got = logits(plain.to(device).eval())
-    del plain
+        def load(base, adapter=None):
+            return load_stack(ModelConfig(base=base, dtype="bf16"), adapter).model
+    else:
+        ids = AutoTokenizer.from_pretrained(export)(PROBE_TEXT, return_tensors="pt").input_ids.to(device)
+
+        def logits(model):
+            with torch.no_grad():
+                hidden = model.model(input_ids=ids).last_hidden_state
+                return [head(hidden).float().cpu() for head in (model.text_lm_head, model.audio_lm_head)]
+
+        def load(base, adapter=None):
+            if adapter:
+                return load_model(base, adapter, "bf16")
+            return HiggsAudioV2ForConditionalGeneration.from_pretrained(base, use_text_head=True, dtype=torch.bfloat16)
+
+    got = logits(load(export).to(device).eval())
     gc.collect()
-    want = logits(load_model(base, adapter, "bf16").get_base_model().to(device))
+    want = logits(load(base, adapter).get_base_model().to(device))  # the adapter's layers in place
     rel = max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
     Path(out).write_text(json.dumps({"relative_max_diff": rel}))
     print(f"export logits vs adapter model: max relative difference {rel:.4f} (tolerance {LOGITS_TOLERANCE})")
@@ -300,9 +353,11 @@ def main() -> None:
     parser.add_argument("--small", action="store_true",
                         help="check the script: 2 layers of hidden 256 (real vocabulary and codebooks), the tiny "
                              "codec; the figures mean nothing")
+    parser.add_argument("--family", choices=["v2", "v3"], default="v2",
+                        help="v2: Higgs Audio v2 (5.77 B); v3: Higgs TTS 3 (4.04 B, released layout)")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
-    args.layers = args.layers or (2 if args.small else 28)
+    args.layers = args.layers or (2 if args.small else {"v2": 28, "v3": 36}[args.family])
     root = Path(args.dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -315,10 +370,12 @@ def main() -> None:
     rows = workflow(root, paths)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    codec = "codec bundled" if args.family == "v3" else f"codec {gib(du(paths['codec']))} GiB"
     header = [f"# Real-size workflow through the CLI ({date.today().isoformat()})", "",
               f"- device: {device}, {psutil.virtual_memory().total / GIB:.1f} GiB RAM; torch {torch.__version__}",
-              f"- model: {args.layers} layers{' (--small widths)' if args.small else ''}, "
-              f"{gib(du(paths['model']))} GiB of safetensors; codec {gib(du(paths['codec']))} GiB; assets {built}",
+              f"- model: {'Higgs TTS 3' if args.family == 'v3' else 'Higgs Audio v2'}, {args.layers} layers"
+              f"{' (--small widths)' if args.small else ''}, {gib(du(paths['model']))} GiB of safetensors; {codec}; "
+              f"assets {built}",
               f"- command: `python {' '.join(sys.argv)}`"]
     lines = table(rows, header)
     print("\n".join(lines))

@@ -148,16 +148,23 @@ def build_example(sample, codes: np.ndarray, ref_codes: np.ndarray | None, token
     }
 
 
+# Higgs TTS 3's inline control tags (``<|emotion:elation|>``, ``<|style:whispering|>``, ``<|prosody:pause|>``,
+# ``<|sfx:...|>``): special tokens of its tokenizer that belong in the text by design (the model card), so a
+# transcript may hold them.
+CONTROL_TAG = re.compile(r"<\|(?:emotion|style|prosody|sfx):")
+
+
 @lru_cache(maxsize=8)
 def _special_pattern(tokenizer) -> re.Pattern | None:
-    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values()
+                     if t.special and not CONTROL_TAG.match(t.content)), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
 def special_tokens_in(text: str, tokenizer) -> list[str]:
     """The tokenizer's special tokens spelled out in ``text``, in order of appearance. Text always splits on them, so
     a transcript holding one would add an audio placeholder without audio, a turn boundary or a delay token to the
-    layout: such a sample is refused, never built."""
+    layout: such a sample is refused, never built. Inline control tags (``CONTROL_TAG``) are text, not counted."""
     pattern = _special_pattern(tokenizer)
     return pattern.findall(text) if pattern and text else []
 

@@ -9,7 +9,10 @@ once per model stack)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import chat, tts3_prompt
+from .config import ConfigError
 from .tts3 import MODEL_TYPE as V3_MODEL_TYPE
 
 V2, V3 = "v2", "v3"
@@ -20,6 +23,20 @@ def family_of(config: dict | None) -> str:
     resolves, converts (the authors' original layout) or refuses everything else, as it always has. Reading the
     file (local dir or hub) is ``loading.model_family``'s."""
     return V3 if config and config.get("model_type") == V3_MODEL_TYPE else V2
+
+
+def check_settings(data_cfg, family: str) -> None:
+    """Refuse, in one line, a data setting the family's layout has no place for, rather than ignore it: Higgs TTS
+    3's prompt has no system turn and no text targets (``tts3_prompt``)."""
+    if family != V3:
+        return
+    default = {f.name: f.default for f in dataclasses.fields(data_cfg)}
+    if data_cfg.system_prompt != default["system_prompt"]:
+        raise ConfigError("'data.system_prompt': Higgs TTS 3's prompt has no system turn; leave it at its default "
+                          "(docs/tts3.md)")
+    if data_cfg.train_on_prompt:
+        raise ConfigError("'data.train_on_prompt': Higgs TTS 3's prompt has no text targets; leave it false "
+                          "(docs/tts3.md)")
 
 
 def is_v3(ids) -> bool:

@@ -35,7 +35,7 @@ from .config import (
 from .data import EpochSampler, HiggsDataset, LengthGroupedBatches, collate
 from .encoding import across_processes
 from .events import EventLog, capture_library_logs
-from .loading import ModelStack, load_stack
+from .loading import ModelStack, load_stack, model_family
 from .lock import RunLock, acquire_for_run
 from .losses import LossWeights, n_stats, summarize
 from .memory import plan as plan_memory
@@ -537,6 +537,7 @@ def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
     """Text tokenizer, codec, base model and the special ids, from the checkpoints the config names (converted
     first if in the authors' original layout); the config's codebook-dependent settings are checked against the
     model's own codebook count."""
+    family.check_settings(cfg.data, model_family(cfg.model.base))
     stack = load_stack(cfg.model, pad_required=True, state=accelerator)
     if family.is_v3(stack.ids):
         check_codec_codebooks(stack.sources, stack.config.num_codebooks, stack.codec.config)

@@ -8,6 +8,10 @@ shard being read (its pages, mapped) plus one tensor's fp32 work (``MergePlan.pe
 dtype), generation config and tokenizer files are copied; the codec is copied file by file, as it is.
 
 The result equals a full fp32 ``merge_and_unload`` followed by the same cast, bit for bit (tests/test_merge.py).
+
+A base saved in another layout than the module PEFT wrapped (Higgs TTS 3's released key names) is merged through a
+``KeyMap``: the adapter's names renamed to the base's keys, tied copies (a head saved beside the embedding it is
+tied to) given the same merge, and carried keys (a bundled codec) written as they are or replaced whole by a bundle.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +52,26 @@ INTERPRETER_BYTES = 3 << 28  # the process before the first tensor: 0.43 GiB mea
 # imported, about 0.6 GiB for the command line with transformers and PEFT
 
 
+def same_name(name: str) -> str:
+    return name
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How the module PEFT wrapped names its weights against the base checkpoint's keys. The default is the same
+    names (a checkpoint saved from that module: v2); ``tts3.key_map`` is Higgs TTS 3's released layout."""
+    rename: Callable[[str], str] = same_name
+    """The module's parameter name -> the base checkpoint's key."""
+    tied: Mapping[str, str] = field(default_factory=dict)
+    """Base key -> the base key it is a saved copy of (a tied head): it gets the same merge or replacement."""
+    carried: tuple[str, ...] = ()
+    """Key prefixes of weights that are not the model's (a bundled codec): never adapted, saved in their own dtype,
+    and replaced whole by the plan's ``bundle`` when one is given."""
+
+    def is_carried(self, key: str) -> bool:
+        return key.startswith(self.carried) if self.carried else False
+
+
 @dataclass
 class LoraPair:
     """One adapted weight: the adapter's A and B tensor names, and the scale of B @ A."""
@@ -74,12 +99,16 @@ class MergePlan:
     extra_bytes: int = 0                # copied files (config, tokenizer; the codec when given)
     codec: Path | None = None
     shapes: dict[str, tuple[list[int], torch.dtype]] = field(default_factory=dict, repr=False)
+    """Every written tensor's shape and saved dtype, base and bundle."""
+    bundle: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Tensors written as they are, in the last shard, in place of the base's carried ones (``KeyMap.carried``)."""
 
     @property
     def peak_bytes(self) -> int:
-        """Peak resident memory, an upper estimate: the interpreter, the mapped pages of the largest shard and the
-        largest one tensor's work (a 4-layer real-width model, bf16: 2.54 GiB measured, 3.3 predicted)."""
-        return INTERPRETER_BYTES + self.largest_shard_bytes + self.work_bytes
+        """Peak resident memory, an upper estimate: the interpreter, the mapped pages of the largest shard, the
+        largest one tensor's work (a 4-layer real-width model, bf16: 2.54 GiB measured, 3.3 predicted) and the
+        bundle, held by the caller."""
+        return INTERPRETER_BYTES + self.largest_shard_bytes + self.work_bytes + tensor_bytes(self.bundle)
 
     @property
     def disk_bytes(self) -> int:
@@ -141,8 +170,10 @@ def read_adapter_config(adapter: Path) -> dict:
     return cfg
 
 
-def adapter_tensors(adapter: Path, cfg: dict, base_names: set[str]) -> tuple[dict[str, LoraPair], dict[str, str]]:
-    """(base tensor -> LoRA pair, base tensor -> the adapter's full copy), every name checked against the base."""
+def adapter_tensors(adapter: Path, cfg: dict, base_names: set[str], keys: KeyMap = KeyMap()
+                    ) -> tuple[dict[str, LoraPair], dict[str, str]]:
+    """(base tensor -> LoRA pair, base tensor -> the adapter's full copy), every name renamed by ``keys`` and
+    checked against the base; a tied copy in the base gets what its original gets."""
     from safetensors import safe_open
 
     r, alpha = cfg["r"], cfg["lora_alpha"]
@@ -163,19 +194,22 @@ def adapter_tensors(adapter: Path, cfg: dict, base_names: set[str]) -> tuple[dic
                 if len(f.get_slice(name).get_shape()) != 2:
                     raise ConfigError(f"--adapter: {where}: {name} is not a linear layer's LoRA (convolution "
                                       f"LoRA cannot be merged here)")
-                target = f"{module}.{param}"
-                pairs[target] = LoraPair(name, b, scaling, bool(cfg.get("fan_in_fan_out")))
+                target, into = keys.rename(f"{module}.{param}"), pairs
+                value = LoraPair(name, b, scaling, bool(cfg.get("fan_in_fan_out")))
             elif ".lora_B." in inner:
                 continue
             elif ".lora_" in inner:  # lora_embedding_A/B, lora_magnitude_vector, ...
                 raise ConfigError(f"--adapter: {where}: {name} cannot be merged here (linear-layer LoRA and "
                                   f"modules_to_save only)")
             else:
-                target = inner
-                replaced[target] = name
-            if target not in base_names:
+                target, into, value = keys.rename(inner), replaced, name
+            if target not in base_names or keys.is_carried(target):
                 raise ConfigError(f"--adapter: {where}: {name} adapts {target}, which the base checkpoint does not "
                                   f"have (an adapter of another model?)")
+            into[target] = value
+            for copy, original in keys.tied.items():
+                if original == target and copy in base_names:
+                    into[copy] = value
     return pairs, replaced
 
 
@@ -198,28 +232,38 @@ def tensor_work(elements: int, dtype: torch.dtype, out: torch.dtype, lora: bool)
 
 
 def plan_merge(base: str | Path, adapter: str | Path, dtype: torch.dtype | None = None,
-               codec: str | Path | None = None) -> MergePlan:
+               codec: str | Path | None = None, keys: KeyMap = KeyMap(),
+               bundle: dict[str, torch.Tensor] | None = None) -> MergePlan:
     """Read the base's and the adapter's headers (no weights), refuse what cannot be merged, and size the output.
-    ``dtype`` None: the base checkpoint's dtype."""
+    ``dtype`` None: the base checkpoint's dtype. ``codec``: a dir copied beside the model as it is; ``bundle``:
+    tensors written into the model's last shard in place of the base's carried ones (``keys.carried``)."""
     from safetensors import safe_open
 
     base, adapter = Path(base), Path(adapter)
     shards = base_shards(base)
-    shapes, shard_bytes = {}, {}
-    for name, keys in shards.items():
+    stored, shard_bytes = {}, {}
+    for name, names in shards.items():
         with safe_open(str(base / name), framework="pt") as f:
-            for k in keys:
+            for k in names:
                 s = f.get_slice(k)
-                shapes[k] = (list(s.get_shape()), ST_DTYPES[s.get_dtype()])
+                stored[k] = (list(s.get_shape()), ST_DTYPES[s.get_dtype()])
         shard_bytes[name] = (base / name).stat().st_size
     cfg = read_adapter_config(adapter)
-    lora, replaced = adapter_tensors(adapter, cfg, set(shapes))
+    lora, replaced = adapter_tensors(adapter, cfg, set(stored), keys)
     with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as f:
         copies = {k: ST_DTYPES[f.get_slice(v).get_dtype()] for k, v in replaced.items()}
-    base_dtype = checkpoint_dtype(shapes)
+    base_dtype = checkpoint_dtype({k: v for k, v in stored.items() if not keys.is_carried(k)})
     out_dtype = dtype or base_dtype
-    output = sum(header_bytes(keys, shapes, out_dtype) for keys in shards.values())
-    output += sum(math.prod(s) * cast_dtype(d, out_dtype).itemsize for s, d in shapes.values())
+    work = max(tensor_work(math.prod(s), copies.get(k, d), out_dtype, k in lora)
+               for k, (s, d) in stored.items() if not keys.is_carried(k))
+    shapes = {k: (s, d if keys.is_carried(k) else cast_dtype(d, out_dtype)) for k, (s, d) in stored.items()}
+    if bundle:
+        shards = {name: [k for k in names if not keys.is_carried(k)] for name, names in shards.items()}
+        shards[list(shards)[-1]] += list(bundle)
+        shapes = {k: v for k, v in shapes.items() if not keys.is_carried(k)}
+        shapes.update({k: (list(t.shape), t.dtype) for k, t in bundle.items()})
+    output = sum(header_bytes(names, shapes) for names in shards.values())
+    output += sum(math.prod(s) * d.itemsize for s, d in shapes.values())
     extra = sum((base / n).stat().st_size for n in ("config.json", *COPIED) if (base / n).is_file())
     codec = Path(codec) if codec else None
     if codec is not None:
@@ -227,10 +271,12 @@ def plan_merge(base: str | Path, adapter: str | Path, dtype: torch.dtype | None 
     return MergePlan(base=base, adapter=adapter, dtype=out_dtype, base_dtype=base_dtype, shards=shards, lora=lora,
                      replaced=replaced, input_bytes=sum(shard_bytes.values()), output_bytes=output,
                      largest_shard_bytes=max(shard_bytes.values()),
-                     largest_tensor=max(math.prod(s) for s, _ in shapes.values()),
-                     work_bytes=max(tensor_work(math.prod(s), copies.get(k, d), out_dtype, k in lora)
-                                    for k, (s, d) in shapes.items()), extra_bytes=extra, codec=codec,
-                     shapes=shapes)
+                     largest_tensor=max(math.prod(s) for s, _ in stored.values()),
+                     work_bytes=work, extra_bytes=extra, codec=codec, shapes=shapes, bundle=dict(bundle or {}))
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def check_disk(plan: MergePlan, out: str | Path) -> None:
@@ -253,11 +299,11 @@ def cast_dtype(dtype: torch.dtype, out: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- safetensors, written one tensor at a time
 
 
-def _header(keys: list[str], shapes: dict, out: torch.dtype) -> bytes:
+def _header(keys: list[str], shapes: dict) -> bytes:
+    """``shapes``: name -> (shape, the dtype saved)."""
     entries, offset = {"__metadata__": {"format": "pt"}}, 0
     for k in keys:
         shape, dtype = shapes[k]
-        dtype = cast_dtype(dtype, out)
         size = math.prod(shape) * dtype.itemsize
         entries[k] = {"dtype": ST_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
@@ -266,18 +312,18 @@ def _header(keys: list[str], shapes: dict, out: torch.dtype) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def header_bytes(keys: list[str], shapes: dict, out: torch.dtype) -> int:
-    return len(_header(keys, shapes, out))
+def header_bytes(keys: list[str], shapes: dict) -> int:
+    return len(_header(keys, shapes))
 
 
 class ShardWriter:
     """A safetensors file whose header is known up front (names, shapes, dtypes), so each tensor is written as it
     is made and none is kept."""
 
-    def __init__(self, path: Path, keys: list[str], shapes: dict, out: torch.dtype):
+    def __init__(self, path: Path, keys: list[str], shapes: dict):
         self.file = path.open("wb")
-        self.file.write(_header(keys, shapes, out))
-        self.expected = [(k, shapes[k][0], cast_dtype(shapes[k][1], out)) for k in keys]
+        self.file.write(_header(keys, shapes))
+        self.expected = [(k, *shapes[k]) for k in keys]
         self.done = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -301,12 +347,13 @@ def read_tensor(handle, name: str) -> torch.Tensor:
 
 def merged_tensor(plan: MergePlan, name: str, base, adapter) -> torch.Tensor:
     """Base tensor ``name`` (read here, from the open shard ``base``, so no caller holds it) with its LoRA delta
-    added in fp32, or the adapter's copy, cast to the output dtype."""
+    added in fp32, or the adapter's copy, or the bundle's tensor, in its saved dtype."""
+    out = plan.shapes[name][1]
+    if name in plan.bundle:
+        return plan.bundle[name]
     if name in plan.replaced:
-        copy = read_tensor(adapter, plan.replaced[name])
-        return copy.to(cast_dtype(copy.dtype, plan.dtype))
+        return read_tensor(adapter, plan.replaced[name]).to(out)
     weight = read_tensor(base, name)
-    out = cast_dtype(weight.dtype, plan.dtype)
     pair = plan.lora.get(name)
     if pair is None:
         return weight.to(out)
@@ -332,7 +379,7 @@ def write_weights(plan: MergePlan, out: Path) -> None:
             stale.unlink()
     with safe_open(str(plan.adapter / ADAPTER_WEIGHTS), framework="pt") as adapter:
         for shard, keys in plan.shards.items():
-            writer = ShardWriter(out / shard, keys, plan.shapes, plan.dtype)
+            writer = ShardWriter(out / shard, keys, plan.shapes)
             try:
                 with safe_open(str(plan.base / shard), framework="pt") as f:
                     for k in keys:
@@ -341,8 +388,8 @@ def write_weights(plan: MergePlan, out: Path) -> None:
                 writer.close()
     if (plan.base / INDEX).is_file():
         index = json.loads((plan.base / INDEX).read_text())
-        index.setdefault("metadata", {})["total_size"] = sum(
-            math.prod(s) * cast_dtype(d, plan.dtype).itemsize for s, d in plan.shapes.values())
+        index.setdefault("metadata", {})["total_size"] = sum(math.prod(s) * d.itemsize for s, d in plan.shapes.values())
+        index["weight_map"] = {k: shard for shard, keys in plan.shards.items() for k in keys}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 

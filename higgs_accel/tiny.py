@@ -24,7 +24,7 @@ PAD_TOKEN = "<|finetune_right_pad_id|>"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars hum softly above "
          "quiet rivers and old green hills where small birds sing every morning").split()
 SAMPLE_RATE = 24000
-ASSETS_VERSION = "4"  # bumped when the assets change, so old asset dirs are rebuilt
+ASSETS_VERSION = "5"  # bumped when the assets change, so old asset dirs are rebuilt
 # Llama 3's pre-tokenizer split (the real checkpoint's tokenizer): contractions, letter runs with one leading
 # non-letter, digits in threes, punctuation runs with their newlines, newline runs, then spaces.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -123,6 +123,21 @@ def build_tiny_tts3(out_dir: str | Path, seed: int = 0) -> Path:
     """A tiny random Higgs TTS 3 in the released layout: Qwen3 widths scaled down, the tiny v2 tokenizer plus the
     v3 special tokens, the tiny codec bundled (its config in ``audio_tokenizer/``, named by ``audio_tokenizer_id``).
     ``text_config.rope_theta`` is null, as in the release."""
+    return build_tts3(out_dir, seed=seed)
+
+
+# Two of the release's inline control tags, special tokens as there (docs/tts3.md)
+TINY_CONTROL_TAGS = ("<|emotion:elation|>", "<|style:whispering|>")
+TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=0, max_position_embeddings=4096)
+
+
+def build_tts3(out_dir: str | Path, widths: dict | None = None, codec=None, dtype: torch.dtype = torch.float32,
+               max_shard_size: str = "5GB", seed: int = 0) -> Path:
+    """A random Higgs TTS 3 in the released layout, ``TINY_QWEN3`` widths unless ``widths`` says otherwise
+    (``vocab_size`` 0: the tokenizer's length; bench/real_size.py passes Qwen3-4B's), initialised straight in
+    ``dtype``, saved in shards of ``max_shard_size``; ``codec`` (default: the tiny one) bundled, its config in
+    ``audio_tokenizer/``, which ``audio_tokenizer_id`` names."""
     from torch import nn
 
     from .tts3 import ARCHITECTURE, MODEL_TYPE, STREAM_EOS, WEIGHTS, HiggsTts3, Tts3Config
@@ -130,23 +145,30 @@ def build_tiny_tts3(out_dir: str | Path, seed: int = 0) -> Path:
 
     out = Path(out_dir)
     tokenizer = build_text_tokenizer(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(TTS3_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": [*TTS3_TOKENS, *TINY_CONTROL_TAGS]})
     tokenizer.save_pretrained(out)
     torch.manual_seed(seed)
-    codec = build_codec(out / "audio_tokenizer")
-    (out / "audio_tokenizer" / WEIGHTS).unlink()  # the weights travel in the bundle; only the config stays here
-    text = dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer),
-                max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=None, tie_word_embeddings=True,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    audio = dict(encoder_type="discrete", num_codebooks=8, vocab_size=STREAM_EOS + 1, out_dim=64,
+    if codec is None:
+        codec = build_codec(out / "audio_tokenizer")
+        (out / "audio_tokenizer" / WEIGHTS).unlink()  # the weights travel in the bundle; only the config stays here
+    else:
+        codec.config.save_pretrained(out / "audio_tokenizer")
+    text = dict(model_type="qwen3", **{**TINY_QWEN3, **(widths or {})}, rms_norm_eps=1e-6, rope_theta=None,
+                tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text["vocab_size"] = text["vocab_size"] or len(tokenizer)
+    audio = dict(encoder_type="discrete", num_codebooks=8, vocab_size=STREAM_EOS + 1, out_dim=text["hidden_size"],
                  tie_word_embeddings=True, use_delay_pattern=True)
     config = Tts3Config.from_dict(dict(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], text_config=text,
                                        audio_encoder_config=audio, audio_token_id=-100,
                                        audio_tokenizer_id="audio_tokenizer"))
-    model = HiggsTts3(config)
-    nn.init.normal_(model.audio_embedding.weight, std=0.02)
-    return model.save_pretrained(out, codec=codec)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # no fp32 copy of a large model on the way
+    try:
+        model = HiggsTts3(config)
+        nn.init.normal_(model.audio_embedding.weight, std=0.02)
+    finally:
+        torch.set_default_dtype(default)
+    return model.save_pretrained(out, codec=codec, max_shard_size=max_shard_size)
 
 
 SCORER_RATE = 16000

@@ -295,18 +295,19 @@ class HiggsTts3(nn.Module):
         model.codebook_offsets = torch.arange(config.num_codebooks) * config.codebook_size
         return model.eval()
 
-    def save_pretrained(self, out_dir: str | Path, codec=None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` in the released layout; with ``codec`` (a
-        ``HiggsAudioV2TokenizerModel``) its weights are bundled under the release's codec prefix (and its config
-        written where ``audio_tokenizer_id`` names a dir inside the checkpoint)."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, out_dir: str | Path, codec=None, max_shard_size: int | str = "5GB") -> Path:
+        """Write ``config.json`` and the weights in the released layout (``model.safetensors``, or shards of at most
+        ``max_shard_size`` with ``model.safetensors.index.json``, as the hub's ``save_torch_state_dict`` names
+        them); with ``codec`` (a ``HiggsAudioV2TokenizerModel``) its weights are bundled under the release's codec
+        prefix (and its config written where ``audio_tokenizer_id`` names a dir inside the checkpoint)."""
+        from huggingface_hub import save_torch_state_dict
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.released_state_dict().items()}
+        state = {k: v.detach() for k, v in self.released_state_dict().items()}
         if codec is not None:
-            state.update({CODEC + k: v.detach().contiguous() for k, v in codec.state_dict().items()})
-        save_file(state, out / WEIGHTS, metadata={"format": "pt"})
+            state.update({CODEC + k: v.detach() for k, v in codec.state_dict().items()})
+        save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
         if codec is not None and is_inside(self.config.audio_tokenizer_id):
             codec.config.save_pretrained(out / self.config.audio_tokenizer_id)
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")

@@ -236,3 +236,159 @@ def test_a_v3_run_resumes_exactly(v3_run, tmp_path):
     for step in (3, 4):
         for key in ("loss", "audio_loss", "lr", "grad_norm"):
             assert abs(straight[step][key] - again[step][key]) < 1e-6, (step, key)
+
+
+def released_bf16_shards(src: Path, out: Path) -> Path:
+    """``src`` (a tiny release, fp32) as the 4B release is laid out: bf16 weights in several shards with an index,
+    the audio head stored beside the embedding it is tied to, the bundled codec kept in fp32."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from higgs_accel.tts3 import AUDIO_EMBEDDING, AUDIO_HEAD, CODEC, WEIGHTS, WEIGHTS_INDEX
+
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns(WEIGHTS))
+    state = {k: v if k.startswith(CODEC) else v.to(torch.bfloat16) for k, v in load_file(src / WEIGHTS).items()}
+    state[AUDIO_HEAD + "weight"] = state[AUDIO_EMBEDDING + "weight"].clone()
+    names = sorted(state)
+    shards = {f"model-{i + 1:05d}-of-00003.safetensors": names[i::3] for i in range(3)}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, out / shard, metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def written_tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_v3_export_merges_tensor_by_tensor_into_the_release_layout(v3_run, tmp_path, monkeypatch):
+    """A sharded bf16 release: the export is PEFT's fp32 merge followed by the cast, bit for bit, under the released
+    names; the tied head copy gets the trained embedding; the codec bundle is carried in its own dtype; and the full
+    model is never built (the merge streams, as v2's does)."""
+    from higgs_accel.export import export, plan_export
+    from higgs_accel.loading import with_adapter
+    from higgs_accel.run_dir import run_sources
+    from higgs_accel.tts3 import AUDIO_EMBEDDING, AUDIO_HEAD, CODEC, WEIGHTS_INDEX, released_key
+
+    src = run_sources(v3_run)
+    base = released_bf16_shards(Path(src.model.base), tmp_path / "release")
+    stored = written_tensors(base)
+    with torch.no_grad():
+        merged = with_adapter(HiggsTts3.from_pretrained(base, dtype=torch.float32), src.adapter).merge_and_unload()
+    want = {released_key(k): v.to(torch.bfloat16) for k, v in merged.state_dict().items()}
+
+    def no_full_model(*args, **kwargs):
+        raise AssertionError("the export built the whole model")
+
+    monkeypatch.setattr(HiggsTts3, "from_pretrained", no_full_model)
+    plan = plan_export(str(base), src.adapter, tmp_path / "out")
+    assert plan.merge.dtype == torch.bfloat16 and "bf16" in plan.summary()
+    assert AUDIO_HEAD + "weight" in plan.merge.replaced  # the tied copy, as the embedding
+    out = export(plan, tmp_path / "out")
+    monkeypatch.undo()
+    got = written_tensors(out)
+    assert set(got) == set(stored)
+    for k, v in got.items():
+        if k.startswith(CODEC):
+            assert v.dtype == torch.float32 and torch.equal(v, stored[k]), k
+        elif k == AUDIO_HEAD + "weight":
+            assert torch.equal(v, want[AUDIO_EMBEDDING + "weight"])
+        else:
+            assert v.dtype == torch.bfloat16 and torch.equal(v, want[k]), k
+    assert not torch.equal(got[AUDIO_EMBEDDING + "weight"], stored[AUDIO_EMBEDDING + "weight"])  # trained
+    index = json.loads((out / WEIGHTS_INDEX).read_text())
+    assert set(index["weight_map"]) == set(got) and len(set(index["weight_map"].values())) == 3
+    assert (out / "audio_tokenizer" / "config.json").is_file()  # audio_tokenizer_id names a dir inside
+    HiggsTts3.from_pretrained(out), load_codec(out)
+
+
+def test_v3_export_bundles_the_codec_the_run_names(v3_run, tmp_path):
+    """A codec named apart from the base is bundled in place of the base's, in the release's codec prefix."""
+    from higgs_accel.export import MANIFEST, export, plan_export
+    from higgs_accel.run_dir import run_sources
+    from higgs_accel.tts3 import CODEC
+
+    src = run_sources(v3_run)
+    codec = load_codec(src.model.base)
+    with torch.no_grad():
+        for p in codec.parameters():
+            p.add_(0.01)
+    codec.save_pretrained(tmp_path / "codec")
+    out = export(plan_export(src.model.base, src.adapter, tmp_path / "out", audio_tokenizer=str(tmp_path / "codec")),
+                 tmp_path / "out")
+    bundled = load_codec(out).state_dict()
+    assert bundled.keys() == codec.state_dict().keys()
+    assert all(torch.equal(bundled[k], v) for k, v in codec.state_dict().items())
+    assert sum(k.startswith(CODEC) for k in written_tensors(out)) == len(bundled)  # the base's bundle is gone
+    assert json.loads((out / MANIFEST).read_text())["audio_tokenizer"] == str(tmp_path / "codec")
+
+
+@pytest.mark.parametrize("setting, says", [("data.system_prompt=Speak softly.", "'data.system_prompt': Higgs TTS 3"),
+                                           ("data.train_on_prompt=true", "'data.train_on_prompt': Higgs TTS 3")])
+def test_v3_refuses_the_v2_prompt_settings_in_one_line(tmp_path, capsys, setting, says):
+    """A setting v3's layout has no place for is refused before the model loads, not silently ignored."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny-v3", "--output-dir", str(run), setting, "--no-report"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if says in line]
+    assert len(err) == 1
+    ends = of(events_of(run), "run_end")
+    assert ends and ends[-1]["status"] == "failed" and says in ends[-1]["error"]
+
+
+def test_v3_voice_cloning_generation_end_to_end(v3_run, tmp_path, monkeypatch, capsys):
+    """`generate --ref-audio` and training's `log.generate_ref_audio` on a v3 run: the reference is encoded, laid
+    out after `<|ref_audio|>` as its delayed rows, and speech comes out; `--scene` is refused in one line."""
+    import soundfile as sf
+
+    from higgs_accel import tts3_generate
+    from higgs_accel.tiny import SAMPLE_RATE, speech_like
+
+    ref = tmp_path / "ref.wav"
+    sf.write(ref, speech_like("old green hills", np.random.default_rng(0)), SAMPLE_RATE)
+    prompts = []
+    real = tts3_generate.generate_rows
+    monkeypatch.setattr(tts3_generate, "generate_rows", lambda m, ids, prompt, *a: prompts.append(prompt) or
+                        real(m, ids, prompt, *a))
+    out = tmp_path / "clone.wav"
+    assert main(["generate", "--run", str(v3_run), "--text", "old green hills", "--ref-audio", str(ref),
+                 "--ref-text", "old green hills", "--out", str(out), "--max-new-tokens", "30", "--seed", "0"]) == 0
+    assert sf.info(out).frames > 0
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny-v3", "--output-dir", str(run), "train.max_steps=1", "train.eval_every=0",
+                 "log.generate_every=1", "log.generate_max_new_tokens=20", f"log.generate_ref_audio={ref}",
+                 "log.generate_ref_text=old green hills", "--no-report"]) == 0
+    generated = of(events_of(run), "generate_audio")
+    assert generated and all(e["error"] is None for e in generated)
+    assert len(prompts) >= 2
+    frames = round(sf.info(ref).duration * 25)
+    for prompt in prompts:
+        tok_ids = prompt["input_ids"].tolist()
+        assert len(prompt["audio_input_ids"]) == frames + 7  # the reference's delayed rows, T + K - 1
+        assert tok_ids.count(-100) == frames + 7
+    assert main(["generate", "--run", str(v3_run), "--text", "hi", "--scene", "a quiet room", "--out",
+                 str(tmp_path / "x.wav")]) == 2
+    assert "--scene: Higgs TTS 3's prompt has no system turn or scene" in capsys.readouterr().err
+
+
+def test_v3_inline_control_tags_are_text_and_layout_tokens_are_refused(tiny_v3):
+    """The release's tokenizer makes its control tags special tokens: a transcript may hold them (one token each,
+    in the text), while a layout token in a transcript still skips the sample."""
+    from transformers import AutoTokenizer
+
+    from higgs_accel.data import special_token_skip
+    from higgs_accel.tiny import TINY_CONTROL_TAGS
+
+    tok = AutoTokenizer.from_pretrained(tiny_v3)
+    ids = Tts3Ids.from_parts(tok, Tts3Config.from_file(tiny_v3 / "config.json"))
+    tag = TINY_CONTROL_TAGS[0]
+    assert tok.added_tokens_decoder[tok.convert_tokens_to_ids(tag)].special
+    tagged = Sample("m.jsonl", 3, FileAudio("a.wav"), f"{tag} old green hills")
+    assert special_token_skip(tagged, tok) is None
+    prompt = tts3_example(tok, ids, tagged.text, None)["input_ids"].tolist()
+    assert prompt.count(tok.convert_tokens_to_ids(tag)) == 1
+    skip = special_token_skip(Sample("m.jsonl", 4, FileAudio("a.wav"), "old <|audio|> hills"), tok)
+    assert skip is not None and skip.reason == "special_token" and "<|audio|>" in skip.detail

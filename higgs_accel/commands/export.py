@@ -36,9 +36,8 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from ..export import MANIFEST, export, export_tts3, plan_export
+    from ..export import MANIFEST, export, plan_export
     from ..family import V3
-    from ..loading import model_family
     from ..run_dir import resolve_sources
 
     src = resolve_sources(args.run, args.base, args.audio_tokenizer, args.adapter)
@@ -46,15 +45,11 @@ def run(args) -> int:
         raise ConfigError("--adapter (or --run) is required: there is nothing to merge without one")
     out = check_out_dir(args.out, args.overwrite)
     m = src.model
-    if model_family(m.base, "--base") == V3:
-        export_tts3(m.base, src.adapter, out, m.text_tokenizer, m.audio_tokenizer or None, args.dtype)
-        print(f"exported {m.base} + {src.adapter} to {out} (Higgs TTS 3, released layout, codec bundled)",
-              file=sys.stderr)
-        return 0
-    plan, sources = plan_export(m.base, src.adapter, out, m.text_tokenizer, m.audio_tokenizer or None, args.dtype)
+    plan = plan_export(m.base, src.adapter, out, m.text_tokenizer, m.audio_tokenizer or None, args.dtype)
     print(f"export: {plan.summary()}", file=sys.stderr, flush=True)
-    export(plan, out, sources.text_tokenizer)
-    print(f"exported {m.base} + {src.adapter} to {out}", file=sys.stderr)
+    export(plan, out)
+    layout = " (Higgs TTS 3, released layout, codec bundled)" if plan.family == V3 else ""
+    print(f"exported {m.base} + {src.adapter} to {out}{layout}", file=sys.stderr)
     info = json.loads((out / MANIFEST).read_text())
     if info["processor"] not in (None, "saved"):
         print(f"processor config {info['processor']}", file=sys.stderr)

@@ -100,8 +100,9 @@ def run(args) -> int:
     import dataclasses
 
     from ..convert import CODEC_DIR, bundled_codec
+    from ..family import V3
     from ..generate import describe_sampling, generate_speech, write_wav
-    from ..loading import FLAG_NAMES, load_stack
+    from ..loading import FLAG_NAMES, load_stack, model_family
     from ..quality import QualityScorer
     from ..run_dir import read_run_config, resolve_sources
 
@@ -111,6 +112,9 @@ def run(args) -> int:
     if not codec:
         raise ConfigError(f"--audio-tokenizer is required (or --run, or a --base dir holding {CODEC_DIR}/, as an "
                           "export does)")
+    if model_family(src.model.base, FLAG_NAMES.base) == V3 and (args.scene or args.system):
+        raise ConfigError(f"--{'scene' if args.scene else 'system'}: Higgs TTS 3's prompt has no system turn or "
+                          "scene (docs/tts3.md)")
     device = device_of(args.device)
     model_cfg = dataclasses.replace(src.model, audio_tokenizer=codec, dtype=args.dtype or src.model.dtype)
     stack = load_stack(model_cfg, src.adapter, names=FLAG_NAMES, device=device)
