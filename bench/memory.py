@@ -20,11 +20,11 @@ each in a fresh process; their slope per --seq tokens next to the analytic floor
 RMSNorms' inputs and outputs, q/k/v, the attention output, gate, up and their product), and each step next to the
 memory model's prediction. Its last line is the ratio measured / floor (target <= 1.3). --plain measures
 transformers' and PEFT's own layers instead (the figure before higgs_accel.activations). --table prints the memory
-model's table for the real model.
+model's table for the real model (--table-v3: for Higgs TTS 3's).
 
     python bench/memory.py [--seq 2048] [--hidden 1024] [--layers 2] [--lora-dropout 0] [--device auto] [--quick]
     python bench/memory.py --per-layer --hidden 3072 --dtype bf16 [--plain] [--layer-pair 1,3]
-    python bench/memory.py --table
+    python bench/memory.py --table [--table-v3]
 """
 
 from __future__ import annotations
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true",
                         help="print the memory model's table for the real model (sequence x batch x checkpointing); "
                              "measures nothing")
+    parser.add_argument("--table-v3", action="store_true", help="--table for Higgs TTS 3 (4.04 B) instead")
     parser.add_argument("--vocab", type=int, default=None,
                         help="text vocabulary (default: the real 128,256; 512 with --per-layer, where the heads "
                              "cancel out of the slope)")
@@ -219,12 +220,13 @@ def main() -> None:
 
     args.device = resolve_device(args.device)
     how = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
-    if args.table:
-        from higgs_accel.memory import real_model_config, table
+    if args.table or args.table_v3:
+        from higgs_accel.memory import real_model_config, real_tts3_config, table
 
-        print("GPU memory of one training step of the real model (28 layers, bf16 weights, default LoRA), every "
-              "position an audio target; predicted by higgs_accel.memory from CPU measurements")
-        print("\n".join(table(real_model_config(), LoraConfig())))
+        model = "Higgs TTS 3 (36 layers" if args.table_v3 else "the real model (28 layers"
+        print(f"GPU memory of one training step of {model}, bf16 weights, default LoRA), every position an audio "
+              "target; predicted by higgs_accel.memory from CPU measurements")
+        print("\n".join(table(real_tts3_config() if args.table_v3 else real_model_config(), LoraConfig())))
         return
     layers = args.layer_pair.replace(",", " and ") if args.per_layer else args.layers
     print(f"one training step (forward + backward), batch 1 x {args.seq} tokens, vocabulary "

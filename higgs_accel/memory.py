@@ -188,6 +188,14 @@ def real_model_config():
     return HiggsAudioV2Config(num_codebooks=8, codebook_size=1026)
 
 
+def real_tts3_config():
+    """Higgs TTS 3's released architecture (4.04 B parameters): its Qwen3-4B backbone with the fused audio embedding
+    of 8 x 1026 rows tied to its head."""
+    from .tts3 import RELEASE_TEXT_CONFIG, build_config
+
+    return build_config(dict(RELEASE_TEXT_CONFIG))
+
+
 def real_codec_config():
     """The released codec's settings (25 frames/s, 8 quantizers of 1024 codes, 200 M parameters): transformers'
     HiggsAudioV2TokenizerConfig defaults give 75 frames/s and other quantizers."""

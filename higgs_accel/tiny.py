@@ -128,19 +128,20 @@ def build_tiny_tts3(out_dir: str | Path, seed: int = 0) -> Path:
 
 # Two of the release's inline control tags, special tokens as there (docs/tts3.md)
 TINY_CONTROL_TAGS = ("<|emotion:elation|>", "<|style:whispering|>")
+# The tiny model's backbone: the release's text_config scaled down (vocab_size 0: the tokenizer's length)
 TINY_QWEN3 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=0, max_position_embeddings=4096)
 
 
 def build_tts3(out_dir: str | Path, widths: dict | None = None, codec=None, dtype: torch.dtype = torch.float32,
                max_shard_size: str = "5GB", seed: int = 0) -> Path:
-    """A random Higgs TTS 3 in the released layout, ``TINY_QWEN3`` widths unless ``widths`` says otherwise
-    (``vocab_size`` 0: the tokenizer's length; bench/real_size.py passes Qwen3-4B's), initialised straight in
-    ``dtype``, saved in shards of ``max_shard_size``; ``codec`` (default: the tiny one) bundled, its config in
-    ``audio_tokenizer/``, which ``audio_tokenizer_id`` names."""
+    """A random Higgs TTS 3 in the released layout: the release's text_config with ``widths`` over it (default
+    ``TINY_QWEN3``; bench/real_size.py passes the release's own), initialised straight in ``dtype``, saved in
+    shards of ``max_shard_size``; ``codec`` (default: the tiny one) bundled, its config in ``audio_tokenizer/``,
+    which ``audio_tokenizer_id`` names."""
     from torch import nn
 
-    from .tts3 import ARCHITECTURE, MODEL_TYPE, STREAM_EOS, WEIGHTS, HiggsTts3, Tts3Config
+    from .tts3 import RELEASE_TEXT_CONFIG, WEIGHTS, HiggsTts3, build_config
     from .tts3_prompt import SPECIAL_TOKENS as TTS3_TOKENS
 
     out = Path(out_dir)
@@ -153,14 +154,10 @@ def build_tts3(out_dir: str | Path, widths: dict | None = None, codec=None, dtyp
         (out / "audio_tokenizer" / WEIGHTS).unlink()  # the weights travel in the bundle; only the config stays here
     else:
         codec.config.save_pretrained(out / "audio_tokenizer")
-    text = dict(model_type="qwen3", **{**TINY_QWEN3, **(widths or {})}, rms_norm_eps=1e-6, rope_theta=None,
-                tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text = {**RELEASE_TEXT_CONFIG, **(TINY_QWEN3 if widths is None else widths),
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     text["vocab_size"] = text["vocab_size"] or len(tokenizer)
-    audio = dict(encoder_type="discrete", num_codebooks=8, vocab_size=STREAM_EOS + 1, out_dim=text["hidden_size"],
-                 tie_word_embeddings=True, use_delay_pattern=True)
-    config = Tts3Config.from_dict(dict(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], text_config=text,
-                                       audio_encoder_config=audio, audio_token_id=-100,
-                                       audio_tokenizer_id="audio_tokenizer"))
+    config = build_config(text, audio_tokenizer_id="audio_tokenizer")
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # no fp32 copy of a large model on the way
     try:

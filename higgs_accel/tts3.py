@@ -42,6 +42,10 @@ WEIGHTS = "model.safetensors"
 BACKBONE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
 WEIGHTS_INDEX = "model.safetensors.index.json"
+# The release's backbone (``bosonai/higgs-tts-3-4b``'s text_config): Qwen3-4B's widths, rope_theta null as shipped.
+RELEASE_TEXT_CONFIG = dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                           max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=None, tie_word_embeddings=True)
 
 
 @dataclasses.dataclass
@@ -155,6 +159,16 @@ class Tts3Config:
             if rope:
                 text["rope_parameters"] = {**rope, "rope_theta": QWEN3_ROPE_THETA}
         return Qwen3Config(**text)
+
+
+def build_config(text_config: dict, **fields) -> Tts3Config:
+    """A config in the release's form around ``text_config``: 8 codebooks of the codec's 1024 codes plus stream
+    BOS/EOS in one fused audio embedding tied to its head, the delay pattern; ``fields``: other top-level fields
+    (``audio_tokenizer_id``, ...)."""
+    audio = dict(encoder_type="discrete", num_codebooks=8, vocab_size=STREAM_EOS + 1,
+                 out_dim=text_config["hidden_size"], tie_word_embeddings=True, use_delay_pattern=True)
+    return Tts3Config.from_dict(dict(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], text_config=text_config,
+                                     audio_encoder_config=audio, audio_token_id=-100, **fields))
 
 
 @dataclasses.dataclass

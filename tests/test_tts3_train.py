@@ -128,6 +128,20 @@ def test_v3_parameter_counts_are_the_module_s(tiny_v3):
     assert adapters == sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
 
 
+def test_the_released_architecture_has_4_04_b_parameters():
+    """The release's widths (``memory.real_tts3_config``: the README's memory rows, bench/real_size.py --family v3),
+    counted on the meta device."""
+    from higgs_accel.memory import real_tts3_config
+
+    config = real_tts3_config()
+    with torch.device("meta"):
+        model = HiggsTts3(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == parameter_counts(config, LoraConfig())[0] and round(count / 1e9, 2) == 4.04
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.vocab_size) == (2560, 36, 32, 8, 151936)
+
+
 def rigged(model: HiggsTts3, script: torch.Tensor) -> HiggsTts3:
     """``model`` whose audio head says the rows of ``script`` in turn (then code 5 everywhere, forever)."""
     rows = iter(script)
