@@ -127,26 +127,30 @@ class ModelStack:
 
 
 def load_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = True, names: Names = CONFIG_NAMES,
-               pad_required: bool = False, device: torch.device | str | None = None, state=None) -> ModelStack:
+               pad_required: bool = False, device: torch.device | str | None = None, state=None,
+               check=None) -> ModelStack:
     """Resolve the checkpoints ``cfg`` names, load the text tokenizer, the codec (when ``cfg`` names one) and the
     model in ``cfg.dtype`` with ``adapter`` on top (with ``weights`` off, its config alone), and build the special
     ids. ``pad_required``: the tokenizer must have a pad token (``load_text_tokenizer``). ``device``: where
     codec and model go. ``state`` (an Accelerator or PartialState): its main process resolves first, since
-    resolving may convert into the shared cache."""
+    resolving may convert into the shared cache. ``check(sources, config, tokenizer, codec)``: called before the
+    weights load, so a stack that cannot work is refused before the long part."""
     if model_family(cfg.base, names.base) == V3:
-        return load_tts3_stack(cfg, adapter, weights=weights, names=names, pad_required=pad_required, device=device)
+        return load_tts3_stack(cfg, adapter, weights=weights, names=names, pad_required=pad_required, device=device,
+                               check=check)
     with state.main_process_first() if state is not None else contextlib.nullcontext():
         sources, checkpoints = resolve_checkpoints(cfg, names.base, names.audio_tokenizer)
     tokenizer = load_text_tokenizer(sources, names.text_tokenizer, pad_required)
     codec = load_codec_dir(sources.audio_tokenizer, names.audio_tokenizer) if sources.audio_tokenizer else None
+    from transformers import HiggsAudioV2Config
+
+    config = load_ref(names.base, "HiggsAudioV2Config", sources.base, HiggsAudioV2Config.from_pretrained)
+    if check is not None:
+        check(sources, config, tokenizer, codec)
     model = None
     if weights:
         model = load_model(sources.base, adapter, sources.dtype, sources.attn_implementation, names.base)
         config = model.config
-    else:
-        from transformers import HiggsAudioV2Config
-
-        config = load_ref(names.base, "HiggsAudioV2Config", sources.base, HiggsAudioV2Config.from_pretrained)
     if device is not None:
         codec = codec.to(device) if codec is not None else None
         model = model.to(device) if model is not None else None
@@ -155,7 +159,7 @@ def load_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = 
 
 def load_tts3_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bool = True,
                     names: Names = CONFIG_NAMES, pad_required: bool = False,
-                    device: torch.device | str | None = None) -> ModelStack:
+                    device: torch.device | str | None = None, check=None) -> ModelStack:
     """``load_stack`` for a Higgs TTS 3 checkpoint (``family.V3``): the released layout is read as it is (no
     conversion); the codec is the one bundled in ``model.audio_tokenizer`` when that names a Higgs TTS 3 checkpoint
     (the base itself, usually), else a ``HiggsAudioV2TokenizerModel`` dir or hub id as for v2."""
@@ -179,6 +183,8 @@ def load_tts3_stack(cfg: ModelConfig, adapter: str | None = None, *, weights: bo
         checkpoints["model.audio_tokenizer"] = found.event()
         sources = dataclasses.replace(sources, audio_tokenizer=found.path)
         codec = load_codec_dir(found.path, names.audio_tokenizer)
+    if check is not None:
+        check(sources, config, tokenizer, codec)
     model = None
     if weights:
         model = load_ref(names.base, "Higgs TTS 3", base,

@@ -538,13 +538,17 @@ def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
     first if in the authors' original layout); the config's codebook-dependent settings are checked against the
     model's own codebook count."""
     family.check_settings(cfg.data, model_family(cfg.model.base))
-    stack = load_stack(cfg.model, pad_required=True, state=accelerator)
-    if family.is_v3(stack.ids):
-        check_codec_codebooks(stack.sources, stack.config.num_codebooks, stack.codec.config)
+    return load_stack(cfg.model, pad_required=True, state=accelerator, check=partial(_check_model, cfg))
+
+
+def _check_model(cfg: RunConfig, sources, config, tokenizer, codec) -> None:
+    """Before the weights load: the parts fit together (the family's checks) and the config's codebook-dependent
+    settings fit the model's codebook count."""
+    if family.family_of(config.to_dict()) == family.V3:
+        check_codec_codebooks(sources, config.num_codebooks, codec.config)
     else:
-        check_model_parts(stack.sources, stack.config, stack.tokenizer, stack.codec.config)
-    validate_for_model(cfg, stack.ids.num_codebooks)
-    return stack
+        check_model_parts(sources, config, tokenizer, codec.config)
+    validate_for_model(cfg, config.num_codebooks)
 
 
 def _setup_data(cfg: RunConfig, accelerator: Accelerator, log: EventLog, codec, tokenizer, ids: SpecialIds,

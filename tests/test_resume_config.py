@@ -202,9 +202,13 @@ def variant(part: str, src: str, dst: Path, **changes) -> str:
      "audio_delay_token_id 99999 is not the text tokenizer's id of <|reserved_special_token_6|>"),
     ("model.audio_tokenizer", {"target_bandwidths": [0.5, 1.0]}, "the codec has 4 codebooks"),
 ])
-def test_an_impossible_model_config_is_refused_before_training(tmp_path, tiny, codes_cache, capsys, part, changes,
-                                                               message):
+def test_an_impossible_model_config_is_refused_before_training(tmp_path, tiny, codes_cache, capsys, monkeypatch, part,
+                                                               changes, message):
+    """... and before the model's weights load (the long part at the released size)."""
+    from higgs_accel import loading
+
     path = variant(part, tiny[part], tmp_path / "variant", **changes)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the weights loaded before the check"))
     run_dir = tmp_path / "run"
     assert cli_train(run_dir, {**tiny, part: path}, codes_cache, "train.max_steps=1") == 2
     err = capsys.readouterr().err
