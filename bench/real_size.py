@@ -55,6 +55,7 @@ UTTERANCES = ["The quick brown fox jumps over the lazy dog.", "Seven bright star
               "these things with her from the store.", "A lazy dog sleeps while the river runs by.",
               "Every morning the birds sing above the hills."]
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+STOP_ENV = "REAL_SIZE_SIGTERM_AFTER_CHECKPOINT"  # the step whose checkpoint is followed by SIGTERM (run_phase)
 NOISE_FACTOR = 3  # export vs adapter logits may differ by this many times the bf16 noise floor (check_export)
 
 
@@ -177,6 +178,8 @@ def child(result: Path, argv: list[str]) -> None:
     import runpy
 
     rc = 0
+    if os.environ.get(STOP_ENV):
+        sigterm_after_checkpoint(int(os.environ[STOP_ENV]))
     try:
         if argv[0] == "check-export":
             check_export(*argv[1:])
@@ -194,6 +197,22 @@ def child(result: Path, argv: list[str]) -> None:
         info["device_peak"] = torch.cuda.max_memory_allocated()
     result.write_text(json.dumps(info))
     sys.exit(rc)
+
+
+def sigterm_after_checkpoint(step: int) -> None:
+    """SIGTERM to this process right after the checkpoint of ``step`` is written: the stop a cluster scheduler sends,
+    at a known point of the run (polling the event log from outside raced the last steps of a fast model)."""
+    from higgs_accel import checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def save_then_stop(accelerator, module, scheduler, run_dir, state):
+        path = save(accelerator, module, scheduler, run_dir, state)
+        if state["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    checkpoint.save_checkpoint = save_then_stop
 
 
 def check_export(export: str, base: str, adapter: str, out: str) -> None:
@@ -299,25 +318,20 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_phase(name: str, argv: list[str], work: Path, stop_after_checkpoint: Path | None = None) -> dict:
-    """One phase in a fresh process; ``stop_after_checkpoint``: the run dir whose step-1 checkpoint event
-    triggers a SIGTERM (training then stops at the end of step 2)."""
+def run_phase(name: str, argv: list[str], work: Path, stop_after_checkpoint: bool = False) -> dict:
+    """One phase in a fresh process; ``stop_after_checkpoint``: the process sends itself SIGTERM once step 1's
+    checkpoint is written (``sigterm_after_checkpoint``)."""
     result = work / f"{name}.phase.json"
     result.unlink(missing_ok=True)
     log = work / f"{name}.log"
     before = du(work)
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if stop_after_checkpoint:
+        env[STOP_ENV] = "1"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--phase-child", str(result), "--",
-                                 *argv], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        signalled = False
-        while proc.poll() is None:
-            time.sleep(0.5)
-            if stop_after_checkpoint and not signalled and any(
-                    e["event"] == "checkpoint" and e["step"] >= 1 for e in events(stop_after_checkpoint)):
-                proc.send_signal(signal.SIGTERM)
-                signalled = True
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--phase-child", str(result), "--",
+                               *argv], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     wall = time.perf_counter() - start
     info = json.loads(result.read_text()) if result.is_file() else {"rc": proc.returncode, "peak_rss": None}
     text = log.read_text()
@@ -345,7 +359,7 @@ def workflow(root: Path, paths: dict) -> list[dict]:
 
     phase("prepare", ["prepare", "--config", str(config)])
     phase("train (SIGTERM in step 2)", ["train", "--config", str(config), "--no-report"], expect=75,
-          stop_after_checkpoint=run_dir)
+          stop_after_checkpoint=True)
     phase("train --resume latest", ["train", "--config", str(config), "--resume", "latest", "--no-report"])
     evs = events(run_dir)
     starts = [e for e in evs if e["event"] == "run_start"]

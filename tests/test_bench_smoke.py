@@ -136,12 +136,16 @@ def test_throughput_times_the_loops_own_step(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_size_small_runs_the_readme_workflow_through_the_cli(tmp_path):
-    """bench/real_size.py --small (a few minutes): every phase of the workflow exits as expected, each in its row."""
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "real_size.py"), "--dir", str(tmp_path), "--small"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("family", ["v2", "v3"])
+def test_real_size_small_runs_the_readme_workflow_through_the_cli(tmp_path, family):
+    """bench/real_size.py --small (a minute each): every phase of the workflow exits as expected, each in its row;
+    the SIGTERM lands after step 1's checkpoint, always (the stopped run ends at step 2)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "real_size.py"), "--dir", str(tmp_path), "--small",
+                           "--family", family], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = re.findall(r"^\| ([^|]+?) \| (\d+) \((\d+)\) \|", done.stdout, re.M)
     assert [r[0] for r in rows] == ["prepare", "train (SIGTERM in step 2)", "train --resume latest", "report", "export",
                                     "transformers loads the export", "generate 1 s"], done.stdout
     assert all(got == want for _, got, want in rows), rows
+    stopped = (tmp_path / "work" / "train (SIGTERM in step 2).log").read_text()
+    assert "stopped by SIGTERM at step 2" in stopped
