@@ -236,6 +236,9 @@ def test_v3_export_is_the_released_layout_with_the_adapter_merged(v3_run, tmp_pa
         got = exported.model(*args).audio_logits
     assert not torch.allclose(want, base, atol=1e-3)  # the adapter changed the model ...
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # ... and the export is the adapted model
+    # and it speaks on its own, its codec from its bundle, as the release does
+    assert main(["generate", "--base", str(out), "--text", "old green hills", "--out", str(tmp_path / "e.wav"),
+                 "--max-new-tokens", "20"]) == 0
 
 
 def test_a_v3_run_resumes_exactly(v3_run, tmp_path):

@@ -108,11 +108,13 @@ def run(args) -> int:
 
     _check(args)
     src = resolve_sources(args.run, args.base, args.audio_tokenizer, args.adapter)
-    codec = src.model.audio_tokenizer or bundled_codec(src.model.base)  # an export carries its codec
+    v3 = model_family(src.model.base, FLAG_NAMES.base) == V3
+    # An export carries its codec: v2's in DIR/audio_tokenizer, Higgs TTS 3's bundled in its weights (as released).
+    codec = src.model.audio_tokenizer or (src.model.base if v3 else bundled_codec(src.model.base))
     if not codec:
         raise ConfigError(f"--audio-tokenizer is required (or --run, or a --base dir holding {CODEC_DIR}/, as an "
                           "export does)")
-    if model_family(src.model.base, FLAG_NAMES.base) == V3 and (args.scene or args.system):
+    if v3 and (args.scene or args.system):
         raise ConfigError(f"--{'scene' if args.scene else 'system'}: Higgs TTS 3's prompt has no system turn or "
                           "scene (docs/tts3.md)")
     device = device_of(args.device)
