@@ -144,6 +144,9 @@ def train(cfg: RunConfig, changed: dict | None = None) -> RunEnded:
         signals.restore()
         end_run(log, state.lock, status, error, time.time() - started, state.earlier_s, state.total_steps, step,
                 message=message, nonfinite_steps=guard.total, **totals)
+    # A run that ended (finished or stopped) leaves the process group cleanly: left to interpreter exit, gloo's
+    # threads can die joinable and abort the process (SIGABRT, exit -6) after a finished run.
+    accelerator.state.destroy_process_group()
     return RunEnded(state.run_dir, status)
 
 
