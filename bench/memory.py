@@ -50,7 +50,7 @@ MIB = 2**20
 # ---------------------------------------------------------------- one variant, in its own process
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
@@ -117,7 +117,7 @@ def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype
         before = torch.cuda.memory_allocated()
     else:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building the model freed
-        before = _proc_status_kib("VmRSS") * 1024
+        before = proc_status_kib("VmRSS") * 1024
         _reset_peak_rss()
     start = time.perf_counter()
     loss, shape = step()
@@ -125,7 +125,7 @@ def measure(variant: str, seq: int, hidden: int, layers: int, device: str, dtype
     if cuda:
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = _proc_status_kib("VmHWM") * 1024 - before
+        peak = proc_status_kib("VmHWM") * 1024 - before
     return {"variant": variant, "peak_bytes": peak, "before_bytes": before, "seconds": seconds, "loss": loss,
             "text_logits_shape": shape, "parameters": sum(p.numel() for p in base.parameters()),
             "config": config.to_dict(), "tokens": batch["input_ids"].numel(),

@@ -188,10 +188,10 @@ def child(result: Path, argv: list[str]) -> None:
             runpy.run_module("higgs_accel", run_name="__main__", alter_sys=True)
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    from memory import _proc_status_kib
+    from memory import proc_status_kib
 
     # VmHWM: this process's own peak since exec (getrusage's ru_maxrss would start from the parent's RSS at fork)
-    info = {"rc": rc, "peak_rss": _proc_status_kib("VmHWM") * 1024}
+    info = {"rc": rc, "peak_rss": proc_status_kib("VmHWM") * 1024}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         info["device_peak"] = torch.cuda.max_memory_allocated()
