@@ -540,14 +540,15 @@ def _setup_model(cfg: RunConfig, accelerator: Accelerator) -> ModelStack:
     """Text tokenizer, codec, base model and the special ids, from the checkpoints the config names (converted
     first if in the authors' original layout); the config's codebook-dependent settings are checked against the
     model's own codebook count."""
-    family.check_settings(cfg.data, model_family(cfg.model.base))
-    return load_stack(cfg.model, pad_required=True, state=accelerator, check=partial(_check_model, cfg))
+    fam = model_family(cfg.model.base)
+    family.check_settings(cfg.data, fam)
+    return load_stack(cfg.model, pad_required=True, state=accelerator, check=partial(_check_model, cfg, fam))
 
 
-def _check_model(cfg: RunConfig, sources, config, tokenizer, codec) -> None:
+def _check_model(cfg: RunConfig, fam: str, sources, config, tokenizer, codec) -> None:
     """Before the weights load: the parts fit together (the family's checks) and the config's codebook-dependent
     settings fit the model's codebook count."""
-    if family.family_of(config.to_dict()) == family.V3:
+    if fam == family.V3:
         check_codec_codebooks(sources, config.num_codebooks, codec.config)
     else:
         check_model_parts(sources, config, tokenizer, codec.config)

@@ -59,7 +59,7 @@ def same_name(name: str) -> str:
 @dataclass(frozen=True)
 class KeyMap:
     """How the module PEFT wrapped names its weights against the base checkpoint's keys. The default is the same
-    names (a checkpoint saved from that module: v2); ``tts3.key_map`` is Higgs TTS 3's released layout."""
+    names (a checkpoint saved from that module: v2); ``export.tts3_keys`` is Higgs TTS 3's released layout."""
     rename: Callable[[str], str] = same_name
     """The module's parameter name -> the base checkpoint's key."""
     tied: Mapping[str, str] = field(default_factory=dict)

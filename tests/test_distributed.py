@@ -194,8 +194,11 @@ def test_plain_torchrun_on_a_cpu_machine_is_refused_with_the_command_that_works(
                         *(f"{k}={v}" for k, v in tiny.items())],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode != 0
-    refusals = [line for line in r.stderr.splitlines() if line.startswith("higgs-accel: error: launched as 2")]
-    assert len(refusals) == 2  # each process says it once, in one line
+    errors = [line for line in r.stderr.splitlines() if line.startswith("higgs-accel: error:")]
+    refusals = [line for line in errors if line.startswith("higgs-accel: error: launched as 2")]
+    # Each process says it once, in one line, and nothing else; torchrun may stop the second process (SIGTERM) when
+    # the first exits, before it prints: one line or two (two required here failed once in CI).
+    assert refusals == errors and len(refusals) in (1, 2)
     assert "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m higgs_accel train ...`" in refusals[0]
     assert not (tmp_path / "run" / "events.jsonl").exists()
 
